@@ -1,0 +1,53 @@
+"""Atomic file writes: a reader sees the old file or the whole new one, never half of one.
+
+Every file the project writes for others to read (shards, index files, stats, meta,
+checkpoints, metrics) goes through here: write to a temporary name in the same
+folder, flush + fsync, then ``os.replace`` onto the final name (atomic on POSIX).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
+    """Open a temp file beside ``path``; on clean exit it replaces ``path``, on error it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_open(path, "wb") as fh:
+        fh.write(data)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_open(path, "w") as fh:
+        fh.write(text)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def append_line(path: str | os.PathLike, line: str) -> None:
+    """Append one line by rewriting the file atomically (metrics files are small)."""
+    path = Path(path)
+    old = path.read_text() if path.exists() else ""
+    write_text(path, old + line.rstrip("\n") + "\n")

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Set up a virtual environment in .venv with everything the project needs.
+#
+#   bash scripts/setup.sh          # the runtime: torch (CPU build pinned), DALI, numpy, pillow, rich
+#   bash scripts/setup.sh --test   # + pytest and the FFCV baseline (apt: pkg-config libturbojpeg0-dev libopencv-dev)
+#
+# Safe to rerun; it only installs what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras=""
+if [ "${1:-}" = "--test" ]; then
+  extras="[ffcv,test]"
+  need=()
+  for p in pkg-config libturbojpeg0-dev libopencv-dev; do
+    dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
+  done
+  if [ "${#need[@]}" -gt 0 ]; then
+    sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    echo "setup: installing ${need[*]} with apt-get (FFCV builds against them)"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
+  fi
+fi
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip >/dev/null
+.venv/bin/python -m pip install -q -e ".${extras}"
+echo "setup: ready (.venv/bin/python)"

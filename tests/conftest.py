@@ -1,0 +1,46 @@
+"""Shared test fixtures.
+
+- ``gpu`` marker: tests that need CUDA (and DALI's GPU operators) are skipped with a
+  reason when no GPU is visible, so the suite passes on CPU-only CI.
+- ``sample_records``: one small set of records, built once per session by the real
+  prep code from a small built-in sample set, shared by every test that reads records.
+"""
+from __future__ import annotations
+
+import pytest
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+        return torch.cuda.is_available()
+    except Exception:  # torch missing or broken: no GPU tests
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    if _cuda_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU; none visible")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def sample_source(tmp_path_factory):
+    """A small built-in sample set in ImageNet's layout (odd files included)."""
+    from prep.sample import make_sample_set
+    root = tmp_path_factory.mktemp("sample_src")
+    make_sample_set(root, classes=4, train_per_class=12, val_per_class=5, seed=0)
+    return root
+
+
+@pytest.fixture(scope="session")
+def sample_records(sample_source, tmp_path_factory):
+    """Records built from ``sample_source``: small shards so sharding paths are exercised."""
+    from prep.build_records import PrepConfig, build
+    out = tmp_path_factory.mktemp("records")
+    build(PrepConfig(source=str(sample_source), out=str(out), workers=1, shard_size=16,
+                     progress=False))
+    return out

@@ -1,0 +1,131 @@
+"""Devices and torch.distributed: which devices this process's replica uses, and DDP.
+
+One process = one replica of the model-parallel net (its two towers on 1 or 2 devices).
+``torchrun --nproc-per-node K`` starts K replicas per node; DistributedDataParallel wraps
+the multi-device module with ``device_ids=None`` (required when a module spans devices)
+and all-reduces gradients; each rank reads its own 1/world shard of the records.
+GPU ranks use NCCL, CPU ranks gloo. Only rank 0 writes files.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .config import TrainConfig
+
+
+class DeviceError(Exception):
+    """--gpus / --gpus-per-replica ask for devices that are not there; one line."""
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    local_world: int = 1
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def dist_info_from_env() -> DistInfo:
+    """The rank layout torchrun exports (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE)."""
+    env = os.environ
+    world = int(env.get("WORLD_SIZE", "1"))
+    return DistInfo(rank=int(env.get("RANK", "0")), world=world,
+                    local_rank=int(env.get("LOCAL_RANK", "0")),
+                    local_world=int(env.get("LOCAL_WORLD_SIZE", str(world))))
+
+
+def replica_devices(cfg: TrainConfig, info: DistInfo, visible: int) -> list[str]:
+    """The devices of this rank's replica: ['cuda:0', 'cuda:1'], ['cuda:3'], or ['cpu'].
+
+    ``visible`` is torch.cuda.device_count(). Pure (no CUDA calls) so it is testable on CPU.
+    """
+    ids = cfg.gpu_ids()
+    if ids is None:                       # auto: every visible GPU, or the CPU
+        ids = list(range(visible))
+    if not ids:
+        return ["cpu"]
+    too_high = [i for i in ids if i >= visible]
+    if too_high:
+        raise DeviceError(f"--gpus {cfg.gpus!r} names GPU {too_high[0]}, but {visible} GPU(s) are visible"
+                          + ("" if visible else " (use --gpus '' for the CPU)"))
+    per = cfg.gpus_per_replica or (min(2, len(ids)) if info.local_world > 1 or cfg.gpus == "auto" else len(ids))
+    if per > 2:
+        raise DeviceError(f"--gpus {cfg.gpus!r} names {len(ids)} GPUs for one replica; the net has two towers "
+                          "(use torchrun --nproc-per-node for more replicas)")
+    need = per * info.local_world
+    if need > len(ids):
+        raise DeviceError(f"{info.local_world} local rank(s) x {per} GPU(s) per replica need {need} GPUs, "
+                          f"--gpus {cfg.gpus!r} gives {len(ids)}")
+    mine = ids[info.local_rank * per:(info.local_rank + 1) * per]
+    return [f"cuda:{i}" for i in mine]
+
+
+def tower_devices(devices: list[str], towers: int) -> list[str]:
+    """The placement list for model.place: one device per tower (both on one device if only one)."""
+    if towers == 1:
+        return devices[:1]
+    return devices if len(devices) == 2 else devices * 2
+
+
+def init_process_group(info: DistInfo, devices: list[str]) -> None:
+    """Join the torchrun group: NCCL when this replica is on GPUs, gloo on the CPU."""
+    if not info.enabled:
+        return
+    backend = "gloo" if devices[0] == "cpu" else "nccl"
+    if backend == "nccl":
+        torch.cuda.set_device(torch.device(devices[0]))
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+
+
+def wrap_ddp(model: nn.Module, info: DistInfo) -> nn.Module:
+    """DDP over the (possibly multi-device) module; device_ids=None as DDP requires for those."""
+    if not info.enabled:
+        return model
+    return nn.parallel.DistributedDataParallel(model, device_ids=None)
+
+
+def all_reduce_sum(values: list[float], device: str) -> list[float]:
+    """Sum a few numbers over all ranks (float64 so counts stay exact)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def any_rank(flag: bool, device: str) -> bool:
+    """True if the flag is set on any rank (a signal that reached only some ranks stops all)."""
+    return all_reduce_sum([float(flag)], device)[0] > 0
+
+
+def gather_objects(obj, info: DistInfo) -> list:
+    """Every rank's ``obj`` on every rank (used for per-rank RNG states in checkpoints)."""
+    if not info.enabled:
+        return [obj]
+    out = [None] * info.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+def shutdown(info: DistInfo) -> None:
+    if info.enabled and dist.is_initialized():
+        dist.destroy_process_group()

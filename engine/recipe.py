@@ -1,0 +1,51 @@
+"""The paper's optimiser and loss, mapped onto torch.
+
+The paper (§5) updates every weight w with momentum v and learning rate ε:
+
+    v ← 0.9·v − 0.0005·ε·w − ε·∂L/∂w          w ← w + v
+
+``torch.optim.SGD(momentum=μ, weight_decay=λ)`` (dampening 0, not Nesterov) does
+
+    b ← μ·b + (∂L/∂w + λ·w)                    w ← w − ε·b
+
+Substituting v = −ε·b gives exactly the paper's rule while ε is constant (the first step
+agrees too: torch starts b at the first gradient, the paper v at 0). The two differ only
+right after an lr drop: the paper's v keeps the old ε's step size and decays by 0.9 per
+step, torch rescales the stored momentum to the new ε at once. That transient is a few
+dozen steps out of ~450,000; we use torch's form.
+
+Which parameters are decayed: the paper's rule applies to every w, biases included, and
+that is the default here. Caffe's bvlc_alexnet (``decay_mult: 0`` on biases, and a doubled
+bias lr) exempts biases; ``--no-decay-biases`` gives the exemption (not the doubled lr).
+Loss: the paper maximises the multinomial logistic regression objective = cross-entropy
+of the softmax over the 1000 logits.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import TrainConfig
+
+
+def param_groups(model: nn.Module, weight_decay: float, decay_biases: bool) -> list[dict]:
+    """Parameters split by whether weight decay applies (1-D tensors are biases here)."""
+    decay, no_decay = [], []
+    for _, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (decay if decay_biases or param.ndim > 1 else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
+    groups = param_groups(model, cfg.weight_decay, cfg.decay_biases)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+
+
+def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the batch, computed in float32 even under bf16 autocast."""
+    return nn.functional.cross_entropy(logits.float(), labels)

@@ -1,0 +1,95 @@
+"""What the user sees: progress bars, per-epoch lines, end-of-run tables (rich, rank 0 only)."""
+from __future__ import annotations
+
+import contextlib
+
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn)
+from rich.table import Table
+
+from .profiling import PHASES
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.2f}%"
+
+
+class Reporter:
+    """Console output of one process; silent on ranks other than 0."""
+
+    def __init__(self, enabled: bool, progress: bool):
+        self.enabled = enabled
+        self.show_progress = enabled and progress
+        self.console = Console(highlight=False)
+
+    def line(self, text: str) -> None:
+        if self.enabled:
+            self.console.print(text, soft_wrap=True)
+
+    def bar(self, description: str, total: int, completed: int = 0):
+        """A context manager yielding advance(n, **fields); a no-op without progress bars."""
+        if not self.show_progress:
+            return contextlib.nullcontext(lambda n=1, **fields: None)
+        return _Bar(self.console, description, total, completed)
+
+    def table(self, table: Table) -> None:
+        if self.enabled:
+            self.console.print(table)
+
+
+class _Bar:
+    def __init__(self, console: Console, description: str, total: int, completed: int):
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
+                                 TimeRemainingColumn(), console=console, transient=False)
+        self.task = self.progress.add_task(description, total=total, completed=completed, info="")
+
+    def __enter__(self):
+        self.progress.start()
+        return lambda n=1, **fields: self.progress.update(self.task, advance=n, **fields)
+
+    def __exit__(self, *exc):
+        self.progress.stop()
+        return False
+
+
+def epoch_line(m: dict, epochs: int) -> str:
+    return (f"epoch {m['epoch']}/{epochs}  loss {m['train_loss']:.4f}  "
+            f"train err top-1 {pct(m['train_top1_err'])} top-5 {pct(m['train_top5_err'])}  "
+            f"val err top-1 {pct(m['val_top1_err'])} top-5 {pct(m['val_top5_err'])}  "
+            f"lr {m['lr']:.3g}  {m['images_per_s']:.1f} img/s")
+
+
+def epochs_table(history: list[dict]) -> Table:
+    t = Table(title="Training (errors are 1 - accuracy; validation on the centre crop)")
+    for col in ("epoch", "lr", "train loss", "train top-1", "train top-5", "val top-1", "val top-5", "img/s"):
+        t.add_column(col, justify="right")
+    for m in history:
+        t.add_row(str(m["epoch"]), f"{m['lr']:.3g}", f"{m['train_loss']:.4f}", pct(m["train_top1_err"]),
+                  pct(m["train_top5_err"]), pct(m["val_top1_err"]), pct(m["val_top5_err"]),
+                  f"{m['images_per_s']:.1f}")
+    return t
+
+
+def crops_table(single: dict, ten: dict, classes: int) -> Table:
+    t = Table(title=f"Validation error, {single['images']} images, {classes} classes "
+                    "(the paper's Table 1 style: single-crop vs 10-crop softmax voting)")
+    t.add_column("")
+    t.add_column("1 crop (centre)", justify="right")
+    t.add_column("10 crops (voted)", justify="right")
+    t.add_row("top-1 error", pct(single["top1_err"]), pct(ten["top1_err"]))
+    t.add_row("top-5 error", pct(single["top5_err"]), pct(ten["top5_err"]))
+    return t
+
+
+def profile_table(summary: dict, devices: list[str]) -> Table:
+    t = Table(title=f"Where a training step's time goes ({summary['steps']} steps on {', '.join(devices)}; "
+                    f"{summary['images_per_s']:.1f} img/s, data stall {summary['data_stall_percent']:.2f}%)")
+    t.add_column("phase")
+    t.add_column("ms / step", justify="right")
+    t.add_column("share", justify="right")
+    for p in PHASES:
+        t.add_row(p, f"{summary['phases'][p]['ms_per_step']:.2f}", f"{summary['phases'][p]['percent']:.1f}%")
+    t.add_row("step", f"{summary['step_ms']:.2f}", "100.0%")
+    return t

@@ -1,0 +1,164 @@
+"""Forward+backward images/s: our two-tower AlexNet vs a plain nn.Sequential of the same layers.
+
+    python -m model.bench                                   # CPU, batch 128
+    python -m model.bench --device cuda:0 --amp bf16 --channels-last --steps 20 --json out.json
+    python -m model.bench --device cuda:0,cuda:1            # ours split over two GPUs
+
+The reference is what a user would write: the same layers as one nn.Sequential, grouped
+convolutions (groups=2) for conv2/4/5 and torch.nn.LocalResponseNorm(5, alpha=5e-4, beta=0.75, k=2)
+(torch divides alpha by size, so 5e-4 is the paper's 1e-4; it normalises across the tower
+boundary, which the paper's net does not, but it costs the same). Both nets run in the same
+process, interleaved, on the same input; we report medians and ours / reference.
+"""
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common.atomic import write_json
+from common.config import parse_args, to_dict
+from model import AlexNet, AlexNetConfig
+from model.placement import check_device
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    device: str = field(default="cpu", metadata={
+        "help": "device for both nets, or two comma-separated devices to split ours (cuda:0,cuda:1)"})
+    batch_size: int = field(default=128, metadata={"help": "images per step"})
+    steps: int = field(default=1, metadata={"help": "timed forward+backward steps per repeat"})
+    repeats: int = field(default=3, metadata={"help": "interleaved timed repeats per net (median taken)"})
+    warmup: int = field(default=1, metadata={"help": "untimed steps per net first"})
+    amp: str = field(default="none", metadata={"help": "autocast dtype", "choices": ["none", "bf16"]})
+    channels_last: bool = field(default=False, metadata={"help": "channels_last memory format"})
+    json: str | None = field(default=None, metadata={"help": "also write the results here"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "steps", "repeats"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.warmup < 0:
+            raise ValueError("--warmup must be >= 0")
+        if not 1 <= len(self.devices) <= 2:
+            raise ValueError(f"--device takes one or two devices, got {self.device!r}")
+
+    @property
+    def devices(self) -> list[str]:
+        return [d.strip() for d in self.device.split(",") if d.strip()]
+
+
+def reference_net(num_classes: int = 1000) -> nn.Sequential:
+    """The same layers, written the plain way (one device, grouped convolutions)."""
+    pool = lambda: nn.MaxPool2d(3, 2)  # noqa: E731
+    lrn = lambda: nn.LocalResponseNorm(5, alpha=5e-4, beta=0.75, k=2.0)  # noqa: E731
+    return nn.Sequential(
+        nn.Conv2d(3, 96, 11, 4, 2), nn.ReLU(), lrn(), pool(),
+        nn.Conv2d(96, 256, 5, 1, 2, groups=2), nn.ReLU(), lrn(), pool(),
+        nn.Conv2d(256, 384, 3, 1, 1), nn.ReLU(),
+        nn.Conv2d(384, 384, 3, 1, 1, groups=2), nn.ReLU(),
+        nn.Conv2d(384, 256, 3, 1, 1, groups=2), nn.ReLU(), pool(),
+        nn.Flatten(),
+        nn.Linear(9216, 4096), nn.ReLU(), nn.Dropout(0.5),
+        nn.Linear(4096, 4096), nn.ReLU(), nn.Dropout(0.5),
+        nn.Linear(4096, num_classes))
+
+
+def make_step(net: nn.Module, x: torch.Tensor, y: torch.Tensor, amp: str):
+    """One forward+backward (no optimiser: both nets would pay the same for it)."""
+    def step() -> None:
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
+            logits = net(x)
+        F.cross_entropy(logits.float(), y).backward()
+        for p in net.parameters():
+            p.grad = None
+    return step
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(step, steps: int, devices: list[torch.device]) -> float:
+    for d in devices:
+        sync(d)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    for d in devices:
+        sync(d)
+    return time.perf_counter() - start
+
+
+def build(cfg: BenchConfig):
+    devices = [check_device(d) for d in cfg.devices]
+    torch.backends.cudnn.benchmark = True   # fixed input size: let cuDNN pick, for both nets
+    torch.manual_seed(0)
+    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    ours = AlexNet(AlexNetConfig()).place(devices).to(memory_format=fmt).train()
+    ref = reference_net().to(devices[0], memory_format=fmt).train()
+    # 0-255 scale minus mean: std ~60 like real centred pixels
+    x = (torch.randn(cfg.batch_size, 3, 224, 224, device=devices[0]) * 60).contiguous(memory_format=fmt)
+    y = torch.randint(0, 1000, (cfg.batch_size,), device=devices[0])
+    return devices, {"ours": make_step(ours, x, y, cfg.amp), "reference": make_step(ref, x, y, cfg.amp)}
+
+
+def run(cfg: BenchConfig) -> dict:
+    from rich.progress import Progress
+    devices, steps = build(cfg)
+    rates: dict[str, list[float]] = {name: [] for name in steps}
+    total = len(steps) * (cfg.warmup + cfg.repeats * cfg.steps)
+    with Progress(disable=not cfg.progress, transient=True) as bar:
+        task = bar.add_task("forward+backward", total=total)
+        for name, step in steps.items():
+            time_steps(step, cfg.warmup, devices)
+            bar.advance(task, cfg.warmup)
+        for r in range(cfg.repeats):
+            order = list(steps) if r % 2 == 0 else list(steps)[::-1]   # interleave, alternate order
+            for name in order:
+                seconds = time_steps(steps[name], cfg.steps, devices)
+                rates[name].append(cfg.batch_size * cfg.steps / seconds)
+                bar.advance(task, cfg.steps)
+    medians = {name: statistics.median(v) for name, v in rates.items()}
+    return {"config": to_dict(cfg), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "images_per_s": rates, "median_images_per_s": medians,
+            "ratio_ours_over_reference": medians["ours"] / medians["reference"]}
+
+
+def print_table(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    cfg = result["config"]
+    table = Table(title=f"AlexNet forward+backward, batch {cfg['batch_size']}, {cfg['device']}, "
+                        f"amp {cfg['amp']}, channels_last {cfg['channels_last']}")
+    for col in ("net", "median img/s", "min", "max", "vs reference"):
+        table.add_column(col, justify="right" if col != "net" else "left")
+    ref = result["median_images_per_s"]["reference"]
+    for name, values in result["images_per_s"].items():
+        med = result["median_images_per_s"][name]
+        table.add_row(name, f"{med:.2f}", f"{min(values):.2f}", f"{max(values):.2f}", f"{med / ref:.3f}x")
+    Console().print(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(BenchConfig, argv, prog="python -m model.bench", description=__doc__.split("\n")[0])
+    try:
+        result = run(cfg)
+    except ValueError as exc:   # e.g. a device that does not exist
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print_table(result)
+    if cfg.json:
+        write_json(cfg.json, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,10 @@
+"""DALI input pipeline: the train view, the centre crop and the 10 crops, behind ``Loader``.
+
+    from pipeline import Loader, reference
+See pipeline/loader.py (the API), pipeline/graphs.py (the DALI graphs) and
+pipeline/reference.py (the numpy/PIL oracle of the same views).
+"""
+from pipeline import reference
+from pipeline.loader import Draws, Loader, LoaderError, LoaderOptions
+
+__all__ = ["Loader", "LoaderOptions", "LoaderError", "Draws", "reference"]

@@ -1,0 +1,104 @@
+"""Per-image CPU cost of each Loader view against plain DALI decoding, on the CPU.
+
+    python -m pipeline.cost --records data/records --batch-size 64 --threads 2 --repeats 7
+
+CPU-seconds per image (all threads of this process: time.process_time) are measured next
+to wall-clock images/s, because on a shared machine the wall clock mostly measures the
+neighbours, while the CPU time a view burns per image does not depend on them. The floor is
+bench's "decode" loader (the same reader, JPEG decode to uint8 HWC, nothing else). Loaders
+are built and warmed up first, then measured in interleaved repeats; numbers are medians.
+The side-by-side loader bench (FFCV, DataLoader) is pipeline/bench.py.
+"""
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+
+from rich.console import Console
+from rich.table import Table
+
+from common.atomic import write_json
+from common.config import parse_args
+from prep.records import DEFAULT_RECORDS, RecordsError, shard_paths
+
+VIEWS = {"decode": None, "train": ("train", "train"), "center": ("val", "center"),
+         "tencrop": ("val", "tencrop")}
+
+
+@dataclass(frozen=True)
+class CostConfig:
+    records: str = field(default=str(DEFAULT_RECORDS), metadata={"help": "records folder"})
+    batch_size: int = field(default=64, metadata={"help": "images per batch"})
+    threads: int = field(default=2, metadata={"help": "DALI threads per pipeline"})
+    batches: int = field(default=8, metadata={"help": "measured batches per repeat"})
+    repeats: int = field(default=7, metadata={"help": "interleaved repeats; medians reported"})
+    json: str | None = field(default=None, metadata={"help": "also write the results here"})
+
+    def __post_init__(self):
+        if min(self.batch_size, self.threads, self.batches, self.repeats) < 1:
+            raise ValueError("--batch-size, --threads, --batches and --repeats must be >= 1")
+
+
+def endless(loader):
+    """Batches forever, epoch after epoch; yields the number of images in each."""
+    while True:
+        for batch in loader:
+            yield batch[0].shape[0]
+
+
+def make(name: str, cfg: CostConfig):
+    from pipeline import Loader
+    from pipeline.baselines import DaliDecodeLoader
+    if name == "decode":
+        return DaliDecodeLoader(shard_paths(cfg.records, "train"), cfg.batch_size, cfg.threads)
+    split, view = VIEWS[name]
+    return Loader(cfg.records, split=split, view=view, batch_size=cfg.batch_size,
+                  num_threads=cfg.threads)
+
+
+def measure(streams: dict, cfg: CostConfig) -> dict[str, dict[str, float]]:
+    """Interleaved repeats; per view the medians of ms CPU per image and images/s."""
+    cpu_ms, per_s = {n: [] for n in streams}, {n: [] for n in streams}
+    for _ in range(cfg.repeats):
+        for name, stream in streams.items():
+            for _ in range(2):                   # batches prefetched while it waited
+                next(stream)
+            wall, cpu, images = time.perf_counter(), time.process_time(), 0
+            for _ in range(cfg.batches):
+                images += next(stream)
+            cpu_ms[name].append(1e3 * (time.process_time() - cpu) / images)
+            per_s[name].append(images / (time.perf_counter() - wall))
+    return {n: {"cpu_ms_per_image": statistics.median(cpu_ms[n]),
+                "images_per_s": statistics.median(per_s[n])} for n in streams}
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(CostConfig, sys.argv[1:] if argv is None else argv, prog="pipeline.cost",
+                     description=__doc__.splitlines()[0])
+    console = Console()
+    try:
+        streams = {name: endless(make(name, cfg)) for name in VIEWS}
+    except (RecordsError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for stream in streams.values():
+        next(stream)                             # start-up is not measured
+    result = measure(streams, cfg)
+    floor = result["decode"]["cpu_ms_per_image"]
+    table = Table(title=f"CPU cost per image, batch {cfg.batch_size}, {cfg.threads} DALI threads, "
+                        f"median of {cfg.repeats}")
+    for col in ("view", "CPU ms / image", "decode cost ÷ this", "images/s (wall)"):
+        table.add_column(col, justify="right")
+    for name, r in result.items():
+        table.add_row(name, f"{r['cpu_ms_per_image']:.3f}", f"{floor / r['cpu_ms_per_image']:.2f}×",
+                      f"{r['images_per_s']:.0f}")
+    console.print(table)
+    if cfg.json:
+        write_json(cfg.json, {"config": vars(cfg), "results": result})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,234 @@
+"""The DALI graphs: the train view, the centre crop and the 10 crops, for CPU or GPU.
+
+One function (``build``) builds all of them from a ``GraphSpec``; everything that differs
+between a CPU and a GPU graph is in ``DeviceSettings``. ``Loader`` (pipeline/loader.py) is
+the public way in (``LoaderOptions(with_draws=True)`` turns on ``GraphSpec.extras``, which
+is how the tests see the random draws).
+
+Pixels stay on the 0–255 scale: the model's input is the image minus the mean (per
+channel, or the per-pixel mean image), NOT divided by std — the paper's input.
+
+Train view, per image: a 224×224 window at integer offsets (y, x) drawn uniformly from
+0..32, mirrored with p = 0.5, plus the paper's PCA lighting shift
+``eigvec @ (alpha * eigval)``, alpha ~ N(0, 0.1)³, minus the mean. Only the window is
+decoded (``decoders.image_crop``: ROI decoding skips ~1/4 of the pixels and gives exactly
+the pixels of a full decode cut afterwards). The lighting shift is the same RGB vector for
+every pixel, so ``image + shift - mean`` is ``image - (mean - shift)``: it folds into
+crop_mirror_normalize's per-sample ``mean`` argument, and mirror, lighting, mean, the
+HWC->CHW layout and the cast are one fused op after the decoder. The per-sample numbers
+(offsets, coin, alpha -> mean) are computed by CPU operators and passed as argument
+inputs, also in a GPU graph.
+
+Crop positions: DALI turns ``crop_pos_x`` p into the offset floor(p * (W - 224) + 0.5)
+(checked empirically on DALI 2.4, for the ROI decoder and crop_mirror_normalize), so
+p ~ U[0, 1] would give offsets 0 and 32 half the probability of the others. We draw the
+integer k in 0..32 and pass p = k / 32 (exact in float32): every offset is equally likely
+and equals the reference's integer offset.
+
+Per-pixel mean (the paper's option): the 256×256 mean image is subtracted from the full
+decoded image before any window is cut (one elementwise pass over 256² pixels), so it is
+cut and mirrored with exactly the image's window; the channel part of the CMN mean is then
+0. (The train view then decodes the whole image instead of the window.)
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from nvidia.dali import fn, types
+from nvidia.dali.pipeline import Pipeline
+
+from pipeline import reference as ref
+
+VIEWS = ("train", "center", "tencrop")
+DTYPES = {torch.float32: types.FLOAT, torch.float16: types.FLOAT16}
+READER = "Reader"   # the reader's name, for pipe.reader_meta
+
+
+@dataclass(frozen=True)
+class DeviceSettings:
+    """Every CPU/GPU difference of the graphs, in one place."""
+    device_id: int | None        # None: a CPU-only graph (no CUDA context at all)
+    decoder: str                 # "cpu" or "mixed" (nvJPEG: host parse, GPU decode)
+    prefetch_queue_depth: int    # batches prepared ahead of the consumer
+    hw_decoder_load: float = 0.0  # share of JPEGs for the A100/H100 hardware decoder
+    size_hint: int = ref.SIZE    # records are 256×256: preallocate decoder buffers for that
+
+    @classmethod
+    def for_device(cls, device: torch.device) -> "DeviceSettings":
+        if device.type == "cuda":
+            # 0.65: DALI's default share for the HW decoder, spelled out so it is visible;
+            # depth 3: AlexNet steps are short, so keep one more batch ready than on CPU.
+            return cls(device_id=device.index or 0, decoder="mixed",
+                       prefetch_queue_depth=3, hw_decoder_load=0.65)
+        return cls(device_id=None, decoder="cpu", prefetch_queue_depth=2)
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.decoder == "mixed"
+
+    def decoder_kwargs(self) -> dict:
+        if not self.on_gpu:
+            return {"device": "cpu"}
+        return {"device": "mixed", "hw_decoder_load": self.hw_decoder_load,
+                "preallocate_width_hint": self.size_hint,
+                "preallocate_height_hint": self.size_hint}
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """What one graph reads and computes (built by Loader; tests build it directly)."""
+    files: tuple[tuple[str, str], ...]   # (tar, idx) per shard, in order
+    view: str                            # "train" | "center" | "tencrop"
+    batch_size: int
+    shard: tuple[int, int] = (0, 1)      # (rank, world): DALI splits the samples into world parts
+    seed: int = 0
+    dtype: torch.dtype = torch.float32
+    channel_mean: tuple[float, float, float] = (0.0, 0.0, 0.0)   # 0–255, subtracted per channel
+    mean_image: np.ndarray | None = field(default=None, compare=False)  # (256,256,3) 0–255 or None
+    eigval: tuple[float, ...] = (0.0, 0.0, 0.0)    # stats.json, 0–255 scale, descending
+    eigvec: tuple[float, ...] = (1, 0, 0, 0, 1, 0, 0, 0, 1)   # 3×3 row-major, column i = vector i
+    lighting_std: float = ref.LIGHTING_STD   # alpha ~ N(0, this); 0 turns lighting off
+    shuffle: bool = False                # reader shuffle buffer (train)
+    initial_fill: int = 1024             # shuffle buffer, in samples (records are pre-shuffled)
+    num_threads: int = 2
+    extras: bool = False                 # also output the JPEG bytes and the random draws
+
+    def __post_init__(self):
+        if self.view not in VIEWS:
+            raise ValueError(f"view must be one of {VIEWS}, got {self.view!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be torch.float32 or torch.float16, got {self.dtype}")
+        rank, world = self.shard
+        if not (world >= 1 and 0 <= rank < world):
+            raise ValueError(f"shard must be (rank, world) with 0 <= rank < world, got {self.shard}")
+        if self.batch_size < 1 or self.num_threads < 1:
+            raise ValueError("batch_size and num_threads must be >= 1")
+
+
+def build(spec: GraphSpec, dev: DeviceSettings) -> Pipeline:
+    """A built DALI pipeline whose outputs are (images, labels[, extras...]).
+
+    images: float (3,224,224) per sample, or (10,3,224,224) for "tencrop", 0–255 scale minus
+    the mean; labels: the raw ASCII bytes of ``<key>.cls``. With ``spec.extras``: the JPEG
+    bytes, and for "train" also offset y, offset x (int32, 0..32), mirror (0/1), alpha (3,).
+    """
+    pipe = Pipeline(batch_size=spec.batch_size, num_threads=spec.num_threads,
+                    device_id=dev.device_id, seed=_graph_seed(spec),
+                    prefetch_queue_depth=dev.prefetch_queue_depth, exec_dynamic=True)
+    with pipe:
+        jpegs, labels = _reader(spec)
+        views, draws = _VIEW_BUILDERS[spec.view](jpegs, spec, dev)
+        extras = (jpegs, *draws) if spec.extras else ()
+        pipe.set_outputs(views, labels, *extras)
+    pipe.build()
+    return pipe
+
+
+def _graph_seed(spec: GraphSpec) -> int:
+    """Different ranks draw different augmentations; the same (seed, rank) repeats exactly."""
+    rank, world = spec.shard
+    return (spec.seed * 1_000_003 + rank) % (2 ** 31)
+
+
+def _reader(spec: GraphSpec):
+    tars, idxs = zip(*spec.files)
+    rank, world = spec.shard
+    return fn.readers.webdataset(
+        paths=list(tars), index_paths=list(idxs), ext=["jpg", "cls"],
+        missing_component_behavior="error", dtypes=[types.UINT8, types.UINT8],
+        random_shuffle=spec.shuffle, initial_fill=spec.initial_fill,
+        # Each rank always reads its own 1/world of the samples (ranks stay disjoint; the
+        # records are shuffled globally at write time). pad_last_batch ends every reader epoch
+        # exactly at the end of this part (the shuffle buffer drains; DALI repeats the last
+        # sample to fill the batch), so each epoch visits each record of the part once and
+        # the loader cuts the padding off.
+        shard_id=rank, num_shards=world, stick_to_shard=True, pad_last_batch=True, name=READER)
+
+
+def _decode(jpegs, spec: GraphSpec, dev: DeviceSettings, window=None):
+    """uint8 HWC RGB. With ``window`` (crop_pos_x, crop_pos_y) only that 224×224 window is
+    decoded (ROI decoding: ~1/4 fewer pixels; exactly the pixels of a full decode cut
+    afterwards, which the tests check). Else the whole image, minus the mean image if any
+    (float, 0–255), so any window cut from it later is centred by the same window of the mean."""
+    if window is not None:
+        return fn.decoders.image_crop(jpegs, crop=(ref.CROP, ref.CROP), crop_pos_x=window[0],
+                                      crop_pos_y=window[1], output_type=types.RGB,
+                                      **dev.decoder_kwargs())
+    images = fn.decoders.image(jpegs, output_type=types.RGB, **dev.decoder_kwargs())
+    if spec.mean_image is None:
+        return images
+    mean_image = types.Constant(np.asarray(spec.mean_image, np.float32),
+                                device="gpu" if dev.on_gpu else "cpu")
+    return fn.reshape(images - mean_image, layout="HWC")
+
+
+def _normalize(images, spec: GraphSpec, mirror, mean, window=None):
+    """The one fused op: [window,] mirror, minus mean (lighting folded in), HWC->CHW, cast."""
+    crop = {} if window is None else {"crop": (ref.CROP, ref.CROP), "crop_pos_x": window[0],
+                                      "crop_pos_y": window[1]}
+    return fn.crop_mirror_normalize(
+        images, mirror=mirror, mean=mean, std=1.0,   # std 1: stay on the 0–255 scale
+        dtype=DTYPES[spec.dtype], output_layout="CHW", **crop)
+
+
+def _train_view(jpegs, spec: GraphSpec, dev: DeviceSettings):
+    offsets = list(range(ref.MAX_OFFSET + 1))
+    off_y = fn.random.uniform(values=offsets, dtype=types.INT32)
+    off_x = fn.random.uniform(values=offsets, dtype=types.INT32)
+    mirror = fn.random.coin_flip(probability=0.5, dtype=types.INT32)
+    alpha = fn.random.normal(shape=[3], stddev=spec.lighting_std) if spec.lighting_std > 0 else None
+    mean = _lighting_mean(spec, alpha)
+    # k / 32 is exact in float32 and DALI rounds it back to exactly k (module docstring).
+    window = (off_x / float(ref.MAX_OFFSET), off_y / float(ref.MAX_OFFSET))
+    if spec.mean_image is None:    # decode only the window
+        view = _normalize(_decode(jpegs, spec, dev, window), spec, mirror, mean)
+    else:                          # the mean image needs the full image; cut the window after
+        view = _normalize(_decode(jpegs, spec, dev), spec, mirror, mean, window)
+    if alpha is None:
+        alpha = fn.random.normal(shape=[3]) * 0.0   # zeros, so extras keep one shape
+    return view, (off_y, off_x, mirror, alpha)
+
+
+def _lighting_mean(spec: GraphSpec, alpha):
+    """Per-sample CMN mean = channel_mean - eigvec @ (alpha * eigval), computed on the CPU.
+
+    coord_transform computes M @ v + T for a point v: with v = alpha, M = -eigvec·diag(eigval)
+    and T = channel_mean it gives exactly the mean to subtract (0–255 scale).
+    """
+    if alpha is None:
+        return list(spec.channel_mean)
+    eigvec = np.asarray(spec.eigvec, np.float64).reshape(3, 3)
+    m = -(eigvec * np.asarray(spec.eigval, np.float64)[None, :])   # column i scaled by eigval[i]
+    point = fn.reshape(alpha, shape=[1, 3])
+    mean = fn.coord_transform(point, M=m.ravel().tolist(), T=list(spec.channel_mean))
+    return fn.reshape(mean, shape=[3])
+
+
+def _center_view(jpegs, spec: GraphSpec, dev: DeviceSettings):
+    return _normalize(_decode(jpegs, spec, dev), spec, 0, list(spec.channel_mean), (0.5, 0.5)), ()
+
+
+def _ten_crop_view(jpegs, spec: GraphSpec, dev: DeviceSettings):
+    """(10, 3, 224, 224) per image in reference.TEN_CROP_WINDOWS order, unflipped then flipped;
+    one full decode, ten windows of it."""
+    images = _decode(jpegs, spec, dev)
+    crops = [_normalize(images, spec, flip, list(spec.channel_mean),
+                        (x / ref.MAX_OFFSET, y / ref.MAX_OFFSET))
+             for flip in (0, 1) for (y, x) in ref.TEN_CROP_WINDOWS]
+    return fn.stack(*crops, axis=0), ()
+
+
+_VIEW_BUILDERS = {"train": _train_view, "center": _center_view, "tencrop": _ten_crop_view}
+
+
+def shard_range(total: int, rank: int, world: int) -> tuple[int, int]:
+    """[start, end) of the samples DALI's readers give shard ``rank`` of ``world``
+    (its integer split: start = total * rank // world)."""
+    return total * rank // world, total * (rank + 1) // world
+
+
+def default_threads() -> int:
+    return max(1, len(os.sched_getaffinity(0)))

@@ -1,0 +1,254 @@
+"""``Loader``: the records, through a DALI graph, as (images, labels) torch tensors on a device.
+
+    from pipeline import Loader
+    train = Loader("data/records", split="train", view="train", batch_size=128, device="cuda:0")
+    for images, labels in train:       # one epoch; images (128, 3, 224, 224) float, 0–255 minus mean
+        ...
+    val = Loader("data/records", split="val", view="tencrop", batch_size=32, shard=(rank, world))
+    len(val), val.epoch_size, val.num_classes
+
+Every argument is checked (and the records' meta/stats/index files read) before a DALI
+graph is built, so bad input fails with one line: ``LoaderError`` for arguments,
+``prep.records.RecordsError`` for the records folder.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline import graphs, reference as ref
+from prep.records import RecordsError, read_mean_image, read_meta, read_stats, shard_paths
+
+SPLITS = ("train", "val")
+MEANS = ("channel", "pixel")
+
+
+class LoaderError(ValueError):
+    """A Loader argument is wrong; the message is one line naming it."""
+
+
+@dataclass(frozen=True)
+class LoaderOptions:
+    """Knobs beyond the loader contract, for tests and experiments; defaults = the paper."""
+    lighting_std: float = ref.LIGHTING_STD   # alpha ~ N(0, this) in the train view; 0 = off
+    subtract_mean: bool = True   # False: raw 0–255 pixels (tests find the crop window in them)
+    with_draws: bool = False     # yield (images, labels, Draws): record keys + random draws
+    initial_fill: int = 1024     # train shuffle buffer, samples (records are pre-shuffled)
+
+    def __post_init__(self):
+        if not (self.lighting_std >= 0 and self.initial_fill >= 1):
+            raise LoaderError("LoaderOptions: lighting_std must be >= 0 and initial_fill >= 1")
+
+
+@dataclass(frozen=True)
+class Draws:
+    """What went into one batch: record keys and, for the train view, the random draws."""
+    keys: list[str]              # the records' keys (``<key>.jpg``), batch order
+    y: np.ndarray | None         # window top offsets, 0..32 (train view only)
+    x: np.ndarray | None         # window left offsets, 0..32
+    mirror: np.ndarray | None    # 1 = mirrored left-right
+    alpha: np.ndarray | None     # (n, 3) lighting coefficients
+
+
+class Loader:
+    """Iterable of (images, labels); each ``iter()`` is one epoch of this rank's records.
+
+    images: float32/float16 on ``device``, (B, 3, 224, 224) — (B, 10, 3, 224, 224) for
+    "tencrop" — on the 0–255 scale minus the mean (not divided by std); labels: int64 (B,).
+    Val views ("center", "tencrop") see each record of the split exactly once per epoch
+    across all ranks (the last batch may be partial); "train" shuffles and, by default,
+    drops the last partial batch, giving every rank the same number of batches.
+
+    records: the folder prep/build_records.py wrote. shard: (rank, world) — rank r reads its
+    own 1/world of the split. seed: with the rank, fixes the shuffle and every random draw.
+    mean: "channel" (stats.json's RGB mean) or "pixel" (mean_image.npy, the paper's option).
+    num_threads: DALI CPU threads; default all cores // world. drop_last: default True for
+    the train view, False for the val views. options: LoaderOptions (tests, experiments).
+    """
+
+    def __init__(self, records, split: str = "train", view: str = "train", batch_size: int = 128,
+                 device: str | torch.device = "cpu", shard: tuple[int, int] = (0, 1), seed: int = 0,
+                 dtype: torch.dtype = torch.float32, mean: str = "channel",
+                 num_threads: int | None = None, drop_last: bool | None = None,
+                 options: LoaderOptions = LoaderOptions()):
+        _check_args(split, view, mean, dtype, batch_size, num_threads)
+        rank, world = _check_shard(shard)
+        self.device = _parse_device(device)
+        self.drop_last = (view == "train") if drop_last is None else bool(drop_last)
+        self.options = options
+        self._records = records = Path(records)
+        meta, stats, files = read_meta(records), read_stats(records), shard_paths(records, split)
+        total = _split_count(records, meta, split)
+        self.num_classes = len(meta["classes"])
+        self._plan_epoch(total, rank, world, batch_size)
+        self.spec = graphs.GraphSpec(
+            files=tuple((str(t), str(i)) for t, i in files), view=view, batch_size=batch_size,
+            shard=(rank, world), seed=int(seed), dtype=dtype, **_mean_fields(records, stats, mean, options),
+            eigval=tuple(float(v) for v in stats.eigval),
+            eigvec=tuple(float(v) for v in np.asarray(stats.eigvec).ravel()),
+            lighting_std=options.lighting_std if view == "train" else 0.0,
+            shuffle=view == "train",
+            initial_fill=min(options.initial_fill, self._part),   # more would hold duplicates
+            num_threads=num_threads or max(1, graphs.default_threads() // world),
+            extras=options.with_draws)
+        self.settings = graphs.DeviceSettings.for_device(self.device)
+        self._pipe = graphs.build(self.spec, self.settings)
+        self._check_reader(total, records)
+        self._left = 0   # pipeline runs still owed to the current epoch
+
+    def _plan_epoch(self, total: int, rank: int, world: int, batch: int) -> None:
+        """Batches and records per epoch for this rank, and DALI runs per epoch.
+
+        DALI gives rank r the samples [total*r//world, total*(r+1)//world) once per reader
+        epoch, in ceil(part / batch) runs, the last one padded. drop_last: every rank yields
+        the same number of full batches (distributed training needs that), the rest of the
+        epoch's runs are read and dropped; else the last batch holds what is left."""
+        start, end = graphs.shard_range(total, rank, world)
+        self._part = end - start
+        self._runs = math.ceil(self._part / batch)
+        self._len = (total // world) // batch if self.drop_last else self._runs
+        self.epoch_size = self._len * batch if self.drop_last else self._part
+        if self._len == 0:
+            raise LoaderError(f"batch_size={batch} leaves no batch: rank {rank} of {world} sees "
+                              f"{self._part} records; use a smaller batch_size")
+
+    def _check_reader(self, total: int, records: Path) -> None:
+        seen = self._pipe.reader_meta(graphs.READER)["epoch_size"]
+        if seen != total:
+            raise RecordsError(f"{records / 'meta.json'}: counts say {total} records but the "
+                               f"index files list {seen}")
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __iter__(self):
+        for _ in range(self._left):   # an abandoned epoch: read it out, so this one starts aligned
+            self._pipe.run()
+        self._left = self._runs
+        batch = self.spec.batch_size
+        for i in range(self._runs):
+            outputs = self._pipe.run()
+            self._left -= 1
+            if i < self._len:   # the last batch holds what is left of this rank's part
+                yield self._to_torch(outputs, min(batch, self._part - i * batch))
+
+    def _to_torch(self, outputs, n: int):
+        """The first n samples as torch tensors on self.device; no host round trip on a GPU.
+
+        DALI's dynamic executor hands the output buffer over to Python, so the DLPack view
+        stays valid after later runs (zero-copy on CPU and GPU)."""
+        images = _from_dali(outputs[0], self.device)[:n]
+        labels = _parse_labels(outputs[1], n)
+        if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
+            raise RecordsError(f"{self._records}: a .cls label is outside 0..{self.num_classes - 1} "
+                               f"(meta.json lists {self.num_classes} classes)")
+        labels = labels.to(self.device, non_blocking=True)
+        if self.options.with_draws:
+            return images, labels, _draws(outputs[2:], n)
+        return images, labels
+
+    def __repr__(self) -> str:
+        s = self.spec
+        return (f"Loader(view={s.view!r}, batch_size={s.batch_size}, device={str(self.device)!r}, "
+                f"shard={s.shard}, batches={self._len}, epoch_size={self.epoch_size})")
+
+
+def _from_dali(tensor_list, device: torch.device) -> torch.Tensor:
+    """A dense DALI batch as a torch tensor, zero-copy. On a GPU, DLPack makes torch's current
+    stream on ``device`` wait for DALI's work (as DALI's own PyTorch plugin does)."""
+    if device.type != "cuda":
+        return torch.from_dlpack(tensor_list.as_tensor())
+    with torch.cuda.device(device):
+        return torch.from_dlpack(tensor_list.as_tensor())
+
+
+def _parse_labels(cls_bytes, n: int) -> torch.Tensor:
+    """``<key>.cls`` holds the class index as ASCII decimal digits."""
+    return torch.tensor([int(np.asarray(cls_bytes[i]).tobytes()) for i in range(n)], dtype=torch.int64)
+
+
+def _draws(extras, n: int) -> Draws:
+    """extras = (jpegs[, y, x, mirror, alpha]) as built by graphs.build(extras=True)."""
+    # source_info is "<tar>:<offset>:<key>.jpg" for the webdataset reader
+    keys = [extras[0][i].source_info().rsplit(":", 1)[-1].rsplit(".", 1)[0] for i in range(n)]
+    if len(extras) == 1:
+        return Draws(keys, None, None, None, None)
+    y, x, mirror, alpha = (np.stack([np.asarray(t[i]) for i in range(n)]) for t in extras[1:])
+    return Draws(keys, y, x, mirror, alpha)
+
+
+def _check_args(split, view, mean, dtype, batch_size, num_threads) -> None:
+    _check_choice("split", split, SPLITS)
+    _check_choice("view", view, graphs.VIEWS)
+    _check_choice("mean", mean, MEANS)
+    if dtype not in graphs.DTYPES:
+        raise LoaderError(f"dtype must be torch.float32 or torch.float16, got {dtype}")
+    for name, value in (("batch_size", batch_size), ("num_threads", num_threads)):
+        if value is not None and not (isinstance(value, int) and value >= 1):
+            raise LoaderError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _mean_fields(records: Path, stats, mean: str, options: LoaderOptions) -> dict:
+    """GraphSpec's channel_mean / mean_image for mean="channel" | "pixel" (0–255 scale)."""
+    if not options.subtract_mean:
+        return {"channel_mean": (0.0, 0.0, 0.0), "mean_image": None}
+    if mean == "pixel":   # the image is centred before the crop; nothing left per channel
+        return {"channel_mean": (0.0, 0.0, 0.0), "mean_image": _read_mean_image(records)}
+    return {"channel_mean": tuple(float(v) for v in stats.mean), "mean_image": None}
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise LoaderError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _check_shard(shard) -> tuple[int, int]:
+    try:
+        rank, world = (int(v) for v in shard)
+    except (TypeError, ValueError):
+        raise LoaderError(f"shard must be (rank, world), got {shard!r}") from None
+    if not (world >= 1 and 0 <= rank < world):
+        raise LoaderError(f"shard must be (rank, world) with 0 <= rank < world, got {shard!r}")
+    return rank, world
+
+
+def _parse_device(device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise LoaderError(f"device={device!r} is not a device; use 'cpu' or 'cuda:N'") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        raise LoaderError(f"device={device!r}: only 'cpu' and 'cuda:N' are supported")
+    if not torch.cuda.is_available():
+        raise LoaderError(f"device={device!r} but no CUDA GPU is visible; use device='cpu'")
+    index = dev.index or 0
+    if index >= torch.cuda.device_count():
+        raise LoaderError(f"device={device!r} but only {torch.cuda.device_count()} GPU(s) are visible")
+    return torch.device("cuda", index)
+
+
+def _split_count(records: Path, meta: dict, split: str) -> int:
+    try:
+        total = int(meta["counts"][split])
+        meta["classes"][0]
+    except (KeyError, TypeError, ValueError, IndexError):
+        raise RecordsError(f"{records / 'meta.json'}: needs counts.{split} and a non-empty "
+                           "classes list") from None
+    if total < 1:
+        raise RecordsError(f"{records / 'meta.json'}: split {split!r} has no records")
+    return total
+
+
+def _read_mean_image(records: Path) -> np.ndarray:
+    """The paper's per-pixel mean image, (256, 256, 3) float32, 0–255 scale."""
+    image = read_mean_image(records)
+    if image.shape != (ref.SIZE, ref.SIZE, 3) or not np.isfinite(image).all():
+        raise RecordsError(f"{records / 'mean_image.npy'}: expected finite values of shape "
+                           f"(256, 256, 3), got {image.shape}")
+    return image.astype(np.float32)

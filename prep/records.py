@@ -1,0 +1,131 @@
+"""Readers for the records folder that prep/build_records.py writes (the records contract).
+
+    from prep.records import read_meta, read_stats, shard_paths, DEFAULT_RECORDS
+    stats = read_stats(DEFAULT_RECORDS)          # Stats: mean/std/cov/eigval/eigvec, 0-255 scale
+    tars_idxs = shard_paths(DEFAULT_RECORDS, "train")
+
+Layout of OUT:
+    meta.json, stats.json, skipped.json, mean_image.npy (float64 256x256x3, 0-255)
+    train/shard-000000.tar + .idx, ...   val/shard-000000.tar + .idx, ...
+    train.beton, val.beton               (only with --ffcv)
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_RECORDS = REPO_ROOT / "data" / "records"
+DEFAULT_SAMPLE = REPO_ROOT / "data" / "sample"
+FORMAT = "dali-alexnet-records/1"
+SPLITS = ("train", "val")
+
+
+class RecordsError(Exception):
+    """The records folder is missing or malformed; the message is one line naming the file."""
+
+
+@dataclass(frozen=True)
+class Stats:
+    """RGB statistics of every training pixel, 0-255 scale (stats.json)."""
+    pixels: int
+    mean: np.ndarray    # (3,) R, G, B
+    std: np.ndarray     # (3,)
+    cov: np.ndarray     # (3, 3)
+    eigval: np.ndarray  # (3,) descending
+    eigvec: np.ndarray  # (3, 3), column i = unit eigenvector of eigval[i]
+
+
+def _load_json(path: Path) -> dict:
+    if not path.is_file():
+        raise RecordsError(f"{path}: missing (build records with prep/build_records.py)")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RecordsError(f"{path}: unreadable ({exc})") from None
+    if not isinstance(data, dict):
+        raise RecordsError(f"{path}: expected a JSON object")
+    return data
+
+
+def read_meta(out: str | Path) -> dict:
+    """meta.json as a dict, checked for the fields readers rely on."""
+    path = Path(out) / "meta.json"
+    meta = _load_json(path)
+    if meta.get("format") != FORMAT:
+        raise RecordsError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    for key in ("classes", "counts", "shards"):
+        if key not in meta:
+            raise RecordsError(f"{path}: missing field {key!r}")
+    for split in SPLITS:
+        if split not in meta["counts"] or split not in meta["shards"]:
+            raise RecordsError(f"{path}: missing {split!r} in counts/shards")
+    return meta
+
+
+def _array(path: Path, data: dict, key: str, shape: tuple[int, ...]) -> np.ndarray:
+    if key not in data:
+        raise RecordsError(f"{path}: missing field {key!r}")
+    try:
+        arr = np.asarray(data[key], dtype=np.float64)
+    except (TypeError, ValueError):
+        raise RecordsError(f"{path}: field {key!r} is not numeric") from None
+    if arr.shape != shape or not np.all(np.isfinite(arr)):
+        raise RecordsError(f"{path}: field {key!r} must be finite with shape {shape}, got {arr.shape}")
+    arr.setflags(write=False)
+    return arr
+
+
+def read_stats(out: str | Path) -> Stats:
+    """stats.json as Stats; RecordsError naming stats.json and the missing/bad field."""
+    path = Path(out) / "stats.json"
+    data = _load_json(path)
+    pixels = data.get("pixels")
+    if not isinstance(pixels, int) or isinstance(pixels, bool) or pixels <= 0:
+        raise RecordsError(f"{path}: field 'pixels' must be a positive integer, got {pixels!r}")
+    return Stats(pixels=pixels,
+                 mean=_array(path, data, "mean", (3,)),
+                 std=_array(path, data, "std", (3,)),
+                 cov=_array(path, data, "cov", (3, 3)),
+                 eigval=_array(path, data, "eigval", (3,)),
+                 eigvec=_array(path, data, "eigvec", (3, 3)))
+
+
+def read_mean_image(out: str | Path) -> np.ndarray:
+    """mean_image.npy: float64 (256, 256, 3), 0-255 scale, the per-pixel mean of train images."""
+    path = Path(out) / "mean_image.npy"
+    if not path.is_file():
+        raise RecordsError(f"{path}: missing (build records with prep/build_records.py)")
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise RecordsError(f"{path}: unreadable ({exc})") from None
+    if arr.ndim != 3 or arr.shape[2] != 3:
+        raise RecordsError(f"{path}: expected shape (H, W, 3), got {arr.shape}")
+    return arr
+
+
+def shard_paths(out: str | Path, split: str) -> list[tuple[Path, Path]]:
+    """[(tar, idx), ...] of ``split`` in meta.json's order; RecordsError if any file is missing."""
+    if split not in SPLITS:
+        raise RecordsError(f"unknown split {split!r}: expected one of {SPLITS}")
+    out = Path(out)
+    folder = out / split
+    if not folder.is_dir():
+        raise RecordsError(f"{folder}: missing records folder")
+    meta = read_meta(out)
+    pairs = []
+    for rel in meta["shards"][split]:
+        tar = out / rel
+        idx = tar.with_suffix(".idx")
+        if not tar.is_file():
+            raise RecordsError(f"{tar}: missing shard listed in {out / 'meta.json'}")
+        if not idx.is_file():
+            raise RecordsError(f"{idx}: missing DALI index file for {tar.name}")
+        pairs.append((tar, idx))
+    if not pairs:
+        raise RecordsError(f"{out / 'meta.json'}: no {split} shards")
+    return pairs

@@ -1,0 +1,183 @@
+"""The built-in sample set: a small synthetic "ImageNet" written in ImageNet's folder layout.
+
+    python -m prep.sample /tmp/sample            # 10 classes, 100 train + 20 val images each
+    python prep/build_records.py                 # generates data/sample itself, then builds records
+
+Every image is a JPEG of an ImageNet-like size (500x375, 375x500, 500x333, a few larger and
+smaller) showing its class as a distinctive *colour + pattern* pair (e.g. "blue horizontal
+stripes", "orange rings") with per-image jitter in hue, saturation, brightness, period, phase,
+pattern contrast and pixel noise. Colour alone or pattern alone separates most classes, both
+together separate all of them, and both survive the paper's augmentation (random 224 crops of the
+256x256 record, mirrors, PCA lighting), so AlexNet learns them in a few hundred steps.
+
+Odd inputs are planted on purpose, because real ImageNet has them and the records stage must
+cope: a few grayscale and CMYK JPEGs, one PNG saved under a .JPEG name, and one corrupt
+(truncated) JPEG, which the records stage skips and lists in skipped.json.
+
+Deterministic: each image is drawn from its own seeded generator, so the same arguments give
+byte-identical files (with the same Pillow / libjpeg build).
+"""
+from __future__ import annotations
+
+import argparse
+import colorsys
+import functools
+import io
+import multiprocessing
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+# (width, height) of ImageNet-like photos and how often each appears.
+SIZES = ((500, 375), (375, 500), (500, 333), (333, 500), (500, 400), (640, 480),
+         (1024, 768), (300, 225), (200, 150))
+SIZE_WEIGHTS = np.array([40, 14, 18, 6, 8, 5, 3, 4, 2], dtype=np.float64)
+PATTERNS = ("hstripes", "vstripes", "checker", "rings", "dots", "diagonal", "grid", "waves")
+SOURCE_QUALITY = 90  # JPEG quality of the synthetic "camera" files (0-100)
+
+
+def wnid(c: int) -> str:
+    """A synthetic WordNet id, shaped like ImageNet's (n + 8 digits), e.g. n90000003."""
+    return f"n9{c:07d}"
+
+
+def _class_look(c: int, classes: int) -> tuple[float, str]:
+    """The class's hue (0-1) and pattern: neighbouring hues never share a pattern."""
+    hue = (c / classes) % 1.0
+    return hue, PATTERNS[c % len(PATTERNS)]
+
+
+def _pattern(kind: str, w: int, h: int, period: float, phase: float, rng) -> np.ndarray:
+    """A 0-1 float mask (h, w) drawing the pattern."""
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    k = 2 * np.pi / period
+    if kind == "hstripes":
+        m = np.sin(k * y + phase)
+    elif kind == "vstripes":
+        m = np.sin(k * x + phase)
+    elif kind == "diagonal":
+        m = np.sin(k * (x + y) / np.sqrt(2) + phase)
+    elif kind == "checker":
+        m = np.sin(k * x + phase) * np.sin(k * y + phase)
+    elif kind == "rings":
+        cx, cy = rng.uniform(0.3, 0.7) * w, rng.uniform(0.3, 0.7) * h
+        m = np.sin(k * np.hypot(x - cx, y - cy) + phase)
+    elif kind == "dots":
+        m = np.cos(k * x + phase) + np.cos(k * y + phase) - 1.2
+    elif kind == "grid":
+        m = np.maximum(np.cos(k * x + phase), np.cos(k * y + phase)) - 0.8
+    else:  # waves
+        m = np.sin(k * y + 3.0 * np.sin(k * x / 2) + phase)
+    return (m > 0).astype(np.float32)
+
+
+def _image(c: int, classes: int, seed: int, split: int, i: int) -> np.ndarray:
+    """One uint8 RGB photo (h, w, 3) of class ``c``."""
+    rng = np.random.default_rng([seed, split, c, i])
+    w, h = SIZES[rng.choice(len(SIZES), p=SIZE_WEIGHTS / SIZE_WEIGHTS.sum())]
+    hue, kind = _class_look(c, classes)
+    hue = (hue + rng.uniform(-0.025, 0.025)) % 1.0
+    sat, val = rng.uniform(0.55, 0.95), rng.uniform(0.6, 0.95)
+    bg = np.array(colorsys.hsv_to_rgb(hue, sat, val), dtype=np.float32) * 255
+    fg = bg * rng.uniform(0.25, 0.5)  # darker shade of the same colour: the pattern's ink
+    mask = _pattern(kind, w, h, period=rng.uniform(18, 40), phase=rng.uniform(0, 2 * np.pi), rng=rng)
+    img = bg + mask[..., None] * (fg - bg)
+    img += rng.standard_normal((h, w, 1), dtype=np.float32) * 8  # grain (same on all channels)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def _encode(arr: np.ndarray, odd: str | None) -> bytes:
+    img = Image.fromarray(arr)
+    buf = io.BytesIO()
+    if odd == "png":
+        img.save(buf, "PNG")  # a PNG under a .JPEG name, like one file in real ImageNet
+    elif odd == "gray":
+        img.convert("L").save(buf, "JPEG", quality=SOURCE_QUALITY)
+    elif odd == "cmyk":
+        img.convert("CMYK").save(buf, "JPEG", quality=SOURCE_QUALITY)
+    else:
+        img.save(buf, "JPEG", quality=SOURCE_QUALITY)
+    return buf.getvalue()
+
+
+def _odd_kind(split: str, c: int, i: int, classes: int) -> str | None:
+    """A few grayscale and CMYK train images, one PNG: fixed positions, present in any size."""
+    if split != "train":
+        return None
+    if i == 1 and c < min(3, classes):
+        return "gray"
+    if i == 2 and c >= classes - min(3, classes):
+        return "cmyk"
+    if i == 3 and c == 0:
+        return "png"
+    return None
+
+
+def _jobs(root: Path, classes: int, train_per_class: int, val_per_class: int, seed: int):
+    """(path, class, split id, index, odd kind, truncate) for every file of the set."""
+    jobs = []
+    for c in range(classes):
+        for i in range(train_per_class):
+            path = root / "train" / wnid(c) / f"{wnid(c)}_{i}.JPEG"
+            jobs.append((path, c, 0, i, _odd_kind("train", c, i, classes), False))
+    last = classes - 1  # the one corrupt file: a JPEG cut to a third of its length
+    jobs.append((root / "train" / wnid(last) / f"{wnid(last)}_{train_per_class}.JPEG",
+                 last, 0, train_per_class, None, True))
+    n = 0
+    for c in range(classes):
+        for i in range(val_per_class):
+            n += 1
+            jobs.append((root / "val" / wnid(c) / f"ILSVRC2012_val_{n:08d}.JPEG", c, 1, i, None, False))
+    return jobs
+
+
+def _write_one(job, classes: int, seed: int) -> None:
+    path, c, split, i, odd, truncate = job
+    data = _encode(_image(c, classes, seed, split, i), odd)
+    path.write_bytes(data[: len(data) // 3] if truncate else data)
+
+
+def make_sample_set(root: str | Path, classes: int = 10, train_per_class: int = 100,
+                    val_per_class: int = 20, seed: int = 0, workers: int | None = None) -> Path:
+    """Write the sample set under ``root`` (train/<wnid>/*.JPEG, val/<wnid>/*.JPEG); return root.
+
+    Train files are ``<wnid>_<i>.JPEG``; val files are ``ILSVRC2012_val_<n>.JPEG`` numbered
+    globally (so they can be flattened into the official flat layout). There is exactly one
+    extra train file, ``<wnid of the last class>_<train_per_class>.JPEG``, that is a truncated
+    JPEG: the records stage must skip it and report it. ``workers`` processes draw the images
+    (default: all cores; each image has its own seed, so the files do not depend on it).
+    """
+    if classes < 2 or train_per_class < 4 or val_per_class < 1:
+        raise ValueError("sample set needs classes >= 2, train_per_class >= 4, val_per_class >= 1")
+    root = Path(root)
+    jobs = _jobs(root, classes, train_per_class, val_per_class, seed)
+    for folder in sorted({job[0].parent for job in jobs}):
+        folder.mkdir(parents=True, exist_ok=True)
+    work = functools.partial(_write_one, classes=classes, seed=seed)
+    workers = workers or os.cpu_count() or 1
+    if workers == 1 or len(jobs) < 200:  # small sets: a pool costs more than it saves
+        for job in jobs:
+            work(job)
+    else:
+        with multiprocessing.Pool(workers) as pool:
+            pool.map(work, jobs, chunksize=16)
+    return root
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m prep.sample", description=__doc__.splitlines()[0])
+    ap.add_argument("root")
+    ap.add_argument("--classes", type=int, default=10)
+    ap.add_argument("--train-per-class", type=int, default=100)
+    ap.add_argument("--val-per-class", type=int, default=20)
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(argv)
+    make_sample_set(a.root, a.classes, a.train_per_class, a.val_per_class, a.seed)
+    print(f"wrote sample set to {a.root}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,349 @@
+"""The DALI views against the paper and against the numpy/PIL reference (pipeline/reference.py).
+
+CPU graphs throughout (small batches, one or two threads); GPU variants are marked ``gpu``.
+Records come from the session's ``sample_records`` (48 train, 20 val images, shards of 16).
+"""
+from __future__ import annotations
+
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import Loader, LoaderError, LoaderOptions
+from pipeline import graphs, reference as ref
+from prep.records import RecordsError, read_mean_image, read_stats, shard_paths
+
+RAW = LoaderOptions(lighting_std=0.0, subtract_mean=False, with_draws=True)   # un-normalised crops
+DRAWS = LoaderOptions(with_draws=True)
+
+
+# ---------------------------------------------------------------- helpers
+
+@pytest.fixture(scope="module")
+def records(sample_records) -> Path:
+    return Path(sample_records)
+
+
+@pytest.fixture(scope="module")
+def stats(records):
+    return read_stats(records)
+
+
+@pytest.fixture(scope="module")
+def samples(records) -> dict[str, dict]:
+    """split -> {key: (decoded uint8 HWC image, label)}, and split+"_order" -> keys in file order."""
+    out = {}
+    for split in ("train", "val"):
+        table, order = {}, []
+        for tar, _ in shard_paths(records, split):
+            for key, jpeg, label in ref.iter_tar(tar):
+                table[key] = (ref.decode(jpeg), label)
+                order.append(key)
+        out[split], out[split + "_order"] = table, order
+    return out
+
+
+def batches(loader: Loader, epochs: int = 1):
+    """Every (images, labels, draws) of ``epochs`` epochs, images as numpy on the CPU."""
+    for _ in range(epochs):
+        for images, labels, draws in loader:
+            yield images.float().cpu().numpy(), labels.cpu().numpy(), draws
+
+
+def find_window(patch_hwc: np.ndarray, image: np.ndarray) -> list[tuple[int, int, bool]]:
+    """Every (y, x, flip) whose 224 window of ``image`` (mirrored if flip) equals ``patch_hwc``."""
+    found = []
+    for flip in (False, True):
+        target = patch_hwc[:, ::-1] if flip else patch_hwc    # undo the mirror
+        corners = image[:ref.MAX_OFFSET + 1, :ref.MAX_OFFSET + 1]    # every possible top-left
+        for y, x in zip(*np.nonzero((corners == target[0, 0]).all(-1))):
+            if np.array_equal(image[y:y + ref.CROP, x:x + ref.CROP], target):
+                found.append((int(y), int(x), flip))
+    return found
+
+
+# ---------------------------------------------------------------- shapes, labels, devices
+
+@pytest.mark.parametrize("view,split,dtype", [("train", "train", torch.float32),
+                                              ("train", "train", torch.float16),
+                                              ("center", "val", torch.float32),
+                                              ("tencrop", "val", torch.float16)])
+def test_shapes_dtypes_devices(records, view, split, dtype):
+    loader = Loader(records, split=split, view=view, batch_size=4, dtype=dtype, num_threads=1)
+    images, labels = next(iter(loader))
+    per_image = (10, 3, 224, 224) if view == "tencrop" else (3, 224, 224)
+    assert images.shape == (4, *per_image) and images.dtype == dtype
+    assert labels.shape == (4,) and labels.dtype == torch.int64
+    assert images.device.type == labels.device.type == "cpu"
+    assert loader.num_classes == 4
+    expected_len = 48 // 4 if view == "train" else 20 // 4
+    assert len(loader) == expected_len and loader.epoch_size == expected_len * 4
+
+
+def test_labels_match_records(records, samples):
+    loader = Loader(records, split="val", view="center", batch_size=6, num_threads=1, options=DRAWS)
+    got = {k: int(label) for _, labels, d in batches(loader) for k, label in zip(d.keys, labels)}
+    assert got == {k: label for k, (_, label) in samples["val"].items()}
+
+
+# ---------------------------------------------------------------- the train view
+
+def test_train_crops_are_windows_and_uniform(records, samples):
+    """Un-normalised crops are exact windows of the decoded image; positions/mirror uniform."""
+    loader = Loader(records, split="train", view="train", batch_size=16, num_threads=2, options=RAW)
+    ys, xs, flips, searched = [], [], [], 0
+    for images, _, d in batches(loader, epochs=11):       # 11 x 48 = 528 crops
+        for patch, key, y, x, flip in zip(images, d.keys, d.y, d.x, d.mirror):
+            image = samples["train"][key][0]
+            hwc = patch.transpose(1, 2, 0)
+            assert np.array_equal(hwc, hwc.round()), "raw crops must be whole 0–255 pixels"
+            if searched < 48:    # search without the draws for some; all must match the draws
+                assert find_window(hwc.astype(np.uint8), image) == [(y, x, bool(flip))]
+                searched += 1
+            window = image[y:y + 224, x:x + 224]
+            assert np.array_equal(hwc, window[:, ::-1] if flip else window)
+            ys.append(y), xs.append(x), flips.append(flip)
+    n = len(flips)
+    assert n >= 500
+    assert abs(np.mean(flips) - 0.5) < 0.1                      # ~4.5 sigma
+    for offsets in (np.array(ys), np.array(xs)):
+        assert offsets.min() == 0 and offsets.max() == 32        # both ends reachable
+        counts = np.bincount(offsets, minlength=33)
+        chi2 = ((counts - n / 33) ** 2 / (n / 33)).sum()
+        assert chi2 < 80, f"offsets not uniform over 0..32: chi2={chi2:.0f} (dof 32)"
+
+
+def test_lighting_is_one_pca_shift_per_image(records, samples, stats):
+    """Output - window = one RGB shift per image, eigvec @ (alpha * eigval), alpha ~ N(0, 0.1)."""
+    options = LoaderOptions(subtract_mean=False, with_draws=True)
+    loader = Loader(records, split="train", view="train", batch_size=16, num_threads=2, options=options)
+    coeffs = []
+    for images, _, d in batches(loader, epochs=11):
+        for patch, key, y, x, flip, alpha in zip(images, d.keys, d.y, d.x, d.mirror, d.alpha):
+            window = samples["train"][key][0][y:y + 224, x:x + 224].astype(np.float64)
+            shift = patch.transpose(1, 2, 0) - (window[:, ::-1] if flip else window)
+            s = shift.reshape(-1, 3).mean(0)
+            assert np.abs(shift - s).max() < 1e-3          # the same for every pixel
+            c = stats.eigvec.T @ s                          # coordinates in the eigenbasis
+            assert np.allclose(stats.eigvec @ c, s, atol=1e-4)       # in the span of eigvecs
+            assert np.allclose(c / stats.eigval, alpha, atol=1e-4)   # = the drawn alpha
+            coeffs.append(c)
+    coeffs = np.array(coeffs)
+    assert len(coeffs) >= 500
+    ratio = coeffs.std(0) / (ref.LIGHTING_STD * stats.eigval)
+    assert np.all(np.abs(ratio - 1) < 0.25), f"coefficient std / (0.1 eigval) = {ratio}"
+    assert np.all(np.abs(coeffs.mean(0)) < 0.25 * ref.LIGHTING_STD * stats.eigval)
+
+
+@pytest.mark.parametrize("mean,dtype", [("channel", torch.float32), ("pixel", torch.float32),
+                                        ("channel", torch.float16)])
+def test_train_view_equals_reference(records, samples, stats, mean, dtype):
+    mean_value = read_mean_image(records) if mean == "pixel" else stats.mean
+    loader = Loader(records, split="train", view="train", batch_size=8, mean=mean, dtype=dtype,
+                    num_threads=1, options=DRAWS)
+    tol = 1e-3 if dtype == torch.float32 else 0.25      # fp16 spacing is 0.125 at 128–256
+    images, _, d = next(batches(loader))
+    for patch, key, y, x, flip, alpha in zip(images, d.keys, d.y, d.x, d.mirror, d.alpha):
+        want = ref.train_view(samples["train"][key][0], y, x, bool(flip), alpha, stats, mean_value)
+        np.testing.assert_allclose(patch, want, atol=tol, rtol=0)
+
+
+# ---------------------------------------------------------------- centre and ten crops
+
+@pytest.mark.parametrize("view,mean", [("center", "channel"), ("center", "pixel"), ("tencrop", "channel")])
+def test_val_views_equal_reference(records, samples, stats, view, mean):
+    mean_value = read_mean_image(records) if mean == "pixel" else stats.mean
+    oracle = ref.ten_crop if view == "tencrop" else ref.center_view
+    loader = Loader(records, split="val", view=view, batch_size=4, mean=mean, num_threads=1, options=DRAWS)
+    images, _, d = next(batches(loader))
+    for got, key in zip(images, d.keys):
+        np.testing.assert_allclose(got, oracle(samples["val"][key][0], mean_value), atol=1e-3, rtol=0)
+
+
+def test_ten_crop_order():
+    """Crop 0 is the top-left window, 3 the bottom-right, 4 the centre, 5 crop 0 mirrored."""
+    image = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    crops = ref.ten_crop(image, np.zeros(3))
+    chw = lambda a: a.transpose(2, 0, 1).astype(np.float32)
+    assert np.array_equal(crops[0], chw(image[:224, :224]))
+    assert np.array_equal(crops[1], chw(image[:224, 32:]))
+    assert np.array_equal(crops[2], chw(image[32:, :224]))
+    assert np.array_equal(crops[3], chw(image[32:, 32:]))
+    assert np.array_equal(crops[4], chw(image[16:240, 16:240]))
+    for i in range(5):
+        assert np.array_equal(crops[5 + i], crops[i][:, :, ::-1])
+
+
+def test_reference_draws_match_the_graph_distribution():
+    rng = np.random.default_rng(0)
+    draws = [ref.draw(rng) for _ in range(2000)]
+    offsets = np.array([(d.y, d.x) for d in draws])
+    assert offsets.min() == 0 and offsets.max() == 32 and offsets.dtype.kind == "i"
+    assert abs(np.mean([d.flip for d in draws]) - 0.5) < 0.05
+    assert abs(np.std([d.alpha for d in draws]) - 0.1) < 0.01
+    a, b = ref.draw(np.random.default_rng(5)), ref.draw(np.random.default_rng(5))
+    assert (a.y, a.x, a.flip) == (b.y, b.x, b.flip) and np.array_equal(a.alpha, b.alpha)
+
+
+def test_cost_script_rejects_missing_records(tmp_path, capsys):
+    from pipeline import cost
+    assert cost.main(["--records", str(tmp_path / "none")]) == 2
+    assert "error:" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- sharding and epochs
+
+@pytest.mark.parametrize("world,batch", [(1, 6), (2, 3), (3, 4)])
+def test_val_each_record_once_per_epoch(records, samples, world, batch):
+    """Across ranks every val record is seen exactly once per epoch; no padding duplicates."""
+    for epoch in range(2):
+        seen = Counter()
+        for rank in range(world):
+            loader = Loader(records, split="val", view="center", batch_size=batch,
+                            shard=(rank, world), num_threads=1, options=DRAWS)
+            n = 0
+            for _ in range(epoch + 1):            # epoch 1 reuses the loader: a second epoch
+                keys = [k for _, _, d in batches(loader) for k in d.keys]
+                n = len(keys)
+            assert n == loader.epoch_size
+            seen.update(keys)
+        assert seen == Counter(samples["val_order"])
+
+
+def test_abandoned_epoch_does_not_shift_the_next(records, samples):
+    loader = Loader(records, split="val", view="center", batch_size=6, num_threads=1, options=DRAWS)
+    next(iter(loader))                               # stop after one batch
+    keys = [k for _, _, d in batches(loader) for k in d.keys]
+    assert keys == samples["val_order"]              # val is read in file order
+
+
+def test_train_ranks_are_disjoint_and_epochs_exact(records, samples):
+    """Rank r reads only its half; each epoch visits each of its records once, reshuffled."""
+    order, parts = samples["train_order"], []
+    for rank in range(2):
+        loader = Loader(records, split="train", view="train", batch_size=8, shard=(rank, 2),
+                        num_threads=1, options=RAW)
+        start, end = graphs.shard_range(len(order), rank, 2)
+        epochs = [[k for _, _, d in batches(loader) for k in d.keys] for _ in range(2)]
+        for keys in epochs:
+            assert sorted(keys) == sorted(order[start:end])     # 24 = 3 full batches of 8
+        assert epochs[0] != epochs[1]                           # shuffled anew
+        parts.append(set(epochs[0]))
+    assert not parts[0] & parts[1]
+
+
+@pytest.mark.parametrize("drop_last,lengths", [(True, [5] * 9), (False, [5] * 9 + [3])])
+def test_train_last_batch(records, samples, drop_last, lengths):
+    loader = Loader(records, split="train", view="train", batch_size=5, drop_last=drop_last,
+                    num_threads=1, options=RAW)
+    for _ in range(2):
+        sizes, keys = zip(*[(len(d.keys), d.keys) for _, _, d in batches(loader)])
+        keys = [k for ks in keys for k in ks]
+        assert list(sizes) == lengths and len(sizes) == len(loader)
+        assert len(set(keys)) == len(keys) == loader.epoch_size    # no record twice
+
+
+def test_seeds(records):
+    def first(seed, rank=0):
+        loader = Loader(records, split="train", view="train", batch_size=8, seed=seed,
+                        shard=(rank, 1), num_threads=1)
+        return [images for images, _ in loader][:2]
+    a, b, c = first(0), first(0), first(1)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(a[0], c[0])
+
+
+def test_epochs_differ(records):
+    loader = Loader(records, split="train", view="train", batch_size=8, num_threads=1)
+    one, two = (next(iter(loader))[0] for _ in range(2))
+    assert not torch.equal(one, two)
+
+
+# ---------------------------------------------------------------- bad input
+
+def _copy(records: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(records, tmp_path / "rec"))
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"view": "five"}, "view must be one of"),
+    ({"split": "test"}, "split must be one of"),
+    ({"mean": "median"}, "mean must be one of"),
+    ({"batch_size": 0}, "batch_size must be a positive integer"),
+    ({"shard": (2, 2)}, "shard must be"),
+    ({"dtype": torch.int8}, "dtype must be"),
+    ({"batch_size": 1000}, "leaves no batch"),
+])
+def test_bad_arguments(records, monkeypatch, kwargs, message):
+    monkeypatch.setattr(graphs, "build", _no_graph)
+    with pytest.raises(LoaderError, match=message) as err:
+        Loader(records, **kwargs)
+    assert "\n" not in str(err.value)
+
+
+def test_cuda_without_gpu(records, monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible here")
+    monkeypatch.setattr(graphs, "build", _no_graph)
+    with pytest.raises(LoaderError, match="no CUDA GPU is visible"):
+        Loader(records, device="cuda:0")
+
+
+@pytest.mark.parametrize("damage,names", [
+    (lambda r: shutil.rmtree(r / "val"), "val"),
+    (lambda r: (r / "train" / "shard-000001.idx").unlink(), "shard-000001.idx"),
+    (lambda r: (r / "stats.json").write_text('{"pixels": 5, "mean": [1, 2, 3]}'), "stats.json"),
+    (lambda r: (r / "mean_image.npy").unlink(), "mean_image.npy"),
+])
+def test_bad_records(records, tmp_path, monkeypatch, damage, names):
+    rec = _copy(records, tmp_path)
+    damage(rec)
+    monkeypatch.setattr(graphs, "build", _no_graph)
+    split = "val" if names == "val" else "train"
+    with pytest.raises(RecordsError, match=names) as err:
+        Loader(rec, split=split, view="center", mean="pixel")
+    assert "\n" not in str(err.value)
+
+
+def test_missing_records_folder(tmp_path, monkeypatch):
+    monkeypatch.setattr(graphs, "build", _no_graph)
+    with pytest.raises(RecordsError, match="meta.json"):
+        Loader(tmp_path / "nothing")
+
+
+def _no_graph(*args, **kwargs):
+    raise AssertionError("a DALI graph was built for bad input")
+
+
+# ---------------------------------------------------------------- GPU variants
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("view,split", [("train", "train"), ("center", "val"), ("tencrop", "val")])
+def test_gpu_views(records, samples, stats, view, split):
+    """Tensors land on the GPU; nvJPEG may differ from libjpeg by a level or two."""
+    loader = Loader(records, split=split, view=view, batch_size=4, device="cuda:0", options=DRAWS)
+    images, labels, d = next(iter(loader))
+    assert images.device.type == labels.device.type == "cuda"
+    images = images.cpu().numpy()
+    for got, key, i in zip(images, d.keys, range(4)):
+        image = samples[split][key][0]
+        if view == "train":
+            want = ref.train_view(image, d.y[i], d.x[i], bool(d.mirror[i]), d.alpha[i], stats, stats.mean)
+        else:
+            want = (ref.ten_crop if view == "tencrop" else ref.center_view)(image, stats.mean)
+        assert np.abs(got - want).mean() < 1.0 and np.abs(got - want).max() < 16
+    assert [int(v) for v in labels.cpu()] == [samples[split][k][1] for k in d.keys]
+
+
+@pytest.mark.gpu
+def test_gpu_val_each_record_once(records, samples):
+    seen = Counter()
+    for rank in range(2):
+        loader = Loader(records, split="val", view="center", batch_size=3, device="cuda:0",
+                        shard=(rank, 2), options=DRAWS)
+        seen.update(k for _, _, d in loader for k in d.keys)
+    assert seen == Counter(samples["val_order"])

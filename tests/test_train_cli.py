@@ -1,0 +1,143 @@
+"""train.py end to end on the sample records, on the CPU, kept tiny (AlexNet on 2 cores is slow):
+the single-GPU comparison net (--towers 1), batches of 2-4 images, 1-2 steps per epoch."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine import checkpoint as ckpt
+from engine.run import main
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def tiny(records, out, *extra):
+    return ["--records", str(records), "--gpus", "", "--towers", "1", "--batch-size", "4",
+            "--no-progress", "--out", str(out), *map(str, extra)]
+
+
+@pytest.fixture(scope="module")
+def smoke_run(sample_records, tmp_path_factory):
+    out = tmp_path_factory.mktemp("smoke") / "run"
+    rc = main(tiny(sample_records, out, "--epochs", "1", "--max-steps", "2", "--profile"))
+    return rc, out
+
+
+def test_smoke_run_writes_the_run_folder(smoke_run, sample_records):
+    rc, out = smoke_run
+    assert rc == 0
+    assert {"config.json", "metrics.jsonl", "last.pt", "best.pt", "eval.json", "profile.json",
+            "trace.json"} <= {p.name for p in out.iterdir()}
+    config = json.loads((out / "config.json").read_text())
+    assert config["records"] == str(sample_records) and config["devices"] == ["cpu"] and config["lr"] == 0.01
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 1
+    m = json.loads(lines[0])
+    assert (m["epoch"], m["step"], m["lr"], m["train_images"]) == (1, 2, 0.01, 8)
+    for key in ("train_loss", "train_top1_err", "train_top5_err", "val_top1_err", "val_top5_err", "images_per_s"):
+        assert isinstance(m[key], float)
+    ev = json.loads((out / "eval.json").read_text())
+    n_val = json.loads((sample_records / "meta.json").read_text())["counts"]["val"]
+    assert ev["center"]["images"] == ev["tencrop"]["images"] == n_val      # every val record once
+    state = ckpt.load(out / "last.pt")
+    assert (state["epoch"], state["step"], state["sums"]["batches"]) == (1, 2, 0)
+    assert torch.load(out / "best.pt", weights_only=True)["step"] == 2
+
+
+def test_profile_writes_a_trace_and_a_table(smoke_run):
+    _, out = smoke_run
+    prof = json.loads((out / "profile.json").read_text())
+    assert prof["steps"] == 2 and prof["images"] == 8
+    assert set(prof["phases"]) == {"data", "h2d", "forward", "backward", "optimizer"}
+    assert sum(p["percent"] for p in prof["phases"].values()) == pytest.approx(100.0)
+    trace = json.loads((out / "trace.json").read_text())
+    names = {e.get("name") for e in trace["traceEvents"]}
+    assert {"forward", "backward", "optimizer"} <= names          # our record_function labels
+
+
+def test_eval_only_prints_single_and_ten_crop(smoke_run, sample_records, capsys):
+    _, out = smoke_run
+    rc = main(["--eval-only", "--checkpoint", str(out / "best.pt"), "--records", str(sample_records),
+               "--gpus", "", "--batch-size", "10", "--no-progress"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "1 crop (centre)" in text and "10 crops (voted)" in text and "top-5 error" in text
+    # the same weights, the same val set: the centre-crop error equals the run's own final one
+    ev = json.loads((out / "eval.json").read_text())
+    assert f"{100 * ev['center']['top1_err']:.2f}%" in text
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(smoke_run, capsys):
+    _, out = smoke_run
+    before = (out / "last.pt").read_bytes()
+    # continue the smoke run with an absurd lr: the loss overflows within a few steps
+    rc = main(["--resume", str(out), "--epochs", "2", "--max-steps", "100", "--epoch-steps", "3",
+               "--lr", "1e6", "--no-progress"])
+    assert rc == 3
+    err = capsys.readouterr().err
+    assert "loss became" in err and "at step" in err and f"the last good checkpoint is {out / 'last.pt'}" in err
+    assert (out / "last.pt").read_bytes() == before
+
+
+def test_resume_continues_bitwise(sample_records, tmp_path):
+    common = ["--batch-size", "2", "--epoch-steps", "1", "--no-final-eval", "--seed", "3", "--warmup-steps", "3"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert main(tiny(sample_records, full, "--epochs", "4", *common)) == 0
+    assert main(tiny(sample_records, part, "--epochs", "2", *common)) == 0
+    assert main(["--resume", str(part), "--epochs", "4", "--no-progress"]) == 0
+    a, b = ckpt.load(full / "last.pt"), ckpt.load(part / "last.pt")
+    assert (a["epoch"], a["step"]) == (b["epoch"], b["step"]) == (4, 4)
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for k, buf in a["optimizer"]["state"].items():
+        assert torch.equal(buf["momentum_buffer"], b["optimizer"]["state"][k]["momentum_buffer"])
+    strip = lambda line: {k: v for k, v in json.loads(line).items() if k not in ("images_per_s", "epoch_seconds")}
+    la = [strip(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
+    lb = [strip(x) for x in (part / "metrics.jsonl").read_text().splitlines()]
+    assert la == lb and len(la) == 4
+
+
+def test_sigterm_mid_epoch_saves_a_loadable_checkpoint(sample_records, tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"),
+                             *tiny(sample_records, out, "--epochs", "1", "--batch-size", "2")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
+    lines = []
+    for line in proc.stdout:                       # wait until training has started
+        lines.append(line)
+        if line.startswith("train: run folder"):
+            break
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    rest, _ = proc.communicate(timeout=300)
+    text = "".join(lines) + rest
+    assert proc.returncode == 128 + signal.SIGTERM, text
+    assert "SIGTERM received" in text and f"--resume {out}" in text
+    state = ckpt.load(out / "last.pt")
+    per_epoch = json.loads((sample_records / "meta.json").read_text())["counts"]["train"] // 2
+    # mid-epoch: epoch 0 not finished, at least one batch done
+    assert state["epoch"] == 0 and 1 <= state["sums"]["batches"] == state["step"] < per_epoch
+    assert not list(out.glob(".*.tmp"))            # no half-written file left behind
+
+
+def test_cli_errors(sample_records, tmp_path, capsys):
+    assert main(tiny(tmp_path / "nope", tmp_path / "r1")) == 2
+    assert "nope: records folder does not exist" in capsys.readouterr().err
+    visible = torch.cuda.device_count()
+    assert main(["--records", str(sample_records), "--gpus", str(visible), "--out", str(tmp_path / "r2")]) == 2
+    assert f"--gpus '{visible}' names GPU {visible}, but {visible} GPU(s) are visible" in capsys.readouterr().err
+    assert main(["--resume", str(tmp_path / "empty")]) == 2
+    assert "last.pt: no such checkpoint file" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["--records", str(sample_records), "--bogus"])
+    assert exc.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
+    assert not (tmp_path / "r1").exists() and not (tmp_path / "r2").exists()     # nothing half-written

@@ -2,7 +2,7 @@
 
 The training view is the paper's: a random 224×224 window of the 256×256 image (integer
 offsets 0..32 on each axis, no resampling), a left-right mirror with probability 1/2, PCA
-lighting (RGB shift ``eigvec @ (alpha * eigval)``, alpha ~ N(0, 0.1)) and the per-channel
+lighting (RGB shift ``eigvec @ (alpha * eigval / 255)``, alpha ~ N(0, 0.1)) and the per-channel
 mean subtracted; float32, (B, 3, 224, 224) contiguous NCHW, 0–255 scale (NOT divided by std).
 
 - ``torch_loader``: ``torch.utils.data.DataLoader`` over the tar shards (random access

@@ -10,7 +10,8 @@ channel, or the per-pixel mean image), NOT divided by std — the paper's input.
 
 Train view, per image: a 224×224 window at integer offsets (y, x) drawn uniformly from
 0..32, mirrored with p = 0.5, plus the paper's PCA lighting shift
-``eigvec @ (alpha * eigval)``, alpha ~ N(0, 0.1)³, minus the mean. Only the window is
+``eigvec @ (alpha * eigval / 255)``, alpha ~ N(0, 0.1)³ (eigval is stats.json's, 0–255²;
+see ``reference.lighting_magnitudes`` for the /255), minus the mean. Only the window is
 decoded (``decoders.image_crop``: ROI decoding skips ~1/4 of the pixels and gives exactly
 the pixels of a full decode cut afterwards). The lighting shift is the same RGB vector for
 every pixel, so ``image + shift - mean`` is ``image - (mean - shift)``: it folds into
@@ -193,15 +194,17 @@ def _train_view(jpegs, spec: GraphSpec, dev: DeviceSettings):
 
 
 def _lighting_mean(spec: GraphSpec, alpha):
-    """Per-sample CMN mean = channel_mean - eigvec @ (alpha * eigval), computed on the CPU.
+    """Per-sample CMN mean = channel_mean - eigvec @ (alpha * lambda), computed on the CPU.
 
-    coord_transform computes M @ v + T for a point v: with v = alpha, M = -eigvec·diag(eigval)
-    and T = channel_mean it gives exactly the mean to subtract (0–255 scale).
+    lambda = eigval / 255 (``reference.lighting_magnitudes``: the paper's formula on 0–1
+    pixels, expressed in 0–255 units). coord_transform computes M @ v + T for a point v:
+    with v = alpha, M = -eigvec·diag(lambda) and T = channel_mean it gives exactly the mean
+    to subtract (0–255 scale).
     """
     if alpha is None:
         return list(spec.channel_mean)
     eigvec = np.asarray(spec.eigvec, np.float64).reshape(3, 3)
-    m = -(eigvec * np.asarray(spec.eigval, np.float64)[None, :])   # column i scaled by eigval[i]
+    m = -(eigvec * ref.lighting_magnitudes(spec.eigval)[None, :])   # column i scaled by lambda_i
     point = fn.reshape(alpha, shape=[1, 3])
     mean = fn.coord_transform(point, M=m.ravel().tolist(), T=list(spec.channel_mean))
     return fn.reshape(mean, shape=[3])

@@ -32,6 +32,7 @@ SIZE = 256            # records are 256×256 (the records contract)
 CROP = 224            # the paper's patch size
 MAX_OFFSET = SIZE - CROP   # 32: window offsets are integers 0..32 on each axis
 LIGHTING_STD = 0.1    # the paper: alpha_i ~ N(0, 0.1)
+PIXEL_SCALE = 255.0   # records and stats.json are on the 0–255 scale
 
 # (y, x) offsets of the five windows; the last five crops are these, mirrored.
 TEN_CROP_WINDOWS = (
@@ -65,9 +66,27 @@ def decode(jpeg: bytes) -> np.ndarray:
         return np.asarray(im.convert("RGB"))
 
 
+def lighting_magnitudes(eigval: np.ndarray) -> np.ndarray:
+    """The paper's lambda_i, as a shift in 0–255 units: eigval (0–255², from stats.json) / 255.
+
+    Why: the paper adds ``eigvec @ (alpha * lambda)`` with lambda the eigenvalues of the
+    covariance of pixel values. Eigenvalues scale with the square of the pixel scale, so the
+    formula is only meaningful on one scale: that of Caffe's and fb.resnet's implementations,
+    pixels in 0–1 (lambda_1 ~ 0.1, shifts of a few hundredths). On 0–1 pixels the shift is
+    eigvec @ (alpha * eigval/255²); times 255 for our 0–255 pixels gives eigval/255. Applied
+    to 0–255 eigenvalues directly the shift would be ~±500 grey levels and wash every image
+    out (λ1 ≈ 5,000 on ImageNet-like data).
+    """
+    return np.asarray(eigval, np.float64) / PIXEL_SCALE
+
+
 def lighting_shift(alpha: np.ndarray, eigval: np.ndarray, eigvec: np.ndarray) -> np.ndarray:
-    """The paper's PCA lighting: the RGB shift eigvec @ (alpha * eigval), 0–255 scale, (3,)."""
-    return np.asarray(eigvec, np.float64) @ (np.asarray(alpha, np.float64) * np.asarray(eigval, np.float64))
+    """The paper's PCA lighting: the RGB shift eigvec @ (alpha * lambda), (3,), in 0–255 units.
+
+    ``eigval`` is stats.json's (0–255² units); lambda = ``lighting_magnitudes(eigval)``.
+    """
+    lam = lighting_magnitudes(eigval)
+    return np.asarray(eigvec, np.float64) @ (np.asarray(alpha, np.float64) * lam)
 
 
 def _window(img: np.ndarray, mean: np.ndarray, y: int, x: int, flip: bool,

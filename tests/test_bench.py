@@ -84,7 +84,8 @@ def test_ffcv_lighting_op_is_the_reference_lighting(sample_records, compiled):
 
 def test_lighting_matrix_is_eigvec_times_eigval(sample_records):
     stats = read_stats(sample_records)
-    want = np.asarray(stats.eigvec) * np.asarray(stats.eigval)[None, :]   # column i · λ_i
+    # column i · λ_i, λ = eigval (0–255²) / 255: the paper's shift in 0–255 units
+    want = np.asarray(stats.eigvec) * (np.asarray(stats.eigval) / 255.0)[None, :]
     np.testing.assert_allclose(B.lighting_matrix(stats), want, rtol=1e-12)
 
 

@@ -326,22 +326,56 @@ def _no_graph(*args, **kwargs):
 
 # ---------------------------------------------------------------- GPU variants
 
+def _nvjpeg_decode(records, split: str) -> dict:
+    """key -> uint8 HWC from DALI's GPU decoder (CUDA path, no hardware decoder), full images.
+
+    The GPU oracle: nvJPEG and libjpeg-turbo differ by a few levels per pixel (measured on an
+    H100 on the sample set: 1.3–3.4 levels mean |diff| per channel, unbiased, up to ~40 on
+    sharp saturated stripes), so the GPU views are checked against the reference maths applied
+    to nvJPEG's own decode of the same JPEGs.
+    """
+    from nvidia.dali import fn, pipeline_def, types
+    items = [(k, j) for tar, _ in shard_paths(records, split) for k, j, _ in ref.iter_tar(tar)]
+    out = {}
+    for start in range(0, len(items), 16):
+        chunk = items[start:start + 16]
+        batch = [np.frombuffer(j, np.uint8) for _, j in chunk]
+
+        @pipeline_def(batch_size=len(chunk), num_threads=2, device_id=0)
+        def decode():
+            jpegs = fn.external_source(source=lambda: batch, batch=True)
+            return fn.decoders.image(jpegs, device="mixed", output_type=types.RGB, hw_decoder_load=0.0)
+        pipe = decode()
+        pipe.build()
+        (images,) = pipe.run()
+        images = images.as_cpu()
+        out.update({k: np.array(images[i]) for i, (k, _) in enumerate(chunk)})
+    return out
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("view,split", [("train", "train"), ("center", "val"), ("tencrop", "val")])
 def test_gpu_views(records, samples, stats, view, split):
-    """Tensors land on the GPU; nvJPEG may differ from libjpeg by a level or two."""
-    loader = Loader(records, split=split, view=view, batch_size=4, device="cuda:0", options=DRAWS)
-    images, labels, d = next(iter(loader))
-    assert images.device.type == labels.device.type == "cuda"
-    images = images.cpu().numpy()
-    for got, key, i in zip(images, d.keys, range(4)):
-        image = samples[split][key][0]
-        if view == "train":
-            want = ref.train_view(image, d.y[i], d.x[i], bool(d.mirror[i]), d.alpha[i], stats, stats.mean)
-        else:
-            want = (ref.ten_crop if view == "tencrop" else ref.center_view)(image, stats.mean)
-        assert np.abs(got - want).mean() < 1.0 and np.abs(got - want).max() < 16
-    assert [int(v) for v in labels.cpu()] == [samples[split][k][1] for k in d.keys]
+    """On the GPU the views are the reference's window, mirror, lighting and mean, applied to
+    nvJPEG's decode. Not bit-exact: 65% of the JPEGs go to the hardware decoder, whose (ROI)
+    output differs from the CUDA decoder's in ~1% of values by a few levels (H100, measured)."""
+    decoded = _nvjpeg_decode(records, split)
+    loader = Loader(records, split=split, view=view, batch_size=8, device="cuda:0", options=DRAWS)
+    errors = []
+    for images, labels, d in loader:
+        assert images.device.type == labels.device.type == "cuda"
+        assert [int(v) for v in labels.cpu()] == [samples[split][k][1] for k in d.keys]
+        for i, (got, key) in enumerate(zip(images.cpu().numpy(), d.keys)):
+            image = decoded[key]
+            if view == "train":
+                want = ref.train_view(image, d.y[i], d.x[i], bool(d.mirror[i]), d.alpha[i], stats, stats.mean)
+            else:
+                want = (ref.ten_crop if view == "tencrop" else ref.center_view)(image, stats.mean)
+            errors.append(np.abs(got - want))
+    errors = np.stack(errors)
+    # A window one pixel off, a wrong mirror or a missing lighting shift costs several levels
+    # on average; decoder differences cost hundredths.
+    assert errors.mean() < 0.1 and np.mean(errors > 0.5) < 0.03 and errors.max() < 16
 
 
 @pytest.mark.gpu

@@ -14,6 +14,15 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()   # read once at import: os.umask is process-wide, not thread-safe
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
     """Open a temp file beside ``path``; on clean exit it replaces ``path``, on error it is removed."""
@@ -21,6 +30,9 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp makes the file 0600; give it the mode open() would (0666 minus the umask),
+        # so records and checkpoints are readable by the other users a shared box has.
+        os.chmod(tmp, 0o666 & ~_UMASK)
         with os.fdopen(fd, mode) as fh:
             yield fh
             fh.flush()

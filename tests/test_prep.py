@@ -200,7 +200,7 @@ def _source_images(src: Path, split: str) -> dict[str, tuple[np.ndarray, int]]:
                 out[path.relative_to(src).as_posix()] = (transform.decode_record(path.read_bytes()),
                                                          classes.index(path.parent.name))
             except transform.ImageError:
-                pass
+                continue   # the planted corrupt file: skipped by the build too
     return out
 
 

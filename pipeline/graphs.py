@@ -89,7 +89,7 @@ class GraphSpec:
     dtype: torch.dtype = torch.float32
     channel_mean: tuple[float, float, float] = (0.0, 0.0, 0.0)   # 0–255, subtracted per channel
     mean_image: np.ndarray | None = field(default=None, compare=False)  # (256,256,3) 0–255 or None
-    eigval: tuple[float, ...] = (0.0, 0.0, 0.0)    # stats.json, 0–255 scale, descending
+    eigval: tuple[float, ...] = (0.0, 0.0, 0.0)    # stats.json: variances, 0–255² units, descending
     eigvec: tuple[float, ...] = (1, 0, 0, 0, 1, 0, 0, 0, 1)   # 3×3 row-major, column i = vector i
     lighting_std: float = ref.LIGHTING_STD   # alpha ~ N(0, this); 0 turns lighting off
     shuffle: bool = False                # reader shuffle buffer (train)

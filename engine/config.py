@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from common.config import build_parser
+from model import AlexNetConfig
+from model.config import INITS
 
 _GPU_LIST = re.compile(r"^\d+(,\d+)*$")
 
@@ -69,7 +71,7 @@ class TrainConfig:
         "2 = the paper's two-tower net; 1 = its single-GPU comparison net with half the kernels",
         choices=[1, 2]))
     init: str = field(default="paper", metadata=_h(
-        "paper = weights N(0, 0.01²) and the paper's 0/1 biases; kaiming = He-normal", choices=["paper", "kaiming"]))
+        "paper = weights N(0, 0.01²) and the paper's 0/1 biases; kaiming = He-normal", choices=list(INITS)))
     # --- speed ------------------------------------------------------------------
     amp: str = field(default="none", metadata=_h("autocast precision for forward/backward", choices=["bf16", "none"]))
     channels_last: bool = field(default=False, metadata=_h("NHWC memory format for the model and its inputs (GPU speed)"))
@@ -97,8 +99,10 @@ class TrainConfig:
             raise ValueError(f"--momentum must be in [0, 1), got {self.momentum}")
         if self.weight_decay < 0 or self.plateau_threshold < 0 or self.warmup_steps < 0:
             raise ValueError("--weight-decay, --plateau-threshold and --warmup-steps must be >= 0")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
+        try:
+            self.model_config(num_classes=1)   # the model's own checks of its switches
+        except ValueError as exc:
+            raise ValueError(f"--{exc}") from None   # its messages start with the field name
         if self.gpus not in ("auto", "") and not _GPU_LIST.match(self.gpus):
             raise ValueError(f"--gpus must be a comma list of GPU ids like '0,1', '' (CPU) or 'auto', got {self.gpus!r}")
         ids = self.gpu_ids()
@@ -112,6 +116,10 @@ class TrainConfig:
             raise ValueError("--checkpoint is for --eval-only; use --resume RUN_DIR to continue training")
         if self.eval_only and self.resume:
             raise ValueError("--eval-only and --resume exclude each other")
+
+    def model_config(self, num_classes: int) -> AlexNetConfig:
+        """The AlexNetConfig these flags describe (the model's switches live in MODEL_FIELDS)."""
+        return AlexNetConfig(num_classes=num_classes, **{k: getattr(self, k) for k in MODEL_FIELDS})
 
     def gpu_ids(self) -> list[int] | None:
         """The GPU ids named by --gpus; None for 'auto', [] for CPU."""
@@ -136,6 +144,12 @@ def _check_positive_or_none(cfg: TrainConfig, names: Sequence[str]) -> None:
 # The --demo preset: AlexNet on the 10 synthetic classes of the built-in sample set (~1,000 train
 # images) in a few minutes on a 2-core CPU, where the model trains at tens of images/s instead of
 # ImageNet's thousands. Each value says why it differs from the paper.
+# The model's switches, mirrored one-to-one as train.py flags (everything but num_classes,
+# which comes from the records); build_net and --eval-only take exactly these.
+MODEL_FIELDS = tuple(f for f in AlexNetConfig.__dataclass_fields__ if f != "num_classes")
+assert set(MODEL_FIELDS) <= set(TrainConfig.__dataclass_fields__), "a model switch has no train.py flag"
+
+
 DEMO: dict[str, Any] = {
     "gpus": "",            # the demo is the CPU walk-through; a GPU run drops --demo
     "towers": 1,           # the paper's single-GPU comparison net: ~3x fewer FLOPs than two towers

@@ -18,7 +18,7 @@ from torch import nn
 
 from .profiling import Phases
 from .recipe import loss_fn
-from .voting import topk_correct, vote
+from .voting import topk_counts, vote
 
 
 class NonFiniteLoss(Exception):
@@ -92,14 +92,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch
     with phases("optimizer"):
         optimizer.step()
     with torch.no_grad():
-        correct = _topk_tensor(logits.detach(), labels)
+        correct = topk_counts(logits.detach(), labels)
     return loss.detach(), correct
-
-
-def _topk_tensor(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    kmax = min(5, logits.shape[1])
-    hits = logits.topk(kmax, dim=1).indices.eq(labels.view(-1, 1))
-    return torch.stack([hits[:, :1].any(1).sum(), hits.any(1).sum()])
 
 
 def flush(pending: _Pending, sums: EpochSums, first_step: int) -> None:
@@ -178,7 +172,9 @@ def evaluate(model: nn.Module, batches: Iterable, settings: LoopSettings,
     Returns {"images", "top1", "top5", "loss_sum"} (sums, so ranks can add them up).
     """
     model.eval()
-    totals = torch.zeros(4, dtype=torch.float64)   # images, top-1, top-5, summed NLL
+    # images, top-1, top-5, summed NLL; kept on the input device and read back once at the
+    # end, so a GPU evaluation never waits for the device between batches
+    totals = torch.zeros(4, dtype=torch.float64, device=settings.input_device)
     for images, labels in batches:
         images, labels = to_device(images.flatten(0, 1) if images.ndim == 5 else images, labels, settings)
         views = images.shape[0] // labels.shape[0]
@@ -189,8 +185,9 @@ def evaluate(model: nn.Module, batches: Iterable, settings: LoopSettings,
         else:
             probs = torch.softmax(logits, dim=1)
         nll = nn.functional.nll_loss(probs.clamp_min(1e-12).log(), labels, reduction="sum")
-        top1, top5 = topk_correct(probs, labels)
-        totals += torch.tensor([labels.shape[0], top1, top5, float(nll)], dtype=torch.float64)
+        counts = topk_counts(probs, labels)
+        totals[:3] += torch.cat([counts.new_tensor([labels.shape[0]]), counts]).double()
+        totals[3] += nll.double()
         on_batch(labels.shape[0])
     model.train()
     return dict(zip(("images", "top1", "top5", "loss_sum"), totals.tolist()))

@@ -19,13 +19,13 @@ from torch import nn
 
 from common.atomic import append_line, write_json
 from common.config import ConfigError, from_dict, to_dict
-from model import AlexNet, AlexNetConfig
+from model import AlexNet
 from pipeline import Loader, LoaderError
 from prep.records import DEFAULT_RECORDS, RecordsError, read_meta
 
 from . import checkpoint as ckpt
 from . import distributed as D
-from .config import TrainConfig, merge_explicit, parse_train_args
+from .config import MODEL_FIELDS, TrainConfig, merge_explicit, parse_train_args
 from .loop import EpochSums, LoopSettings, NonFiniteLoss, eval_metrics, evaluate, train_one_epoch
 from .profiling import Phases, trace_profiler
 from .recipe import make_optimizer
@@ -101,8 +101,7 @@ def setup_devices(cfg: TrainConfig, info: D.DistInfo, say: Reporter) -> list[str
 def build_net(cfg: TrainConfig, classes: int, devices: list[str]) -> AlexNet:
     """The AlexNet of the config, initialised from the seed (the same on every rank), placed."""
     torch.manual_seed(cfg.seed)
-    net = AlexNet(AlexNetConfig(num_classes=classes, lrn=cfg.lrn, overlap_pool=cfg.overlap_pool,
-                                dropout=cfg.dropout, towers=cfg.towers, init=cfg.init))
+    net = AlexNet(cfg.model_config(classes))
     net.place(D.tower_devices(devices, cfg.towers))
     if cfg.channels_last:
         net = net.to(memory_format=torch.channels_last)
@@ -247,7 +246,7 @@ def train_epoch(run: Run, stop: StopFlag, phases: Phases) -> bool:
         next(batches)
     budget = epoch_budget(run)
     total = min(len(loader), run.sums.batches + budget) if budget is not None else len(loader)
-    should_stop = (lambda: D.any_rank(bool(stop), run.devices[0])) if run.info.enabled else (lambda: bool(stop))
+    should_stop = stop_poll(run, stop)
     profiler = trace_profiler(cfg.profile and run.info.is_main and e == 0, run.out)
     steps = [run.step]                   # global steps done, counted as they happen
     set_lr(run, steps[0])
@@ -267,6 +266,24 @@ def train_epoch(run: Run, stop: StopFlag, phases: Phases) -> bool:
         return False
     end_epoch(run)
     return True
+
+
+def stop_poll(run: Run, stop: StopFlag):
+    """What the loop asks after each step: has a signal asked us to stop?
+
+    One process: the flag itself, every step. Distributed: every rank must stop after the
+    same step, which takes a collective (an all-reduce and a device->host read), so it is
+    polled every ``check_every`` steps (the loop's own read-back cadence) on a count every
+    rank shares; a signal waits at most that many steps.
+    """
+    if not run.info.enabled:
+        return lambda: bool(stop)
+    every, calls = run.settings.check_every, [0]
+
+    def poll() -> bool:
+        calls[0] += 1
+        return calls[0] % every == 0 and D.any_rank(bool(stop), run.devices[0])
+    return poll
 
 
 def set_lr(run: Run, done: int) -> None:
@@ -366,8 +383,7 @@ def eval_only(cfg: TrainConfig, info: D.DistInfo, say: Reporter) -> int:
     path = Path(cfg.checkpoint)
     state = ckpt.load(path)
     saved = from_dict(TrainConfig, state["config"])
-    model_fields = ("lrn", "overlap_pool", "dropout", "towers", "init")
-    cfg = replace(cfg, **{k: getattr(saved, k) for k in model_fields})
+    cfg = replace(cfg, **{k: getattr(saved, k) for k in MODEL_FIELDS})
     records, classes = resolve_records(cfg)
     devices = setup_devices(cfg, info, say)
     run = Run(cfg=cfg, info=info, devices=devices, records=records, classes=classes,

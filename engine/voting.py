@@ -18,12 +18,14 @@ def vote(view_logits: torch.Tensor) -> torch.Tensor:
     return torch.softmax(view_logits.float(), dim=-1).mean(dim=1)
 
 
-def topk_correct(scores: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[int]:
-    """How many rows have their label among the k highest scores, for each k.
+def topk_counts(scores: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> torch.Tensor:
+    """How many rows have their label among the k highest scores, for each k: an int64 tensor
+    on the scores' device (reading it back is the caller's choice: it waits for the device).
 
     k is clipped at the number of classes (with 4 classes every label is in the 'top 5').
     """
     kmax = min(max(ks), scores.shape[1])
     top = scores.topk(kmax, dim=1).indices                   # (B, kmax)
     hits = top.eq(labels.view(-1, 1))                         # (B, kmax) bool
-    return [int(hits[:, :min(k, kmax)].any(dim=1).sum()) for k in ks]
+    return torch.stack([hits[:, :min(k, kmax)].any(dim=1).sum() for k in ks])
+

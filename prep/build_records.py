@@ -455,7 +455,7 @@ def print_summary(summary: dict) -> None:
     for s in summary["skipped_files"][:10]:
         console.print(f"  skipped {s['split']}/{s['path'].split('/', 1)[-1]}: {s['reason']}")
     st = summary["stats"]
-    e = Table(title=f"RGB statistics of {st['pixels']:,} train pixels (0-255 scale)")
+    e = Table(title=f"RGB statistics of {st['pixels']:,} train pixels (0-255 scale; λ in 0-255²)")
     for col in ("", "R", "G", "B"):
         e.add_column(col, justify="right")
     e.add_row("mean", *(f"{v:.3f}" for v in st["mean"]))

@@ -1,7 +1,7 @@
 """Readers for the records folder that prep/build_records.py writes (the records contract).
 
     from prep.records import read_meta, read_stats, shard_paths, DEFAULT_RECORDS
-    stats = read_stats(DEFAULT_RECORDS)          # Stats: mean/std/cov/eigval/eigvec, 0-255 scale
+    stats = read_stats(DEFAULT_RECORDS)          # Stats: mean/std in 0-255 levels, cov/eigval in 0-255² (variance units), eigvec
     tars_idxs = shard_paths(DEFAULT_RECORDS, "train")
 
 Layout of OUT:
@@ -30,12 +30,13 @@ class RecordsError(Exception):
 
 @dataclass(frozen=True)
 class Stats:
-    """RGB statistics of every training pixel, 0-255 scale (stats.json)."""
+    """RGB statistics of every training pixel on the 0-255 scale (stats.json): mean and std in
+    levels, cov and eigval in levels² (variances; ~5,000 for the top eigenvalue on photos)."""
     pixels: int
     mean: np.ndarray    # (3,) R, G, B
     std: np.ndarray     # (3,)
-    cov: np.ndarray     # (3, 3)
-    eigval: np.ndarray  # (3,) descending
+    cov: np.ndarray     # (3, 3), 0-255² units
+    eigval: np.ndarray  # (3,) descending, 0-255² units (variance along eigvec[:, i])
     eigvec: np.ndarray  # (3, 3), column i = unit eigenvector of eigval[i]
 
 

@@ -5,7 +5,7 @@ over its 256x256 RGB pixels (0-255). Integer sums combine exactly in any order, 
 does not depend on worker count or shard order. Only at the end do we divide, with Python's
 correctly rounded int/int division:
 
-    mean = S / n,   cov = (n Q - S S^T) / n^2   (population covariance, 0-255 scale)
+    mean = S / n,   cov = (n Q - S S^T) / n^2   (population covariance of 0-255 pixels: 0-255² units)
 
 and decompose cov in float64 (numpy.linalg.eigh). That covariance's eigenvectors and
 eigenvalues are what the paper's PCA lighting uses ("eigen-colours").

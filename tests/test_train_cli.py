@@ -57,7 +57,7 @@ def test_profile_writes_a_trace_and_a_table(smoke_run):
     prof = json.loads((out / "profile.json").read_text())
     assert prof["steps"] == 2 and prof["images"] == 8
     assert set(prof["phases"]) == {"data", "h2d", "forward", "backward", "optimizer"}
-    assert sum(p["percent"] for p in prof["phases"].values()) == pytest.approx(100.0)
+    assert all(p["ms_per_step"] > 0 for k, p in prof["phases"].items() if k != "h2d")   # each one timed
     trace = json.loads((out / "trace.json").read_text())
     names = {e.get("name") for e in trace["traceEvents"]}
     assert {"forward", "backward", "optimizer"} <= names          # our record_function labels

@@ -15,9 +15,9 @@ from engine.distributed import DeviceError, DistInfo, replica_devices, tower_dev
 from engine.loop import EpochSums, LoopSettings, NonFiniteLoss, evaluate, train_one_epoch
 from engine.profiling import PHASES, Phases
 from engine.recipe import make_optimizer, param_groups
-from engine.run import epoch_seed
+from engine.run import epoch_seed, stop_poll
 from engine.schedule import PlateauSchedule
-from engine.voting import topk_correct, vote
+from engine.voting import topk_counts, vote
 
 CPU = LoopSettings(input_device=torch.device("cpu"))
 
@@ -51,11 +51,11 @@ def test_topk_counts():
                            [0.9, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6]])    # order: 0,6,5,4,3,2,1
     labels = torch.tensor([0, 1])
     # row 0: label 0 is 5th -> top-5 hit, not top-1; row 1: label 1 is last -> miss both
-    assert topk_correct(scores, labels) == [0, 1]
-    assert topk_correct(scores, torch.tensor([3, 0])) == [2, 2]
+    assert topk_counts(scores, labels).tolist() == [0, 1]
+    assert topk_counts(scores, torch.tensor([3, 0])).tolist() == [2, 2]
     # fewer classes than k: k is clipped, every label is in the "top 5" of 4 classes
     four = torch.tensor([[0.1, 0.2, 0.3, 0.4]] * 3)
-    assert topk_correct(four, torch.tensor([0, 1, 3])) == [1, 3]
+    assert topk_counts(four, torch.tensor([0, 1, 3])).tolist() == [1, 3]
 
 
 # --- the learning-rate schedule -----------------------------------------------------------
@@ -296,5 +296,20 @@ def test_phases_summary():
         p.count(8)
     s = p.summary()
     assert s["steps"] == 2 and s["images"] == 16
-    assert sum(v["percent"] for v in s["phases"].values()) == pytest.approx(100.0)
-    assert s["data_stall_percent"] == s["phases"]["data"]["percent"]
+    # each phase was timed (2 ms of sleep each, per step), and the step is their sum
+    assert all(v["ms_per_step"] >= 2.0 for v in s["phases"].values())
+    assert s["step_ms"] == pytest.approx(sum(v["ms_per_step"] for v in s["phases"].values()))
+    assert s["images_per_s"] == pytest.approx(16 / (s["step_ms"] * 2 / 1000))
+    assert s["data_stall_percent"] == pytest.approx(100 * s["phases"]["data"]["ms_per_step"] / s["step_ms"])
+
+
+def test_stop_poll_waits_for_a_shared_step_only_when_distributed():
+    """One process reads the signal flag every step; ranks poll the collective every
+    check_every steps, so all of them stop after the same step."""
+    from types import SimpleNamespace as NS
+    flag = type("Flag", (), {"__bool__": lambda self: True})()
+    single = NS(info=NS(enabled=False), settings=NS(check_every=3), devices=["cpu"])
+    assert stop_poll(single, flag)() is True
+    ranks = NS(info=NS(enabled=True), settings=NS(check_every=3), devices=["cpu"])
+    poll = stop_poll(ranks, flag)          # no process group here: any_rank is the local flag
+    assert [poll() for _ in range(6)] == [False, False, True, False, False, True]

@@ -217,10 +217,16 @@ class AlexNet(nn.Module):
         return F.max_pool2d(a, 3 if self.cfg.overlap_pool else 2, 2)
 
     def _fc(self, name: str, lane: int, a: torch.Tensor) -> torch.Tensor:
-        weight, bias = self._weights(lane, name)
+        # Fused lane: one GEMM per tower on the shared input, outputs concatenated in tower
+        # order. The same maths as one GEMM with the towers' weights stacked, without copying
+        # fc6/fc7's 218 MB of fp32 weights (and splitting their gradients) on every step
+        # (measured on the 2-core CPU: fc6+fc7 fwd+bwd at batch 128, 548 vs 688 ms).
+        layers = [getattr(t, name) for t in (self.towers if lane < 0 else [self.towers[lane]])]
+        outs = [F.linear(a, m.weight, m.bias) for m in layers]
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
         # Dropout on each tower's own outputs, before they are sent: both towers' next
         # layer must see the same dropped neurons (the paper drops the neuron's output).
-        return F.dropout(F.relu(F.linear(a, weight, bias), inplace=True), self.cfg.dropout, self.training)
+        return F.dropout(F.relu(out, inplace=True), self.cfg.dropout, self.training)
 
     def _tap_parts(self, name: str, out: list, tap: Tap) -> list:
         """Hand the tap one tensor per tower (fused: the channel blocks, in tower order)."""

@@ -175,9 +175,8 @@ def write_shard(task: ShardTask, tick: Callable[[int], None]) -> int:
                 tick(1)
                 continue
             if mean_sum is not None:  # train: exact sums of the pixels before JPEG encoding
-                arr = np.asarray(img)
-                sums.add_image(arr)
-                mean_sum += arr
+                sums.add_pil(img)
+                mean_sum += np.asarray(img)
             writer.add(key, transform.encode_jpeg(img, task.quality), label)
             tick(1)
         if writer.count:

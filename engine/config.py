@@ -141,15 +141,15 @@ def _check_positive_or_none(cfg: TrainConfig, names: Sequence[str]) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {value}")
 
 
-# The --demo preset: AlexNet on the 10 synthetic classes of the built-in sample set (~1,000 train
-# images) in a few minutes on a 2-core CPU, where the model trains at tens of images/s instead of
-# ImageNet's thousands. Each value says why it differs from the paper.
 # The model's switches, mirrored one-to-one as train.py flags (everything but num_classes,
 # which comes from the records); build_net and --eval-only take exactly these.
 MODEL_FIELDS = tuple(f for f in AlexNetConfig.__dataclass_fields__ if f != "num_classes")
 assert set(MODEL_FIELDS) <= set(TrainConfig.__dataclass_fields__), "a model switch has no train.py flag"
 
 
+# The --demo preset: AlexNet on the 10 synthetic classes of the built-in sample set (~1,000 train
+# images) in a few minutes on a 2-core CPU, where the model trains at tens of images/s instead of
+# ImageNet's thousands. Each value says why it differs from the paper.
 DEMO: dict[str, Any] = {
     "gpus": "",            # the demo is the CPU walk-through; a GPU run drops --demo
     "towers": 1,           # the paper's single-GPU comparison net: ~3x fewer FLOPs than two towers

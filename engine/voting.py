@@ -28,4 +28,3 @@ def topk_counts(scores: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] 
     top = scores.topk(kmax, dim=1).indices                   # (B, kmax)
     hits = top.eq(labels.view(-1, 1))                         # (B, kmax) bool
     return torch.stack([hits[:, :min(k, kmax)].any(dim=1).sum() for k in ks])
-

@@ -191,9 +191,13 @@ class AlexNet(nn.Module):
     def _exchange(self, h: list) -> list:
         return h if self._placement.fused else self._placement.exchange(h)
 
+    def _layers(self, lane: int, name: str) -> list[nn.Module]:
+        """Layer ``name`` of one tower, or (fused lane -1) of every tower, in tower order."""
+        return [getattr(t, name) for t in (self.towers if lane < 0 else [self.towers[lane]])]
+
     def _weights(self, lane: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """One tower's weights, or (fused lane) all towers' concatenated in tower order."""
-        layers = [getattr(t, name) for t in (self.towers if lane < 0 else [self.towers[lane]])]
+        layers = self._layers(lane, name)
         if len(layers) == 1:
             return layers[0].weight, layers[0].bias
         return torch.cat([m.weight for m in layers]), torch.cat([m.bias for m in layers])
@@ -221,8 +225,7 @@ class AlexNet(nn.Module):
         # order. The same maths as one GEMM with the towers' weights stacked, without copying
         # fc6/fc7's 218 MB of fp32 weights (and splitting their gradients) on every step
         # (measured on the 2-core CPU: fc6+fc7 fwd+bwd at batch 128, 548 vs 688 ms).
-        layers = [getattr(t, name) for t in (self.towers if lane < 0 else [self.towers[lane]])]
-        outs = [F.linear(a, m.weight, m.bias) for m in layers]
+        outs = [F.linear(a, m.weight, m.bias) for m in self._layers(lane, name)]
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
         # Dropout on each tower's own outputs, before they are sent: both towers' next
         # layer must see the same dropped neurons (the paper drops the neuron's output).

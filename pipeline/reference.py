@@ -72,8 +72,8 @@ def lighting_magnitudes(eigval: np.ndarray) -> np.ndarray:
     Why: the paper adds ``eigvec @ (alpha * lambda)`` with lambda the eigenvalues of the
     covariance of pixel values. Eigenvalues scale with the square of the pixel scale, so the
     formula is only meaningful on one scale: that of Caffe's and fb.resnet's implementations,
-    pixels in 0–1 (lambda_1 ~ 0.08, shifts of about 0.01: a few grey levels). On 0–1 pixels the shift is
-    eigvec @ (alpha * eigval/255²); times 255 for our 0–255 pixels gives eigval/255. Applied
+    pixels in 0–1 (lambda_1 ~ 0.08, shifts of about 0.01: a few grey levels). On 0–1 pixels
+    the shift is eigvec @ (alpha * eigval/255²); times 255 for our 0–255 pixels gives eigval/255. Applied
     to 0–255 eigenvalues directly the shift would be ~±500 grey levels and wash every image
     out (λ1 ≈ 5,000 on ImageNet-like data).
     """

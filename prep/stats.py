@@ -51,10 +51,7 @@ class PixelSums:
         x[:3] = arr.reshape(n, 3).T
         x[3] = 1.0
         m = (x @ x.T).astype(np.int64)  # exact, see module docstring; m[i, 3] = S_i
-        s, q = m[:3, 3], m[:3, :3]
-        self.n += n
-        self.s = [a + int(b) for a, b in zip(self.s, s)]
-        self.q = [[self.q[i][j] + int(q[i, j]) for j in range(3)] for i in range(3)]
+        self.merge(PixelSums(n, [int(v) for v in m[:3, 3]], [[int(v) for v in row] for row in m[:3, :3]]))
 
     def add_pil(self, img: Image.Image) -> None:
         """Add one 8-bit RGB PIL image, from its histograms (module docstring); same result as
@@ -71,9 +68,7 @@ class PixelSums:
             diff = ImageChops.difference(bands[i], bands[j])        # |x_i - x_j|, 8-bit
             d2 = int(np.asarray(diff.histogram(), np.int64) @ _SQUARES)
             q[i][j] = q[j][i] = (q[i][i] + q[j][j] - d2) // 2        # always even: exact
-        self.n += img.width * img.height
-        self.s = [a + int(b) for a, b in zip(self.s, s)]
-        self.q = [[self.q[i][j] + q[i][j] for j in range(3)] for i in range(3)]
+        self.merge(PixelSums(img.width * img.height, [int(v) for v in s], q))
 
     def merge(self, other: "PixelSums") -> None:
         self.n += other.n

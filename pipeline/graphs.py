@@ -113,7 +113,8 @@ def build(spec: GraphSpec, dev: DeviceSettings) -> Pipeline:
     """A built DALI pipeline whose outputs are (images, labels[, extras...]).
 
     images: float (3,224,224) per sample, or (10,3,224,224) for "tencrop", 0–255 scale minus
-    the mean; labels: the raw ASCII bytes of ``<key>.cls``. With ``spec.extras``: the JPEG
+    the mean; labels: the ASCII bytes of ``<key>.cls``, zero-padded to the batch's longest
+    (one dense uint8 (B, L) batch: ``loader.parse_labels``). With ``spec.extras``: the JPEG
     bytes, and for "train" also offset y, offset x (int32, 0..32), mirror (0/1), alpha (3,).
     """
     pipe = Pipeline(batch_size=spec.batch_size, num_threads=spec.num_threads,
@@ -123,7 +124,7 @@ def build(spec: GraphSpec, dev: DeviceSettings) -> Pipeline:
         jpegs, labels = _reader(spec)
         views, draws = _VIEW_BUILDERS[spec.view](jpegs, spec, dev)
         extras = (jpegs, *draws) if spec.extras else ()
-        pipe.set_outputs(views, labels, *extras)
+        pipe.set_outputs(views, _pad_labels(labels), *extras)
     pipe.build()
     return pipe
 
@@ -147,6 +148,14 @@ def _reader(spec: GraphSpec):
         # sample to fill the batch), so each epoch visits each record of the part once and
         # the loader cuts the padding off.
         shard_id=rank, num_shards=world, stick_to_shard=True, pad_last_batch=True, name=READER)
+
+
+def _pad_labels(labels):
+    """Zero-pad every ``.cls`` byte string to the batch's longest, so the batch is one dense
+    (B, L) array that Python parses in one vectorised pass. Why: one small Python object per
+    sample (128 per batch) cost ~0.06 ms per image on a 2-core CPU, mostly in the garbage
+    collector walking torch's object graph — a tenth of what decoding one image costs."""
+    return fn.pad(labels, fill_value=0)
 
 
 def _decode(jpegs, spec: GraphSpec, dev: DeviceSettings, window=None):

@@ -142,8 +142,11 @@ class Loader:
         DALI's dynamic executor hands the output buffer over to Python, so the DLPack view
         stays valid after later runs (zero-copy on CPU and GPU)."""
         images = _from_dali(outputs[0], self.device)[:n]
-        labels = _parse_labels(outputs[1], n)
-        if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
+        try:
+            labels = parse_labels(np.asarray(outputs[1].as_tensor())[:n])
+        except ValueError as err:
+            raise RecordsError(f"{self._records}: {err}") from None
+        if labels.numel() and int(labels.max()) >= self.num_classes:
             raise RecordsError(f"{self._records}: a .cls label is outside 0..{self.num_classes - 1} "
                                f"(meta.json lists {self.num_classes} classes)")
         labels = labels.to(self.device, non_blocking=True)
@@ -166,9 +169,22 @@ def _from_dali(tensor_list, device: torch.device) -> torch.Tensor:
         return torch.from_dlpack(tensor_list.as_tensor())
 
 
-def _parse_labels(cls_bytes, n: int) -> torch.Tensor:
-    """``<key>.cls`` holds the class index as ASCII decimal digits."""
-    return torch.tensor([int(np.asarray(cls_bytes[i]).tobytes()) for i in range(n)], dtype=torch.int64)
+def parse_labels(ascii_rows: np.ndarray) -> torch.Tensor:
+    """int64 (B,) class indices from ``<key>.cls`` bytes, one row per sample, zero-padded
+    at the end (graphs._pad_labels). A .cls holds ASCII decimal digits, optionally followed
+    by whitespace (WebDataset writers often end it with a newline); anything else is an error.
+    """
+    rows = np.asarray(ascii_rows, np.uint8).reshape(len(ascii_rows), -1)
+    rows = np.where(np.isin(rows, list(b" \t\r\n")), 0, rows)   # trailing whitespace = padding
+    digit = (rows >= ord("0")) & (rows <= ord("9"))
+    lengths = digit.sum(axis=1)
+    position = np.arange(rows.shape[1])
+    if not ((rows == 0) | digit).all() or (digit != (position < lengths[:, None])).any() \
+            or (lengths == 0).any() or (lengths > 18).any():
+        raise ValueError("a .cls component is not a decimal class index (ASCII digits)")
+    power = np.clip(lengths[:, None] - 1 - position, 0, None)   # digit j is worth 10**power
+    values = np.where(digit, (rows.astype(np.int64) - ord("0")) * 10 ** power, 0).sum(axis=1)
+    return torch.from_numpy(values)
 
 
 def _draws(extras, n: int) -> Draws:

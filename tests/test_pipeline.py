@@ -15,6 +15,7 @@ import torch
 
 from pipeline import Loader, LoaderError, LoaderOptions
 from pipeline import graphs, reference as ref
+from pipeline.loader import parse_labels
 from prep.records import RecordsError, read_mean_image, read_stats, shard_paths
 
 RAW = LoaderOptions(lighting_std=0.0, subtract_mean=False, with_draws=True)   # un-normalised crops
@@ -88,6 +89,38 @@ def test_labels_match_records(records, samples):
     loader = Loader(records, split="val", view="center", batch_size=6, num_threads=1, options=DRAWS)
     got = {k: int(label) for _, labels, d in batches(loader) for k, label in zip(d.keys, labels)}
     assert got == {k: label for k, (_, label) in samples["val"].items()}
+
+
+def test_multi_digit_labels_through_the_graph(records, tmp_path):
+    """Labels of different lengths in one batch (ImageNet's 0..999) come out right: the graph
+    zero-pads the .cls bytes to the batch's longest and parse_labels reads them back."""
+    from prep.shards import ShardWriter
+    labels = [7, 123, 45, 999, 0, 10]
+    _, jpeg, _ = next(ref.iter_tar(shard_paths(records, "val")[0][0]))
+    with ShardWriter(tmp_path / "s.tar", tmp_path / "s.idx") as writer:
+        for i, label in enumerate(labels):
+            writer.add(f"k{i}", jpeg, label)
+        writer.commit()
+    spec = graphs.GraphSpec(files=((str(tmp_path / "s.tar"), str(tmp_path / "s.idx")),),
+                            view="center", batch_size=len(labels), num_threads=1)
+    outputs = graphs.build(spec, graphs.DeviceSettings.for_device(torch.device("cpu"))).run()
+    assert parse_labels(np.asarray(outputs[1].as_tensor())).tolist() == labels
+
+
+@pytest.mark.parametrize("rows,expected", [
+    ([b"7\0\0", b"123", b"45\0"], [7, 123, 45]),
+    ([b"45\n\0", b"9\r\n\0"], [45, 9]),          # WebDataset writers often end .cls with a newline
+    ([b"0\0"], [0]),
+])
+def test_parse_labels(rows, expected):
+    got = parse_labels(np.array([list(r) for r in rows], np.uint8))
+    assert got.dtype == torch.int64 and got.tolist() == expected
+
+
+@pytest.mark.parametrize("row", [b"1a\0", b"\0\0\0", b" 12", b"1 2", b"-3\0"])
+def test_parse_labels_rejects_non_digits(row):
+    with pytest.raises(ValueError, match="not a decimal class index"):
+        parse_labels(np.array([list(row)], np.uint8))
 
 
 # ---------------------------------------------------------------- the train view

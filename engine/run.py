@@ -30,7 +30,7 @@ from .loop import EpochSums, LoopSettings, NonFiniteLoss, eval_metrics, evaluate
 from .profiling import Phases, trace_profiler
 from .recipe import make_optimizer
 from .report import Reporter, crops_table, epoch_line, epochs_table, profile_table
-from .schedule import PlateauSchedule
+from .schedule import PlateauSchedule, lr_at
 from .signals import StopFlag
 
 REAL_THING = ("The real thing, on ImageNet with two GPUs:\n"
@@ -189,7 +189,6 @@ def restore(run: Run, state: dict) -> None:
     if run.cfg.lr != state["config"]["lr"]:
         run.schedule.lr = run.cfg.lr
     run.schedule.patience, run.schedule.threshold = run.cfg.plateau_patience, run.cfg.plateau_threshold
-    run.schedule.apply(run.optimizer)
     run.epoch, run.step = int(state["epoch"]), int(state["step"])
     run.sums = EpochSums(**state["sums"])
     run.history = list(state.get("history", []))
@@ -287,12 +286,11 @@ def stop_poll(run: Run, stop: StopFlag):
 
 
 def set_lr(run: Run, done: int) -> None:
-    """The lr for the step after ``done`` global steps: the schedule's, scaled by the linear
-    warm-up while it lasts (a fixed function of the step, so resuming reproduces it)."""
-    warm = run.cfg.warmup_steps
-    scale = min(1.0, (done + 1) / warm) if warm else 1.0
+    """Write the lr for the step after ``done`` global steps into the optimizer: the only
+    place the optimizer's lr is set (the schedule's lr with the warm-up, ``lr_at``)."""
+    lr = lr_at(run.schedule.lr, done, run.cfg.warmup_steps)
     for group in run.optimizer.param_groups:
-        group["lr"] = run.schedule.lr * scale
+        group["lr"] = lr
 
 
 def end_epoch(run: Run) -> None:
@@ -305,8 +303,7 @@ def end_epoch(run: Run) -> None:
     run.history.append(m)
     run.say.line(epoch_line(m, cfg.epochs))
     is_best = val["top1_err"] < min((h["val_top1_err"] for h in run.history[:-1]), default=float("inf"))
-    if run.schedule.step(val["top1_err"]):
-        run.schedule.apply(run.optimizer)
+    if run.schedule.step(val["top1_err"]):   # the next epoch's set_lr puts it in the optimizer
         run.say.line(f"train: validation top-1 error stopped improving for {cfg.plateau_patience} epoch(s): "
                      f"lr divided by 10 -> {run.schedule.lr:.3g}")
     run.epoch, run.sums = run.epoch + 1, EpochSums()
@@ -328,9 +325,8 @@ def checkpoint_state(run: Run) -> dict:
     """Everything a bitwise-exact continuation needs; tensors and plain containers only."""
     return {"model": run.net.state_dict(), "optimizer": run.optimizer.state_dict(),
             "schedule": run.schedule.state_dict(), "epoch": run.epoch, "step": run.step,
-            "best_top1_err": run.schedule.best, "sums": run.sums.as_dict(),
+            "sums": run.sums.as_dict(),   # the epoch's done batches: where the loader resumes
             "rng": D.gather_objects(ckpt.rng_state(), run.info),
-            "loader": {"seed": run.cfg.seed, "epoch": run.epoch, "batch": run.sums.batches},
             "history": run.history, "config": to_dict(run.cfg)}
 
 

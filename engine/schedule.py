@@ -7,14 +7,14 @@ they did it three times in ~90 epochs. Here "stopped improving" is made mechanic
 ``patience`` consecutive epochs whose validation top-1 error (a fraction, 0-1) does not beat
 the best so far by more than ``threshold``, the lr is divided by ``factor`` and the count
 restarts. Our own small class so its state is plain numbers (checkpoints load with
-``weights_only=True``) and the rule reads in one screen.
+``weights_only=True``) and the rule reads in one screen. The schedule only decides the lr;
+the loop writes it into the optimizer before every step (``engine.run.set_lr``, through
+``lr_at``, which adds the optional linear warm-up).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-
-import torch
 
 
 @dataclass
@@ -39,14 +39,16 @@ class PlateauSchedule:
         self.bad_epochs, self.drops = 0, self.drops + 1
         return True
 
-    def apply(self, optimizer: torch.optim.Optimizer) -> None:
-        """Set every parameter group's lr to the current one."""
-        for group in optimizer.param_groups:
-            group["lr"] = self.lr
-
     def state_dict(self) -> dict:
         return asdict(self)
 
     def load_state_dict(self, state: dict) -> None:
         for key, value in state.items():
             setattr(self, key, value)
+
+
+def lr_at(lr: float, done: int, warmup_steps: int) -> float:
+    """The lr for the step after ``done`` global steps: ``lr`` scaled by the linear warm-up
+    (1/warmup_steps, 2/warmup_steps, ... 1) while it lasts. A fixed function of the step
+    count, so a resumed run gets exactly the lrs of an uninterrupted one."""
+    return lr * min(1.0, (done + 1) / warmup_steps) if warmup_steps else lr

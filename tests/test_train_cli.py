@@ -87,6 +87,21 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(smoke_run, caps
     assert (out / "last.pt").read_bytes() == before
 
 
+def test_plateau_divides_the_optimizers_lr_by_10(sample_records, tmp_path):
+    """An improvement threshold no error can beat makes every epoch after the first (which sets
+    the best) a bad one: with patience 1 the lr is divided after epochs 2 and 3, and epoch 3's
+    steps run at the divided lr."""
+    out = tmp_path / "run"
+    rc = main(tiny(sample_records, out, "--epochs", "3", "--epoch-steps", "1", "--no-final-eval",
+                   "--plateau-patience", "1", "--plateau-threshold", "1.0"))
+    assert rc == 0
+    lrs = [json.loads(line)["lr"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert lrs == pytest.approx([0.01, 0.01, 0.001])
+    state = ckpt.load(out / "last.pt")
+    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.001)   # epoch 3's steps
+    assert state["schedule"]["lr"] == pytest.approx(0.0001) and state["schedule"]["drops"] == 2
+
+
 def test_resume_continues_bitwise(sample_records, tmp_path):
     common = ["--batch-size", "2", "--epoch-steps", "1", "--no-final-eval", "--seed", "3", "--warmup-steps", "3"]
     full, part = tmp_path / "full", tmp_path / "part"

@@ -16,7 +16,7 @@ from engine.loop import EpochSums, LoopSettings, NonFiniteLoss, evaluate, train_
 from engine.profiling import PHASES, Phases
 from engine.recipe import make_optimizer, param_groups
 from engine.run import epoch_seed, stop_poll
-from engine.schedule import PlateauSchedule
+from engine.schedule import PlateauSchedule, lr_at
 from engine.voting import topk_counts, vote
 
 CPU = LoopSettings(input_device=torch.device("cpu"))
@@ -79,15 +79,18 @@ def test_lr_no_drop_while_improving_and_counter_resets():
     assert s.lr == 0.01
 
 
-def test_schedule_state_round_trip_and_apply():
+def test_schedule_state_round_trip():
     s = PlateauSchedule(lr=0.01, patience=1)
     s.step(0.5), s.step(0.5)
     t = PlateauSchedule(lr=1.0)
     t.load_state_dict(s.state_dict())
     assert t == s and t.lr == pytest.approx(0.001)
-    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.5)
-    t.apply(opt)
-    assert opt.param_groups[0]["lr"] == t.lr
+
+
+def test_lr_at_linear_warmup():
+    # step k (1-based, after k-1 done) gets lr * k / warmup until warmup, then lr
+    assert [lr_at(0.01, done, 4) for done in range(6)] == pytest.approx([0.0025, 0.005, 0.0075, 0.01, 0.01, 0.01])
+    assert lr_at(0.01, 0, 0) == 0.01          # no warm-up: the schedule's lr from the first step
 
 
 # --- the recipe: the paper's update rule vs torch.optim.SGD -------------------------------

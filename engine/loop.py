@@ -3,7 +3,8 @@
 Pixels arrive from the loader on the 0–255 scale minus the mean (not divided by std), NCHW
 float: the paper's input, which its N(0, 0.01²) initialisation assumes. Nothing here knows
 about DALI, run folders or signals: ``train_one_epoch`` takes any iterator of
-``(images, labels)`` and a ``should_stop`` callable, so tests drive it with plain tensors.
+``(images, labels)`` and optional ``StepHooks`` (stop check, progress, profiling), so tests
+drive it with plain tensors.
 """
 from __future__ import annotations
 
@@ -117,13 +118,19 @@ def flush(pending: _Pending, sums: EpochSums, first_step: int) -> None:
     pending.images = 0
 
 
+@dataclass
+class StepHooks:
+    """What a caller plugs into ``train_one_epoch``; the defaults do nothing."""
+    phases: Phases = field(default_factory=lambda: Phases(False, []))   # per-phase timers (--profile)
+    should_stop: Callable[[], bool] = lambda: False     # asked after every step (signals)
+    on_step: Callable[[EpochSums, int], None] = lambda sums, n: None    # progress bar, lr
+    profiler: object | None = None                      # a torch.profiler.profile to .step()
+
+
 def train_one_epoch(model: nn.Module, batches: Iterator, optimizer: torch.optim.Optimizer,
                     settings: LoopSettings, sums: EpochSums, *, first_step: int,
-                    max_batches: int | None = None, phases: Phases | None = None,
-                    should_stop: Callable[[], bool] = lambda: False,
-                    on_step: Callable[[EpochSums, int], None] = lambda sums, n: None,
-                    profiler=None) -> str:
-    """Train on ``batches`` until exhausted, ``max_batches`` steps, or ``should_stop()``.
+                    max_batches: int | None = None, hooks: StepHooks | None = None) -> str:
+    """Train on ``batches`` until exhausted, ``max_batches`` steps, or ``hooks.should_stop()``.
 
     ``first_step`` = global step number the next step will get (1-based). ``sums`` is
     updated in place (it may already hold a resumed partial epoch). Returns "done",
@@ -131,7 +138,7 @@ def train_one_epoch(model: nn.Module, batches: Iterator, optimizer: torch.optim.
     ``settings.check_every`` steps and before returning).
     """
     model.train()
-    phases = phases or Phases(False, [])
+    hooks = hooks or StepHooks()    # a fresh one: Phases counts steps even when disabled
     pending, step, reason = _Pending(), first_step, "done"
     flushed_step = first_step
     while True:
@@ -139,29 +146,35 @@ def train_one_epoch(model: nn.Module, batches: Iterator, optimizer: torch.optim.
             reason = "limit"
             break
         start = time.perf_counter()
-        with phases("data"):
+        with hooks.phases("data"):
             batch = next(batches, None)
         if batch is None:
             break
-        with phases("h2d"):
-            images, labels = to_device(*batch, settings)
-        loss, correct = train_step(model, optimizer, images, labels, settings, phases)
-        pending.losses.append(loss), pending.correct.append(correct)
-        pending.images += labels.shape[0]
-        phases.count(labels.shape[0])
-        if profiler is not None:
-            profiler.step()
+        one_step(model, optimizer, batch, settings, pending, hooks.phases)
+        if hooks.profiler is not None:
+            hooks.profiler.step()
         step += 1
         if len(pending.losses) >= settings.check_every:
             flush(pending, sums, flushed_step)
             flushed_step = step
         sums.seconds += time.perf_counter() - start
-        on_step(sums, 1)
-        if should_stop():
+        hooks.on_step(sums, 1)
+        if hooks.should_stop():
             reason = "stopped"
             break
     flush(pending, sums, flushed_step)
     return reason
+
+
+def one_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch, settings: LoopSettings,
+             pending: _Pending, phases: Phases) -> None:
+    """Copy one batch to the input device, train on it, keep its loss and counts pending."""
+    with phases("h2d"):
+        images, labels = to_device(*batch, settings)
+    loss, correct = train_step(model, optimizer, images, labels, settings, phases)
+    pending.losses.append(loss), pending.correct.append(correct)
+    pending.images += labels.shape[0]
+    phases.count(labels.shape[0])
 
 
 @torch.no_grad()

@@ -26,7 +26,7 @@ from prep.records import DEFAULT_RECORDS, RecordsError, read_meta
 from . import checkpoint as ckpt
 from . import distributed as D
 from .config import MODEL_FIELDS, TrainConfig, merge_explicit, parse_train_args
-from .loop import EpochSums, LoopSettings, NonFiniteLoss, eval_metrics, evaluate, train_one_epoch
+from .loop import EpochSums, LoopSettings, NonFiniteLoss, StepHooks, eval_metrics, evaluate, train_one_epoch
 from .profiling import Phases, trace_profiler
 from .recipe import make_optimizer
 from .report import Reporter, crops_table, epoch_line, epochs_table, profile_table
@@ -255,10 +255,10 @@ def train_epoch(run: Run, stop: StopFlag, phases: Phases) -> bool:
             set_lr(run, steps[0])
             advance(n, info=f"{sums.images / sums.seconds:.1f} img/s" if sums.seconds else "")
         before = run.sums.batches
+        hooks = StepHooks(phases=phases, should_stop=should_stop, on_step=on_step,
+                          profiler=profiler if cfg.profile else None)
         reason = train_one_epoch(run.model, batches, run.optimizer, run.settings, run.sums,
-                                 first_step=run.step + 1, max_batches=budget, phases=phases,
-                                 should_stop=should_stop, on_step=on_step,
-                                 profiler=profiler if cfg.profile else None)
+                                 first_step=run.step + 1, max_batches=budget, hooks=hooks)
     run.step += run.sums.batches - before
     del batches, loader
     if reason == "stopped":

@@ -12,7 +12,7 @@ from torch import nn
 from engine import checkpoint as ckpt
 from engine.config import DEMO, TrainConfig, merge_explicit, parse_train_args
 from engine.distributed import DeviceError, DistInfo, replica_devices, tower_devices
-from engine.loop import EpochSums, LoopSettings, NonFiniteLoss, evaluate, train_one_epoch
+from engine.loop import EpochSums, LoopSettings, NonFiniteLoss, StepHooks, evaluate, train_one_epoch
 from engine.profiling import PHASES, Phases
 from engine.recipe import make_optimizer, param_groups
 from engine.run import epoch_seed, stop_poll
@@ -264,7 +264,8 @@ def test_train_one_epoch_sums_and_caps():
     calls = []
     sums3 = EpochSums()
     reason = train_one_epoch(net, iter(list(_batches(5))), opt, CPU, sums3, first_step=1,
-                             should_stop=lambda: len(calls) >= 2, on_step=lambda s, n: calls.append(n))
+                             hooks=StepHooks(should_stop=lambda: len(calls) >= 2,
+                                             on_step=lambda s, n: calls.append(n)))
     assert reason == "stopped" and sums3.batches == 2
 
 

@@ -133,30 +133,18 @@ def torch_loader(shards: list[tuple[Path, Path]], stats, batch_size: int, worker
 class DaliDecodeLoader:
     """The floor: DALI reads the same shards and decodes the JPEGs, nothing else.
 
-    Built like ``pipeline.graphs.build`` builds the train view (same reader settings,
-    executor, prefetch depth and decoder per device), minus every op after the decoder.
-    Yields (uint8 (B, 256, 256, 3) HWC images, None), zero-copy torch tensors on ``device``;
-    the decoder is "cpu" (libjpeg-turbo) on CPU, "mixed" (nvJPEG) for CUDA."""
+    ``graphs.build_decode_only``: the train view's reader (same shuffle, shard and epoch
+    settings), executor, prefetch depth and decoder per device, minus every op after the
+    decoder. Yields (uint8 (B, 256, 256, 3) HWC images, None), zero-copy torch tensors on
+    ``device``; the decoder is "cpu" (libjpeg-turbo) on CPU, "mixed" (nvJPEG) for CUDA."""
 
     def __init__(self, shards: list[tuple[Path, Path]], batch_size: int, threads: int,
                  device: str = "cpu", seed: int = 0):
-        from nvidia.dali import fn, types
-        from nvidia.dali.pipeline import Pipeline
-        from pipeline.graphs import DeviceSettings
-        dev = DeviceSettings.for_device(torch.device(device))
-        self.pipe = Pipeline(batch_size=batch_size, num_threads=threads, device_id=dev.device_id,
-                             seed=seed, prefetch_queue_depth=dev.prefetch_queue_depth,
-                             exec_dynamic=True)
-        with self.pipe:
-            jpegs, _ = fn.readers.webdataset(
-                paths=[str(t) for t, _ in shards], index_paths=[str(i) for _, i in shards],
-                ext=["jpg", "cls"], missing_component_behavior="error",
-                dtypes=[types.UINT8, types.UINT8], random_shuffle=True, initial_fill=1024,
-                name="Reader")
-            self.pipe.set_outputs(fn.decoders.image(jpegs, output_type=types.RGB,
-                                                    **dev.decoder_kwargs()))
-        self.pipe.build()
-        self._len = self.pipe.reader_meta("Reader")["epoch_size"] // batch_size
+        from pipeline import graphs
+        spec = graphs.GraphSpec(files=tuple((str(t), str(i)) for t, i in shards), view="train",
+                                batch_size=batch_size, seed=seed, shuffle=True, num_threads=threads)
+        self.pipe = graphs.build_decode_only(spec, graphs.DeviceSettings.for_device(torch.device(device)))
+        self._len = self.pipe.reader_meta(graphs.READER)["epoch_size"] // batch_size
 
     def __len__(self) -> int:
         return self._len

@@ -34,7 +34,7 @@ cut and mirrored with exactly the image's window; the channel part of the CMN me
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -117,9 +117,7 @@ def build(spec: GraphSpec, dev: DeviceSettings) -> Pipeline:
     (one dense uint8 (B, L) batch: ``loader.parse_labels``). With ``spec.extras``: the JPEG
     bytes, and for "train" also offset y, offset x (int32, 0..32), mirror (0/1), alpha (3,).
     """
-    pipe = Pipeline(batch_size=spec.batch_size, num_threads=spec.num_threads,
-                    device_id=dev.device_id, seed=_graph_seed(spec),
-                    prefetch_queue_depth=dev.prefetch_queue_depth, exec_dynamic=True)
+    pipe = _new_pipeline(spec, dev)
     with pipe:
         jpegs, labels = _reader(spec)
         views, draws = _VIEW_BUILDERS[spec.view](jpegs, spec, dev)
@@ -127,6 +125,23 @@ def build(spec: GraphSpec, dev: DeviceSettings) -> Pipeline:
         pipe.set_outputs(views, _pad_labels(labels), *extras)
     pipe.build()
     return pipe
+
+
+def build_decode_only(spec: GraphSpec, dev: DeviceSettings) -> Pipeline:
+    """The decode floor the benches compare the views with: the same reader, executor and
+    decoder as ``build``, whole images out (uint8 HWC), nothing after the decoder."""
+    pipe = _new_pipeline(spec, dev)
+    with pipe:
+        jpegs, _ = _reader(spec)
+        pipe.set_outputs(_decode(jpegs, replace(spec, mean_image=None), dev))
+    pipe.build()
+    return pipe
+
+
+def _new_pipeline(spec: GraphSpec, dev: DeviceSettings) -> Pipeline:
+    return Pipeline(batch_size=spec.batch_size, num_threads=spec.num_threads,
+                    device_id=dev.device_id, seed=_graph_seed(spec),
+                    prefetch_queue_depth=dev.prefetch_queue_depth, exec_dynamic=True)
 
 
 def _graph_seed(spec: GraphSpec) -> int:

@@ -141,18 +141,20 @@ class DaliDecodeLoader:
     def __init__(self, shards: list[tuple[Path, Path]], batch_size: int, threads: int,
                  device: str = "cpu", seed: int = 0):
         from pipeline import graphs
+        self.device = torch.device(device)
         spec = graphs.GraphSpec(files=tuple((str(t), str(i)) for t, i in shards), view="train",
                                 batch_size=batch_size, seed=seed, shuffle=True, num_threads=threads)
-        self.pipe = graphs.build_decode_only(spec, graphs.DeviceSettings.for_device(torch.device(device)))
+        self.pipe = graphs.build_decode_only(spec, graphs.DeviceSettings.for_device(self.device))
         self._len = self.pipe.reader_meta(graphs.READER)["epoch_size"] // batch_size
 
     def __len__(self) -> int:
         return self._len
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, None]]:
+        from pipeline.loader import from_dali
         for _ in range(self._len):      # a continuous shuffled stream; an epoch = len batches
             (images,) = self.pipe.run()
-            yield torch.from_dlpack(images.as_tensor()), None
+            yield from_dali(images, self.device), None
 
 
 # ----------------------------------------------------------------------------- FFCV

@@ -141,7 +141,7 @@ class Loader:
 
         DALI's dynamic executor hands the output buffer over to Python, so the DLPack view
         stays valid after later runs (zero-copy on CPU and GPU)."""
-        images = _from_dali(outputs[0], self.device)[:n]
+        images = from_dali(outputs[0], self.device)[:n]
         try:
             labels = parse_labels(np.asarray(outputs[1].as_tensor())[:n])
         except ValueError as err:
@@ -160,7 +160,7 @@ class Loader:
                 f"shard={s.shard}, batches={self._len}, epoch_size={self.epoch_size})")
 
 
-def _from_dali(tensor_list, device: torch.device) -> torch.Tensor:
+def from_dali(tensor_list, device: torch.device) -> torch.Tensor:
     """A dense DALI batch as a torch tensor, zero-copy. On a GPU, DLPack makes torch's current
     stream on ``device`` wait for DALI's work (as DALI's own PyTorch plugin does)."""
     if device.type != "cuda":

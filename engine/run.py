@@ -165,11 +165,10 @@ def new_state(cfg: TrainConfig, world: int) -> TrainState:
 
 
 def run_folder(cfg: TrainConfig) -> Path:
-    """The run folder, created; an existing file there (or above it) is a one-line error."""
+    """The run folder (created later, by its first write); an existing file there is a one-line error."""
     out = Path(cfg.out) if cfg.out else Path("runs") / datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     if out.exists() and not out.is_dir():
         raise RunError(f"{out}: exists and is not a folder; pick another --out")
-    out.mkdir(parents=True, exist_ok=True)       # ENOTDIR/EACCES/EROFS: main's one-line OSError
     return out
 
 
@@ -265,6 +264,7 @@ def train(cfg: TrainConfig, argv: list[str], info: D.DistInfo, say: Reporter) ->
 def run_session(s: Session, state: TrainState) -> int:
     """The run folder brought in line with ``state``, then the epochs under a signal handler."""
     if s.info.is_main:
+        s.out.mkdir(parents=True, exist_ok=True)     # ENOTDIR/EACCES/EROFS: main's one-line OSError
         remove_stale_temps(s.out)
         write_json(s.out / "config.json", {**to_dict(s.cfg), "out": str(s.out), "devices": s.devices,
                                            "world": s.info.world, "classes": s.classes})
@@ -461,6 +461,7 @@ def eval_only(cfg: TrainConfig, info: D.DistInfo, say: Reporter) -> int:
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0][:200]
         raise ckpt.CheckpointError(f"{path}: its weights do not fit this model ({first})") from None
+    out.mkdir(parents=True, exist_ok=True)
     write_eval(s, out / "eval.json", {"checkpoint": str(path), "epoch": state["epoch"], "step": state["step"]})
     say.line(f"train: evaluated {path} (epoch {state['epoch']}, step {state['step']}); wrote {out / 'eval.json'}")
     return 0

@@ -205,7 +205,7 @@ def resume_config(cfg: TrainConfig, argv: list[str], path: Path, state: dict, sa
         if any(i >= visible for i in ids):
             raise RunError(f"{path}: saved with --gpus {cfg.gpus!r}, but {visible} GPU(s) are visible here; "
                            "pass --gpus to choose this machine's layout (weights, momentum and schedule carry over)")
-    say.line(f"train: resuming {path} at epoch {state['epoch'] + 1}, step {state['step']}"
+    say.line(f"train: resuming {path} at epoch {state['epoch'] + 1}, batch {state['batch']}, step {state['step']}"
              + (f" (overriding: {'; '.join(changes)})" if changes else ""))
     return cfg
 
@@ -252,7 +252,8 @@ def train(cfg: TrainConfig, argv: list[str], info: D.DistInfo, say: Reporter) ->
         saved = ckpt.load(path, keys=RESUME_KEYS)
         cfg = replace(resume_config(cfg, argv, path, saved, say), out=str(out))
     elif cfg.out and (Path(cfg.out) / "last.pt").exists():
-        raise RunError(f"{cfg.out}: already holds a run (last.pt); continue it with --resume {cfg.out} or pick another --out")
+        raise RunError(f"{cfg.out}: already holds a run (last.pt); continue it with --resume {cfg.out} "
+                       "or pick another --out")
     out = run_folder(cfg)
     s = build_session(cfg, info, say, out)
     state = new_state(cfg, info.world)

@@ -184,9 +184,17 @@ def test_out_that_is_a_file_is_one_error(sample_records, tmp_path, capsys):
     _one_error_line(capsys, "Not a directory")
 
 
-def _checkpoint(smoke_out, path, **changes):
-    state = ckpt.load(smoke_out / "last.pt")
+@pytest.fixture(scope="module")
+def small_state(smoke_run):
+    """The smoke run's checkpoint without its (large) weights and momentum: every check below
+    fails before they would be loaded, so they need not be written again and again."""
+    state = ckpt.load(smoke_run[1] / "last.pt")
     state.pop("format")
+    return {**state, "model": {}, "optimizer": {"state": {}, "param_groups": []}}
+
+
+def _checkpoint(state, path, **changes):
+    state = dict(state)
     for key, value in changes.items():
         if value is None:
             state.pop(key)
@@ -200,23 +208,22 @@ def _checkpoint(smoke_out, path, **changes):
     ({"optimizer": None, "history": None}, "incomplete checkpoint, missing optimizer, history"),
     ({"config": "not a dict"}, "its saved config is not valid here"),
     ({"config": {"lr": "nan"}}, "its saved config is not valid here"),
-    ({"config": {"no_such_flag": 1}}, "its saved config is not valid here: unknown config key(s) for TrainConfig: no_such_flag"),
+    ({"config": {"no_such_flag": 1}},
+     "its saved config is not valid here: unknown config key(s) for TrainConfig: no_such_flag"),
     ({"model": {"fc": torch.zeros(1)}}, "does not fit this model or run"),
 ])
-def test_bad_checkpoints_are_one_error(smoke_run, tmp_path, capsys, change, message):
-    _, out = smoke_run
+def test_bad_checkpoints_are_one_error(small_state, tmp_path, capsys, change, message):
     if isinstance(change.get("config"), dict):
-        saved = ckpt.load(out / "last.pt")["config"]
-        change = {"config": {**saved, **change["config"]}}
-    path = _checkpoint(out, tmp_path / "run" / "last.pt", **change)
+        change = {"config": {**small_state["config"], **change["config"]}}
+    path = _checkpoint(small_state, tmp_path / "run" / "last.pt", **change)
     assert main(["--resume", str(path), "--no-progress"]) == 2
     _one_error_line(capsys, f"{path}: {message}")
 
 
 @pytest.mark.skipif(torch.cuda.device_count() >= 2, reason="needs fewer than 2 visible GPUs")
-def test_resume_on_fewer_gpus_than_saved_is_one_error(smoke_run, tmp_path, capsys):
-    _, out = smoke_run
-    config = {**ckpt.load(out / "last.pt")["config"], "gpus": "0,1"}
-    path = _checkpoint(out, tmp_path / "run" / "last.pt", config=config)
+def test_resume_on_fewer_gpus_than_saved_is_one_error(small_state, tmp_path, capsys):
+    config = {**small_state["config"], "gpus": "0,1"}
+    path = _checkpoint(small_state, tmp_path / "run" / "last.pt", config=config)
     assert main(["--resume", str(path), "--no-progress"]) == 2
-    _one_error_line(capsys, f"saved with --gpus '0,1', but {torch.cuda.device_count()} GPU(s) are visible here; pass --gpus")
+    visible = torch.cuda.device_count()
+    _one_error_line(capsys, f"saved with --gpus '0,1', but {visible} GPU(s) are visible here; pass --gpus")

@@ -6,6 +6,7 @@ import pickle
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,6 +24,7 @@ from engine.state import TrainState
 from engine.voting import topk_counts, vote
 
 CPU = LoopSettings(input_device=torch.device("cpu"))
+REPO = Path(__file__).resolve().parent.parent
 
 
 # --- 10-crop voting -----------------------------------------------------------------------
@@ -218,7 +220,7 @@ def test_epoch_seed_is_the_same_in_another_process():
     code = ("from engine.run import epoch_seed; "
             f"print([epoch_seed(s, e) for s, e in {pairs}])")
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                           env={"PYTHONHASHSEED": "123", "PATH": ""}, cwd=str(__import__("pathlib").Path(__file__).parent.parent))
+                           env={"PYTHONHASHSEED": "123"}, cwd=REPO)
     assert other.stdout.strip() == str([epoch_seed(s, e) for s, e in pairs])
 
 

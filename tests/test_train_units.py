@@ -433,3 +433,13 @@ def test_stop_poll_waits_for_a_shared_step_only_when_distributed():
     ranks = NS(info=NS(enabled=True), settings=NS(check_every=3), devices=["cpu"])
     poll = stop_poll(ranks, flag)          # no process group here: any_rank is the local flag
     assert [poll() for _ in range(6)] == [False, False, True, False, False, True]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only restore of GPU-saved RNG states")
+def test_rng_states_saved_on_gpus_restore_the_cpu_generator_and_say_what_was_not():
+    torch.manual_seed(5)
+    saved = {"cpu": torch.get_rng_state(), "cuda": [torch.zeros(16, dtype=torch.uint8)] * 2}
+    expected = torch.rand(3)
+    torch.manual_seed(6)
+    assert ckpt.set_rng_state(saved) == "2 CUDA RNG states saved, 0 GPU(s) visible: restored 0"
+    assert torch.equal(torch.rand(3), expected)

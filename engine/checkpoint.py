@@ -5,10 +5,12 @@ loading a foreign or tampered file can never execute code: the RNG states are ui
 tensors, the config a plain dict. Written through common.atomic (temp file + fsync +
 rename), so ``last.pt`` is always either the previous complete checkpoint or the new one.
 
-Contents (FORMAT below): model state_dict (placement-independent keys), optimiser and
-schedule state, epoch (completed epochs), batch (steps done inside the current epoch when
-saved mid-epoch, else 0), step (global optimiser steps), best validation top-1 error,
-per-rank RNG states, loader seed, partial-epoch sums, and the resolved config.
+Contents (FORMAT below): "model" (state_dict, placement-independent keys), "optimizer"
+(its state_dict: the momentum buffers), "config" (the resolved TrainConfig as a dict), and
+the training state, ``engine.state.TrainState.state_dict()`` at the top level: epoch
+(completed), step (global optimiser steps), batch (steps done inside the current epoch),
+the epoch's running sums, history, schedule, seed, batch_size, world and per-rank RNG states.
+Nothing non-finite is ever written: ``save`` refuses a state with a NaN/inf tensor.
 """
 from __future__ import annotations
 
@@ -30,8 +32,30 @@ class CheckpointError(Exception):
     """A checkpoint is missing, truncated, foreign or from an incompatible run; one line."""
 
 
+class NonFiniteState(Exception):
+    """A tensor about to be checkpointed holds NaN or inf; nothing was written."""
+
+
+def nonfinite_tensor(tree: Any, prefix: str = "") -> str | None:
+    """The name of the first floating-point tensor in ``tree`` (nested dicts/lists) holding a
+    NaN or inf, or None if all are finite. One device->host read per tensor."""
+    if isinstance(tree, torch.Tensor):
+        bad = tree.is_floating_point() and not bool(torch.isfinite(tree).all())
+        return (prefix or "tensor") if bad else None
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else ()
+    for key, value in items:
+        name = nonfinite_tensor(value, f"{prefix}.{key}" if prefix else str(key))
+        if name:
+            return name
+    return None
+
+
 def save(path: str | Path, state: dict[str, Any]) -> None:
-    """Serialise into memory first, then write atomically: no half-written file ever exists."""
+    """Serialise into memory first, then write atomically: no half-written file ever exists.
+    The model and optimiser tensors are checked first: a NaN/inf raises NonFiniteState."""
+    bad = nonfinite_tensor({"model": state.get("model", {}), "optimizer": state.get("optimizer", {})})
+    if bad:
+        raise NonFiniteState(f"non-finite weights or momentum ({bad} holds NaN/inf)")
     buf = io.BytesIO()
     torch.save({"format": FORMAT, **state}, buf)
     write_bytes(path, buf.getvalue())
@@ -51,8 +75,9 @@ def link(src: str | Path, dst: str | Path) -> None:
     os.replace(tmp, dst)
 
 
-def load(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint written by ``save``; anything else raises CheckpointError naming the file."""
+def load(path: str | Path, keys: tuple[str, ...] = ("model", "config", "epoch", "step")) -> dict[str, Any]:
+    """Load a checkpoint written by ``save``, holding at least ``keys``; anything else raises
+    CheckpointError naming the file."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
@@ -63,6 +88,9 @@ def load(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: not a readable checkpoint (truncated or foreign file): {reason[:200]}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a checkpoint of this project (expected format {FORMAT!r})")
+    missing = [k for k in keys if k not in state]
+    if missing:
+        raise CheckpointError(f"{path}: incomplete checkpoint, missing {', '.join(missing)}")
     return state
 
 
@@ -74,7 +102,14 @@ def rng_state() -> dict[str, Any]:
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any]) -> str:
+    """Restore what fits this machine: the CPU generator always, CUDA generators for the
+    devices both the checkpoint and this machine have. Returns "" or what could not be restored."""
     torch.set_rng_state(state["cpu"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    saved = list(state.get("cuda", []))
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for i, rng in enumerate(saved[:visible]):
+        torch.cuda.set_rng_state(rng, i)
+    if len(saved) > visible:
+        return f"{len(saved)} CUDA RNG states saved, {visible} GPU(s) visible: restored {visible}"
+    return ""

@@ -10,6 +10,7 @@ flags given explicitly on the command line always win over the preset.
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -62,6 +63,8 @@ class TrainConfig:
         "divide lr by 10 after this many epochs without a better validation top-1 error"))
     plateau_threshold: float = field(default=0.001, metadata=_h(
         "an epoch 'improves' only if its validation top-1 error beats the best by this much (fraction, 0.001 = 0.1 points)"))
+    max_lr_drops: int = field(default=3, metadata=_h(
+        "divide the lr on a plateau at most this many times (the paper: 3 in ~90 epochs)"))
     seed: int = field(default=0, metadata=_h("seed for weights, dropout and the data order"))
     # --- the model (the paper's ablation switches) ------------------------------
     lrn: bool = field(default=True, metadata=_h("local response normalisation after conv1 and conv2"))
@@ -93,12 +96,16 @@ class TrainConfig:
         "a short CPU run on the built-in sample set that visibly learns (see README); explicit flags override it"))
 
     def __post_init__(self) -> None:
-        _check_positive(self, ("batch_size", "lr", "epochs", "plateau_patience"))
+        _check_positive(self, ("batch_size", "epochs", "plateau_patience"))
         _check_positive_or_none(self, ("max_steps", "epoch_steps", "workers"))
-        if not 0.0 <= self.momentum < 1.0:
-            raise ValueError(f"--momentum must be in [0, 1), got {self.momentum}")
-        if self.weight_decay < 0 or self.plateau_threshold < 0 or self.warmup_steps < 0:
-            raise ValueError("--weight-decay, --plateau-threshold and --warmup-steps must be >= 0")
+        # every float flag: finite and in its range (nan fails no comparison, so test it first)
+        _check_range(self, "lr", 0.0, math.inf, low_open=True)
+        _check_range(self, "momentum", 0.0, 1.0, high_open=True)
+        _check_range(self, "weight_decay", 0.0, math.inf)
+        _check_range(self, "dropout", 0.0, 1.0, high_open=True)
+        _check_range(self, "plateau_threshold", 0.0, 1.0)
+        if self.warmup_steps < 0 or self.max_lr_drops < 0:
+            raise ValueError("--warmup-steps and --max-lr-drops must be >= 0")
         try:
             self.model_config(num_classes=1)   # the model's own checks of its switches
         except ValueError as exc:
@@ -126,6 +133,17 @@ class TrainConfig:
         if self.gpus == "auto":
             return None
         return [int(x) for x in self.gpus.split(",")] if self.gpus else []
+
+
+def _check_range(cfg: TrainConfig, name: str, low: float, high: float,
+                 low_open: bool = False, high_open: bool = False) -> None:
+    value = getattr(cfg, name)
+    ok = (isinstance(value, (int, float)) and math.isfinite(value)
+          and (low < value if low_open else low <= value) and (value < high if high_open else value <= high))
+    if not ok:
+        span = (f"{'>' if low_open else '>='} {low:g}" if high == math.inf
+                else f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}")
+        raise ValueError(f"--{name.replace('_', '-')} must be a finite number {span}, got {value}")
 
 
 def _check_positive(cfg: TrainConfig, names: Sequence[str]) -> None:

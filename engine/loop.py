@@ -1,24 +1,29 @@
-"""One training epoch and one evaluation pass, in small pieces.
+"""The training step loop and one evaluation pass.
 
 Pixels arrive from the loader on the 0–255 scale minus the mean (not divided by std), NCHW
 float: the paper's input, which its N(0, 0.01²) initialisation assumes. Nothing here knows
-about DALI, run folders or signals: ``train_one_epoch`` takes any iterator of
-``(images, labels)`` and optional ``StepHooks`` (stop check, progress, profiling), so tests
-drive it with plain tensors.
+about DALI, run folders or signals: ``train_steps`` takes any iterator of batches, a
+``TrainState`` it advances, and ``StepHooks`` (how a batch reaches the device, the numeric
+precision of forward/backward/update, the stop check, progress), so tests drive it with
+plain tensors.
 """
 from __future__ import annotations
 
 import contextlib
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
 
-from .profiling import Phases
+from prep.records import RecordsError
+
+from .profiling import Phases, NullProfiler
 from .recipe import loss_fn
+from .schedule import lr_at
+from .state import EpochSums, TrainState
 from .voting import topk_counts, vote
 
 
@@ -38,42 +43,37 @@ class LoopSettings:
     check_every: int = 10                   # losses are read back (one host sync) every this many steps
 
 
-@dataclass
-class EpochSums:
-    """Running sums of one training epoch; checkpointed mid-epoch so a resume reports the whole epoch."""
-    batches: int = 0
-    images: int = 0
-    loss: float = 0.0        # sum over batches of the batch-mean loss
-    top1: int = 0            # correct counts
-    top5: int = 0
-    seconds: float = 0.0     # wall time spent in steps (data wait included)
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-    def metrics(self) -> dict:
-        n = max(self.images, 1)
-        return {"train_loss": self.loss / max(self.batches, 1),
-                "train_top1_err": 1 - self.top1 / n, "train_top5_err": 1 - self.top5 / n,
-                "images_per_s": self.images / self.seconds if self.seconds else 0.0}
+@dataclass(frozen=True)
+class StepPlan:
+    """Where ``train_steps`` stops on its own: the end of the epoch or the run's step budget."""
+    epoch_batches: int                      # batches in this epoch (the loader's, capped by --epoch-steps)
+    max_steps: int | None = None            # global steps of the whole run (--max-steps)
+    warmup_steps: int = 0
 
 
-@dataclass
-class _Pending:
-    """Per-step device tensors not yet read back to the host (reading forces a sync)."""
-    losses: list = field(default_factory=list)
-    correct: list = field(default_factory=list)
-    images: int = 0
+class Precision:
+    """The numeric format of forward, backward and update. bf16 needs no loss scaling; an fp16
+    GradScaler plugs in here (``backward`` scales the loss, ``step`` unscales, skips inf steps
+    and updates the scale) without touching the loop."""
+
+    def __init__(self, amp: str, device: torch.device):
+        self.amp, self.device = amp, device
+
+    def autocast(self):
+        if self.amp != "bf16":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        optimizer.step()
 
 
-def autocast(settings: LoopSettings):
-    if settings.amp != "bf16":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=settings.input_device.type, dtype=torch.bfloat16)
-
-
-def to_device(images: torch.Tensor, labels: torch.Tensor, settings: LoopSettings):
-    """Move a batch to the input device (a no-op when DALI already produced it there)."""
+def to_device(batch, settings: LoopSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move a loader batch to the input device (a no-op when DALI already produced it there)."""
+    images, labels = batch
     images = images.to(settings.input_device, non_blocking=True)
     labels = labels.to(settings.input_device, non_blocking=True)
     if settings.channels_last:
@@ -81,100 +81,120 @@ def to_device(images: torch.Tensor, labels: torch.Tensor, settings: LoopSettings
     return images, labels
 
 
+@dataclass(frozen=True)
+class StepHooks:
+    """What a caller plugs into ``train_steps``; everything but ``prepare`` and ``precision``
+    defaults to doing nothing."""
+    prepare: Callable[[object], tuple[torch.Tensor, torch.Tensor]]   # loader batch -> (images, labels) on the device
+    precision: Precision
+    phases: Phases = field(default_factory=lambda: Phases(False, []))  # per-phase timers (--profile)
+    should_stop: Callable[[], bool] = lambda: False                   # asked after every step (signals)
+    on_step: Callable[[TrainState], None] = lambda state: None        # progress bar, periodic log lines
+    profiler: object = field(default_factory=NullProfiler)           # a torch.profiler.profile to .step()
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
-               labels: torch.Tensor, settings: LoopSettings, phases: Phases):
+               labels: torch.Tensor, precision: Precision, phases: Phases):
     """Forward, backward, update. Returns (loss, (top-1, top-5) correct) as device tensors."""
-    with phases("forward"), autocast(settings):
+    with phases("forward"), precision.autocast():
         logits = model(images)
         loss = loss_fn(logits, labels)
     with phases("backward"):
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        precision.backward(loss)
     with phases("optimizer"):
-        optimizer.step()
+        precision.step(optimizer)
     with torch.no_grad():
         correct = topk_counts(logits.detach(), labels)
     return loss.detach(), correct
 
 
-def flush(pending: _Pending, sums: EpochSums, first_step: int) -> None:
-    """Read the pending losses back, raise NonFiniteLoss at the first bad one, add them to sums.
-
-    ``first_step`` is the global step number of the first pending loss.
-    """
-    if not pending.losses:
-        return
-    losses = torch.stack(pending.losses).float().cpu().tolist()
-    for i, value in enumerate(losses):
-        if not math.isfinite(value):
-            raise NonFiniteLoss(first_step + i, value)
-    correct = torch.stack(pending.correct).sum(0).cpu().tolist()
-    sums.batches += len(losses)
-    sums.loss += sum(losses)
-    sums.top1 += int(correct[0])
-    sums.top5 += int(correct[1])
-    sums.images += pending.images
-    pending.losses.clear(), pending.correct.clear()
-    pending.images = 0
-
-
-@dataclass
-class StepHooks:
-    """What a caller plugs into ``train_one_epoch``; the defaults do nothing."""
-    phases: Phases = field(default_factory=lambda: Phases(False, []))   # per-phase timers (--profile)
-    should_stop: Callable[[], bool] = lambda: False     # asked after every step (signals)
-    on_step: Callable[[EpochSums, int], None] = lambda sums, n: None    # progress bar, lr
-    profiler: object | None = None                      # a torch.profiler.profile to .step()
-
-
-def train_one_epoch(model: nn.Module, batches: Iterator, optimizer: torch.optim.Optimizer,
-                    settings: LoopSettings, sums: EpochSums, *, first_step: int,
-                    max_batches: int | None = None, hooks: StepHooks | None = None) -> str:
-    """Train on ``batches`` until exhausted, ``max_batches`` steps, or ``hooks.should_stop()``.
-
-    ``first_step`` = global step number the next step will get (1-based). ``sums`` is
-    updated in place (it may already hold a resumed partial epoch). Returns "done",
-    "limit" or "stopped". NaN/inf loss raises NonFiniteLoss (checked every
-    ``settings.check_every`` steps and before returning).
-    """
+def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterator,
+                state: TrainState, plan: StepPlan, settings: LoopSettings, hooks: StepHooks) -> str:
+    """Train from ``state``'s position until the epoch ends ("epoch_end"), the run's step budget
+    is spent ("max_steps") or ``hooks.should_stop()`` ("stopped"). ``state`` is advanced in place;
+    on return its sums hold every step done. NaN/inf loss raises NonFiniteLoss (losses are read
+    back every ``settings.check_every`` global steps and before returning); a bad record met by
+    the loader raises its RecordsError after the sums are brought up to date."""
     model.train()
-    hooks = hooks or StepHooks()    # a fresh one: Phases counts steps even when disabled
-    pending, step, reason = _Pending(), first_step, "done"
-    flushed_step = first_step
-    while True:
-        if max_batches is not None and step - first_step >= max_batches:
-            reason = "limit"
+    pending = _Pending(first_step=state.step + 1)
+    reason = "epoch_end"
+    while state.batch < plan.epoch_batches:
+        if plan.max_steps is not None and state.step >= plan.max_steps:
+            reason = "max_steps"
             break
+        set_lr(optimizer, lr_at(state.schedule.lr, state.step, plan.warmup_steps))
         start = time.perf_counter()
         with hooks.phases("data"):
-            batch = next(batches, None)
-        if batch is None:
+            batch = next_batch(batches, pending, state)
+        if batch is None:                    # the loader ran out before the planned count
             break
-        one_step(model, optimizer, batch, settings, pending, hooks.phases)
-        if hooks.profiler is not None:
-            hooks.profiler.step()
-        step += 1
-        if len(pending.losses) >= settings.check_every:
-            flush(pending, sums, flushed_step)
-            flushed_step = step
-        sums.seconds += time.perf_counter() - start
-        hooks.on_step(sums, 1)
+        with hooks.phases("h2d"):
+            images, labels = hooks.prepare(batch)
+        loss, correct = train_step(model, optimizer, images, labels, hooks.precision, hooks.phases)
+        state.count_step()
+        pending.add(loss, correct, labels.shape[0])
+        if state.step % settings.check_every == 0:
+            pending.flush_into(state.sums)
+        state.sums.seconds += time.perf_counter() - start
+        hooks.phases.count(labels.shape[0])
+        hooks.profiler.step()
+        hooks.on_step(state)
         if hooks.should_stop():
             reason = "stopped"
             break
-    flush(pending, sums, flushed_step)
+    pending.flush_into(state.sums)
     return reason
 
 
-def one_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch, settings: LoopSettings,
-             pending: _Pending, phases: Phases) -> None:
-    """Copy one batch to the input device, train on it, keep its loss and counts pending."""
-    with phases("h2d"):
-        images, labels = to_device(*batch, settings)
-    loss, correct = train_step(model, optimizer, images, labels, settings, phases)
-    pending.losses.append(loss), pending.correct.append(correct)
-    pending.images += labels.shape[0]
-    phases.count(labels.shape[0])
+def next_batch(batches: Iterator, pending: "_Pending", state: TrainState):
+    """The next batch, or None at the end; a bad record first settles the sums (the caller saves)."""
+    try:
+        return next(batches, None)
+    except RecordsError:
+        pending.flush_into(state.sums)
+        raise
+
+
+def skip_batches(batches: Iterator, n: int) -> None:
+    """Resumed mid-epoch: advance the epoch's loader past the ``n`` batches already trained on.
+    The only place that replays; a loader that can start at batch n without decoding goes here."""
+    for _ in range(n):
+        next(batches)
+
+
+@dataclass
+class _Pending:
+    """Per-step device tensors not yet read back to the host (reading forces a sync)."""
+    first_step: int                     # global step number of the first pending loss
+    losses: list = field(default_factory=list)
+    correct: list = field(default_factory=list)
+    images: int = 0
+
+    def add(self, loss: torch.Tensor, correct: torch.Tensor, images: int) -> None:
+        self.losses.append(loss), self.correct.append(correct)
+        self.images += images
+
+    def flush_into(self, sums: EpochSums) -> None:
+        """Read the losses back, raise NonFiniteLoss at the first bad one, add them to ``sums``."""
+        if not self.losses:
+            return
+        losses = torch.stack(self.losses).float().cpu().tolist()
+        for i, value in enumerate(losses):
+            if not math.isfinite(value):
+                raise NonFiniteLoss(self.first_step + i, value)
+        correct = torch.stack(self.correct).sum(0).cpu().tolist()
+        sums.loss += sum(losses)
+        sums.top1 += int(correct[0])
+        sums.top5 += int(correct[1])
+        sums.images += self.images
+        self.first_step += len(losses)
+        self.losses, self.correct, self.images = [], [], 0
 
 
 @torch.no_grad()
@@ -185,13 +205,14 @@ def evaluate(model: nn.Module, batches: Iterable, settings: LoopSettings,
     Returns {"images", "top1", "top5", "loss_sum"} (sums, so ranks can add them up).
     """
     model.eval()
+    precision = Precision(settings.amp, settings.input_device)
     # images, top-1, top-5, summed NLL; kept on the input device and read back once at the
     # end, so a GPU evaluation never waits for the device between batches
     totals = torch.zeros(4, dtype=torch.float64, device=settings.input_device)
     for images, labels in batches:
-        images, labels = to_device(images.flatten(0, 1) if images.ndim == 5 else images, labels, settings)
+        images, labels = to_device((images.flatten(0, 1) if images.ndim == 5 else images, labels), settings)
         views = images.shape[0] // labels.shape[0]
-        with autocast(settings):
+        with precision.autocast():
             logits = model(images).float()
         if views > 1:
             probs = vote(logits.view(labels.shape[0], views, -1))

@@ -75,7 +75,7 @@ def trace_profiler(enabled: bool, out_dir: Path | None, active_steps: int = 3):
     Call ``.step()`` once per training step. A null context when profiling is off.
     """
     if not enabled or out_dir is None:
-        return _NullProfiler()
+        return NullProfiler()
     activities = [torch.profiler.ProfilerActivity.CPU]
     if torch.cuda.is_available():
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -90,6 +90,6 @@ def trace_profiler(enabled: bool, out_dir: Path | None, active_steps: int = 3):
         on_trace_ready=export)
 
 
-class _NullProfiler(contextlib.nullcontext):
+class NullProfiler(contextlib.nullcontext):
     def step(self) -> None:
         pass

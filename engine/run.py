@@ -1,15 +1,17 @@
-"""A training run from start to end: devices, run folder, resume, epochs, final 10-crop table.
+"""A training run from start to end: setup, then ``for epoch: train -> validate -> schedule -> save``.
 
-``main(argv)`` is what train.py calls. The pieces it glues (the epoch loop, checkpoints,
-the schedule, DDP, profiling) live in their own modules; this one decides the order.
-Exit status: 0 done, 2 bad input (one ``error:`` line), 3 NaN/inf loss,
-128+signal after SIGINT/SIGTERM (checkpoint saved, resumable).
+``main(argv)`` is what train.py calls. The step loop is engine/loop.py (``train_steps``), where
+a run is is engine/state.py (``TrainState``, the checkpoint's training part); this module
+builds the pieces once (``Session``) and decides the order.
+Exit status: 0 done (or stopped by --max-steps, resumable), 2 bad input or OS problem (one
+``error:`` line; the last good checkpoint intact), 3 NaN/inf loss or weights (nothing
+non-finite saved), 128+signal after SIGINT/SIGTERM (checkpoint saved, resumable).
 """
 from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -17,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.atomic import append_line, write_json
+from common.atomic import append_line, write_json, write_text
 from common.config import ConfigError, from_dict, to_dict
 from model import AlexNet
 from pipeline import Loader, LoaderError
@@ -25,13 +27,15 @@ from prep.records import DEFAULT_RECORDS, RecordsError, read_meta
 
 from . import checkpoint as ckpt
 from . import distributed as D
-from .config import MODEL_FIELDS, TrainConfig, merge_explicit, parse_train_args
-from .loop import EpochSums, LoopSettings, NonFiniteLoss, StepHooks, eval_metrics, evaluate, train_one_epoch
+from .config import MODEL_FIELDS, TrainConfig, explicit_flags, merge_explicit, parse_train_args
+from .loop import (LoopSettings, NonFiniteLoss, Precision, StepHooks, StepPlan, eval_metrics, evaluate,
+                   skip_batches, to_device, train_steps)
 from .profiling import Phases, trace_profiler
 from .recipe import make_optimizer
 from .report import Reporter, crops_table, epoch_line, epochs_table, profile_table
-from .schedule import PlateauSchedule, lr_at
+from .schedule import PlateauSchedule
 from .signals import StopFlag
+from .state import KEYS, TrainState
 
 REAL_THING = ("The real thing, on ImageNet with two GPUs:\n"
               "  python prep/build_records.py --source /data/imagenet --out /data/records\n"
@@ -40,26 +44,6 @@ REAL_THING = ("The real thing, on ImageNet with two GPUs:\n"
 
 class RunError(Exception):
     """A run folder or resume problem; one line."""
-
-
-@dataclass
-class Run:
-    cfg: TrainConfig
-    info: D.DistInfo
-    devices: list[str]
-    records: Path
-    classes: int
-    out: Path
-    say: Reporter
-    net: nn.Module = None          # the AlexNet (placed); checkpoints save its state
-    model: nn.Module = None        # what trains: net, compiled and/or DDP-wrapped
-    optimizer: torch.optim.Optimizer = None
-    schedule: PlateauSchedule = None
-    settings: LoopSettings = None
-    epoch: int = 0                 # completed epochs
-    step: int = 0                  # optimiser steps done
-    sums: EpochSums = field(default_factory=EpochSums)   # the current epoch's, when resumed mid-epoch
-    history: list = field(default_factory=list)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,11 +58,63 @@ def main(argv: list[str] | None = None) -> int:
     except (RecordsError, LoaderError, ckpt.CheckpointError, D.DeviceError, RunError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:              # disk full, read-only, a file where a folder should be ...
+        print(f"error: {os_error(exc)}", file=sys.stderr)
+        return 2
     finally:
         D.shutdown(info)
 
 
+def os_error(exc: OSError) -> str:
+    return f"{exc.filename}: {exc.strerror}" if exc.filename and exc.strerror else str(exc)
+
+
 # --- setup ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RecordsData:
+    """The run's loaders: epoch e's training batches (order and augmentation fixed by
+    (seed, e)) and the validation views."""
+    records: Path
+    cfg: TrainConfig
+    info: D.DistInfo
+    device: str
+
+    def train(self, epoch: int) -> Loader:
+        return self._loader("train", "train", self.cfg.batch_size, epoch_seed(self.cfg.seed, epoch))
+
+    def val(self, view: str) -> Loader:
+        batch = max(1, self.cfg.batch_size // 10) if view == "tencrop" else self.cfg.batch_size  # ~batch_size views
+        return self._loader("val", view, batch, epoch_seed(self.cfg.seed, 0))
+
+    def _loader(self, split: str, view: str, batch: int, seed: int) -> Loader:
+        return Loader(self.records, split=split, view=view, batch_size=batch, device=self.device,
+                      shard=(self.info.rank, self.info.world), seed=seed,
+                      mean=self.cfg.mean, num_threads=self.cfg.workers)
+
+
+@dataclass(frozen=True)
+class Session:
+    """What a run's epochs need, built once: nothing here changes while training (TrainState does)."""
+    cfg: TrainConfig
+    info: D.DistInfo
+    devices: list[str]
+    out: Path
+    say: Reporter
+    data: RecordsData              # or anything with .train(epoch) and .val(view) (tests: plain tensors)
+    classes: int
+    net: nn.Module                 # the AlexNet (placed); checkpoints save its state
+    model: nn.Module               # what trains: net, compiled and/or DDP-wrapped
+    optimizer: torch.optim.Optimizer
+    settings: LoopSettings
+    precision: Precision
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The loader seed of one epoch: a fixed function of (seed, epoch), so resuming at epoch k
+    rebuilds exactly the data order and augmentations of an uninterrupted run's epoch k."""
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0] % (2 ** 31))
+
 
 def resolve_records(cfg: TrainConfig) -> tuple[Path, int]:
     """The records folder and its number of classes; a missing default gets a hint."""
@@ -108,166 +144,195 @@ def build_net(cfg: TrainConfig, classes: int, devices: list[str]) -> AlexNet:
     return net
 
 
-def load_net_state(net: nn.Module, state: dict, path: Path) -> None:
-    try:
-        net.load_state_dict(state["model"])
-    except (RuntimeError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0][:200]
-        raise ckpt.CheckpointError(f"{path}: its weights do not fit this model ({first})") from None
-
-
-def wrap_model(net: nn.Module, cfg: TrainConfig, info: D.DistInfo) -> nn.Module:
+def build_session(cfg: TrainConfig, info: D.DistInfo, say: Reporter, out: Path) -> Session:
+    records, classes = resolve_records(cfg)
+    devices = setup_devices(cfg, info, say)
+    net = build_net(cfg, classes, devices)
+    torch.manual_seed(cfg.seed + 1 + info.rank)   # dropout masks: different per rank
     model = D.wrap_ddp(net, info)
-    return torch.compile(model) if cfg.compile else model
+    return Session(cfg=cfg, info=info, devices=devices, out=out, say=say, classes=classes,
+                   data=RecordsData(records, cfg, info, devices[0]), net=net,
+                   model=torch.compile(model) if cfg.compile else model,
+                   optimizer=make_optimizer(net, cfg),
+                   settings=LoopSettings(input_device=net.input_device, amp=cfg.amp, channels_last=cfg.channels_last),
+                   precision=Precision(cfg.amp, net.input_device))
 
 
-def epoch_seed(seed: int, epoch: int) -> int:
-    """The loader seed of one epoch: a fixed function of (seed, epoch), so resuming at epoch k
-    rebuilds exactly the data order and augmentations of an uninterrupted run's epoch k."""
-    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0] % (2 ** 31))
-
-
-def make_loader(run: Run, split: str, view: str, epoch: int = 0) -> Loader:
-    cfg = run.cfg
-    batch = max(1, cfg.batch_size // 10) if view == "tencrop" else cfg.batch_size  # ~batch_size views
-    return Loader(run.records, split=split, view=view, batch_size=batch, device=run.devices[0],
-                  shard=(run.info.rank, run.info.world), seed=epoch_seed(cfg.seed, epoch),
-                  mean=cfg.mean, num_threads=cfg.workers)
+def new_state(cfg: TrainConfig, world: int) -> TrainState:
+    return TrainState(schedule=PlateauSchedule(lr=cfg.lr, patience=cfg.plateau_patience,
+                                               threshold=cfg.plateau_threshold, max_drops=cfg.max_lr_drops),
+                      seed=cfg.seed, batch_size=cfg.batch_size, world=world)
 
 
 def run_folder(cfg: TrainConfig) -> Path:
-    if cfg.out:
-        return Path(cfg.out)
-    return Path("runs") / datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    """The run folder (created later, by its first write); an existing file there is a one-line error."""
+    out = Path(cfg.out) if cfg.out else Path("runs") / datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    if out.exists() and not out.is_dir():
+        raise RunError(f"{out}: exists and is not a folder; pick another --out")
+    return out
+
+
+def remove_stale_temps(out: Path) -> None:
+    """Temp files of writes a kill interrupted (common.atomic names them .NAME.*.tmp)."""
+    for tmp in out.glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
+# --- resume -----------------------------------------------------------------------------
+
+RESUME_KEYS = ("model", "optimizer", "config", *KEYS)
+
+
+def resume_paths(resume: str) -> tuple[Path, Path]:
+    """--resume RUN_DIR or --resume RUN_DIR/last.pt (any checkpoint file): (checkpoint, run folder)."""
+    path = Path(resume)
+    return (path / "last.pt", path) if path.is_dir() else (path, path.parent)
+
+
+def saved_config(state: dict, path: Path) -> TrainConfig:
+    try:
+        return from_dict(TrainConfig, state["config"])
+    except (ValueError, TypeError) as exc:       # ConfigError is a ValueError
+        raise ckpt.CheckpointError(f"{path}: its saved config is not valid here: {exc}") from None
+
+
+def resume_config(cfg: TrainConfig, argv: list[str], path: Path, state: dict, say: Reporter) -> TrainConfig:
+    """The saved config with the flags given now on top; the saved GPU layout only if it fits."""
+    saved = saved_config(state, path)
+    cfg, changes = merge_explicit(saved, argv, cfg)
+    if "gpus" not in explicit_flags(argv):
+        ids, visible = cfg.gpu_ids() or [], torch.cuda.device_count()
+        if any(i >= visible for i in ids):
+            raise RunError(f"{path}: saved with --gpus {cfg.gpus!r}, but {visible} GPU(s) are visible here; "
+                           "pass --gpus to choose this machine's layout (weights, momentum and schedule carry over)")
+    say.line(f"train: resuming {path} at epoch {state['epoch'] + 1}, batch {state['batch']}, step {state['step']}"
+             + (f" (overriding: {'; '.join(changes)})" if changes else ""))
+    return cfg
+
+
+def restore(s: Session, state: TrainState, saved: dict, path: Path, lr_given: bool) -> None:
+    """Weights, momentum, TrainState and RNG from a checkpoint, checked against this run's layout."""
+    if ckpt.nonfinite_tensor({"model": saved["model"], "optimizer": saved["optimizer"]}):
+        raise ckpt.CheckpointError(f"{path}: holds NaN/inf weights or momentum; resume from an earlier checkpoint")
+    try:
+        s.net.load_state_dict(saved["model"])
+        s.optimizer.load_state_dict(saved["optimizer"])
+        state.load_state_dict(saved)
+    except (RuntimeError, KeyError, ValueError, TypeError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise ckpt.CheckpointError(f"{path}: does not fit this model or run ({first})") from None
+    cfg, world = s.cfg, s.info.world
+    now, then = (cfg.batch_size, world, cfg.seed), (state.batch_size, state.world, state.seed)
+    if state.batch and now != then:
+        # the epoch's first `batch` steps were batches of the saved size and data order: another
+        # size, rank count or seed would replay a different set of images
+        raise RunError(f"{path}: saved mid-epoch (epoch {state.epoch + 1}, batch {state.batch}) with --batch-size "
+                       f"{then[0]} x {then[1]} rank(s), --seed {then[2]}; resume with those (now {now[0]} x {now[1]}, "
+                       f"--seed {now[2]}) or from a checkpoint at an epoch's end")
+    state.batch_size, state.world, state.seed = now
+    sched = state.schedule
+    sched.patience, sched.threshold, sched.max_drops = cfg.plateau_patience, cfg.plateau_threshold, cfg.max_lr_drops
+    if lr_given:           # the paper's lr drops were decisions by hand: an explicit --lr always wins
+        sched.lr = cfg.lr
+    if len(state.rng) == world:
+        note = ckpt.set_rng_state(state.rng[s.info.rank])
+        if note:
+            s.say.line(f"train: {note}: those GPUs' dropout RNG reseeded, the continuation is not bitwise identical")
+    else:
+        s.say.line(f"train: world size changed ({len(state.rng)} -> {world}): dropout RNG reseeded, "
+                   "so the continuation is not bitwise identical")
 
 
 # --- training ---------------------------------------------------------------------------
 
 def train(cfg: TrainConfig, argv: list[str], info: D.DistInfo, say: Reporter) -> int:
-    state = None
+    saved, path = None, None
     if cfg.resume:
-        state = ckpt.load(Path(cfg.resume) / "last.pt")
-        saved = from_dict(TrainConfig, state["config"])
-        cfg, changes = merge_explicit(saved, argv, cfg)
-        cfg = replace(cfg, out=cfg.resume)
-        say.line(f"train: resuming {cfg.resume} at epoch {state['epoch'] + 1}, step {state['step']}"
-                 + (f" (overriding: {'; '.join(changes)})" if changes else ""))
-    out = Path(cfg.out) if cfg.resume else run_folder(cfg)
-    if not cfg.resume and (out / "last.pt").exists():
-        raise RunError(f"{out}: already holds a run (last.pt); continue it with --resume {out} or pick another --out")
-    records, classes = resolve_records(cfg)
-    devices = setup_devices(cfg, info, say)
-    run = Run(cfg=cfg, info=info, devices=devices, records=records, classes=classes, out=out, say=say)
-    prepare(run, state)
-    if info.is_main:
-        write_json(out / "config.json", {**to_dict(cfg), "out": str(out), "devices": devices,
-                                         "world": info.world, "classes": classes})
+        path, out = resume_paths(cfg.resume)
+        saved = ckpt.load(path, keys=RESUME_KEYS)
+        cfg = replace(resume_config(cfg, argv, path, saved, say), out=str(out))
+    elif cfg.out and (Path(cfg.out) / "last.pt").exists():
+        raise RunError(f"{cfg.out}: already holds a run (last.pt); continue it with --resume {cfg.out} "
+                       "or pick another --out")
+    out = run_folder(cfg)
+    s = build_session(cfg, info, say, out)
+    state = new_state(cfg, info.world)
+    if saved is not None:
+        restore(s, state, saved, path, lr_given="lr" in explicit_flags(argv))
+    return run_session(s, state)
+
+
+def run_session(s: Session, state: TrainState) -> int:
+    """The run folder brought in line with ``state``, then the epochs under a signal handler."""
+    if s.info.is_main:
+        s.out.mkdir(parents=True, exist_ok=True)     # ENOTDIR/EACCES/EROFS: main's one-line OSError
+        remove_stale_temps(s.out)
+        write_json(s.out / "config.json", {**to_dict(s.cfg), "out": str(s.out), "devices": s.devices,
+                                           "world": s.info.world, "classes": s.classes})
+        # metrics.jsonl = the checkpoint's history: no epoch twice, none the checkpoint lacks
+        write_text(s.out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in state.history))
     stop = StopFlag().install()       # from here on a signal means: finish the step, save, exit
-    say.line(f"train: run folder {out}; {classes} classes; devices {', '.join(devices)}; world {info.world}")
-    return train_epochs(run, stop)
-
-
-def prepare(run: Run, state: dict | None) -> None:
-    """Model, optimiser, schedule and counters; from the checkpoint when resuming."""
-    cfg = run.cfg
-    run.net = build_net(cfg, run.classes, run.devices)
-    run.optimizer = make_optimizer(run.net, cfg)
-    run.schedule = PlateauSchedule(lr=cfg.lr, patience=cfg.plateau_patience, threshold=cfg.plateau_threshold)
-    torch.manual_seed(cfg.seed + 1 + run.info.rank)   # dropout masks: different per rank
-    if state is not None:
-        restore(run, state)
-    run.model = wrap_model(run.net, cfg, run.info)
-    run.settings = LoopSettings(input_device=run.net.input_device, amp=cfg.amp, channels_last=cfg.channels_last)
-
-
-def restore(run: Run, state: dict) -> None:
-    path = Path(run.cfg.resume) / "last.pt"
-    load_net_state(run.net, state, path)
-    run.optimizer.load_state_dict(state["optimizer"])
-    run.schedule.load_state_dict(state["schedule"])
-    # the paper's lr drops were decisions by hand: an explicit --lr on resume replaces the schedule's
-    if run.cfg.lr != state["config"]["lr"]:
-        run.schedule.lr = run.cfg.lr
-    run.schedule.patience, run.schedule.threshold = run.cfg.plateau_patience, run.cfg.plateau_threshold
-    run.epoch, run.step = int(state["epoch"]), int(state["step"])
-    run.sums = EpochSums(**state["sums"])
-    run.history = list(state.get("history", []))
-    rngs = state["rng"]
-    if len(rngs) == run.info.world:
-        ckpt.set_rng_state(rngs[run.info.rank])
-    else:
-        run.say.line(f"train: world size changed ({len(rngs)} -> {run.info.world}): dropout RNG reseeded, "
-                     "so the continuation is not bitwise identical")
-
-
-def train_epochs(run: Run, stop: StopFlag) -> int:
-    cfg = run.cfg
-    phases = Phases(cfg.profile, run.devices)
+    s.say.line(f"train: run folder {s.out}; {s.classes} classes; devices {', '.join(s.devices)}; "
+               f"world {s.info.world}")
     try:
-        while run.epoch < cfg.epochs and not steps_exhausted(run):
-            finished = train_epoch(run, stop, phases)
-            if not finished:
-                return interrupted(run, stop)
-    except NonFiniteLoss as exc:
-        last = run.out / "last.pt"
-        kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
-        print(f"error: {exc}; stopped without saving ({kept}); try a lower --lr", file=sys.stderr)
-        return 3
+        return fit(s, state, stop)
     finally:
         stop.restore()
+
+
+def fit(s: Session, state: TrainState, stop: StopFlag) -> int:
+    """The epochs: train -> validate -> schedule -> save, until --epochs, --max-steps or a stop."""
+    cfg = s.cfg
+    phases = Phases(cfg.profile, s.devices)
+    try:
+        while state.epoch < cfg.epochs and not steps_spent(cfg, state):
+            reason = train_epoch(s, state, stop, phases)
+            if reason == "stopped":
+                return paused(s, state, f"{stop.name or 'stop'} received", stop.exit_code)
+            if reason == "max_steps":          # mid-epoch: no validation, the epoch is not over
+                paused(s, state, f"--max-steps {cfg.max_steps} reached", 0)
+                break
+            end_epoch(s, state)
+    except (NonFiniteLoss, ckpt.NonFiniteState) as exc:
+        print(f"error: {exc}; stopped without saving it ({last_finite(s.out)}); try a lower --lr", file=sys.stderr)
+        return 3
+    except RecordsError as exc:             # a bad record met mid-epoch: keep every step before it
+        try:
+            save_checkpoint(s, state)
+        except ckpt.NonFiniteState as bad:
+            print(f"error: {exc}; {bad}, not saved ({last_finite(s.out)})", file=sys.stderr)
+            return 3
+        print(f"error: {exc}\n  saved {s.out / 'last.pt'} after step {state.step}; once the records are "
+              f"fixed, continue with: python train.py --resume {s.out}", file=sys.stderr)
+        return 2
     if cfg.profile:
-        report_profile(run, phases)
-    finish(run)
+        report_profile(s, phases)
+    finish(s, state)
     return 0
 
 
-def steps_exhausted(run: Run) -> bool:
-    return run.cfg.max_steps is not None and run.step >= run.cfg.max_steps
+def steps_spent(cfg: TrainConfig, state: TrainState) -> bool:
+    return cfg.max_steps is not None and state.step >= cfg.max_steps
 
 
-def epoch_budget(run: Run) -> int | None:
-    """Steps this epoch may still take (epoch_steps cap, max_steps cap), None = no cap."""
-    caps = []
-    if run.cfg.epoch_steps is not None:
-        caps.append(run.cfg.epoch_steps - run.sums.batches)
-    if run.cfg.max_steps is not None:
-        caps.append(run.cfg.max_steps - run.step)
-    return max(0, min(caps)) if caps else None
-
-
-def train_epoch(run: Run, stop: StopFlag, phases: Phases) -> bool:
-    """One epoch (or the rest of a resumed one), then validation, schedule and checkpoint.
-    False if a signal stopped it (the caller saves mid-epoch)."""
-    cfg, e = run.cfg, run.epoch
-    loader = make_loader(run, "train", "train", epoch=e)
+def train_epoch(s: Session, state: TrainState, stop: StopFlag, phases: Phases) -> str:
+    """The epoch's steps from state's position on (a resumed epoch skips its trained batches)."""
+    cfg = s.cfg
+    loader = s.data.train(state.epoch)
     batches = iter(loader)
-    for _ in range(run.sums.batches):   # resumed mid-epoch: replay the batches already trained on
-        next(batches)
-    budget = epoch_budget(run)
-    total = min(len(loader), run.sums.batches + budget) if budget is not None else len(loader)
-    should_stop = stop_poll(run, stop)
-    profiler = trace_profiler(cfg.profile and run.info.is_main and e == 0, run.out)
-    steps = [run.step]                   # global steps done, counted as they happen
-    set_lr(run, steps[0])
-    with run.say.bar(f"epoch {e + 1}/{cfg.epochs}", total, run.sums.batches) as advance, profiler:
-        def on_step(sums: EpochSums, n: int) -> None:
-            steps[0] += n
-            set_lr(run, steps[0])
-            advance(n, info=f"{sums.images / sums.seconds:.1f} img/s" if sums.seconds else "")
-        before = run.sums.batches
-        hooks = StepHooks(phases=phases, should_stop=should_stop, on_step=on_step,
-                          profiler=profiler if cfg.profile else None)
-        reason = train_one_epoch(run.model, batches, run.optimizer, run.settings, run.sums,
-                                 first_step=run.step + 1, max_batches=budget, hooks=hooks)
-    run.step += run.sums.batches - before
-    del batches, loader
-    if reason == "stopped":
-        return False
-    end_epoch(run)
-    return True
+    skip_batches(batches, state.batch)
+    plan = StepPlan(epoch_batches=min(len(loader), cfg.epoch_steps or len(loader)),
+                    max_steps=cfg.max_steps, warmup_steps=cfg.warmup_steps)
+    profiler = trace_profiler(cfg.profile and s.info.is_main and state.epoch == 0, s.out)
+    with s.say.bar(f"epoch {state.epoch + 1}/{cfg.epochs}", plan.epoch_batches, state.batch) as advance, profiler:
+        def on_step(st: TrainState) -> None:
+            advance(1, info=f"{st.sums.images / st.sums.seconds:.1f} img/s" if st.sums.seconds else "")
+        hooks = StepHooks(prepare=lambda batch: to_device(batch, s.settings), precision=s.precision,
+                          phases=phases, should_stop=stop_poll(s, stop), on_step=on_step, profiler=profiler)
+        return train_steps(s.model, s.optimizer, batches, state, plan, s.settings, hooks)
 
 
-def stop_poll(run: Run, stop: StopFlag):
+def stop_poll(s: Session, stop: StopFlag):
     """What the loop asks after each step: has a signal asked us to stop?
 
     One process: the flag itself, every step. Distributed: every rank must stop after the
@@ -275,119 +340,129 @@ def stop_poll(run: Run, stop: StopFlag):
     polled every ``check_every`` steps (the loop's own read-back cadence) on a count every
     rank shares; a signal waits at most that many steps.
     """
-    if not run.info.enabled:
+    if not s.info.enabled:
         return lambda: bool(stop)
-    every, calls = run.settings.check_every, [0]
+    every, calls = s.settings.check_every, [0]
 
     def poll() -> bool:
         calls[0] += 1
-        return calls[0] % every == 0 and D.any_rank(bool(stop), run.devices[0])
+        return calls[0] % every == 0 and D.any_rank(bool(stop), s.devices[0])
     return poll
 
 
-def set_lr(run: Run, done: int) -> None:
-    """Write the lr for the step after ``done`` global steps into the optimizer: the only
-    place the optimizer's lr is set (the schedule's lr with the warm-up, ``lr_at``)."""
-    lr = lr_at(run.schedule.lr, done, run.cfg.warmup_steps)
-    for group in run.optimizer.param_groups:
-        group["lr"] = lr
-
-
-def end_epoch(run: Run) -> None:
-    """Validate on the centre crop, step the lr schedule, log a metrics line, save checkpoints."""
-    cfg = run.cfg
-    val = validate(run, "center")
-    m = {"epoch": run.epoch + 1, "step": run.step, "lr": run.schedule.lr, **run.sums.metrics(),
+def end_epoch(s: Session, state: TrainState) -> None:
+    """Validate on the centre crop, step the lr schedule, save the checkpoint, then log the epoch."""
+    val = validate(s, "center")
+    m = {"epoch": state.epoch + 1, "step": state.step, "lr": state.schedule.lr, **state.sums.metrics(state.batch),
          "val_top1_err": val["top1_err"], "val_top5_err": val["top5_err"], "val_loss": val["loss"],
-         "epoch_seconds": run.sums.seconds, "train_images": run.sums.images * run.info.world}
-    run.history.append(m)
-    run.say.line(epoch_line(m, cfg.epochs))
-    is_best = val["top1_err"] < min((h["val_top1_err"] for h in run.history[:-1]), default=float("inf"))
-    if run.schedule.step(val["top1_err"]):   # the next epoch's set_lr puts it in the optimizer
-        run.say.line(f"train: validation top-1 error stopped improving for {cfg.plateau_patience} epoch(s): "
-                     f"lr divided by 10 -> {run.schedule.lr:.3g}")
-    run.epoch, run.sums = run.epoch + 1, EpochSums()
-    if run.info.is_main:
-        append_line(run.out / "metrics.jsonl", json.dumps(m))
-    save_checkpoint(run, best=is_best)
+         "epoch_seconds": state.sums.seconds, "train_images": state.sums.images * s.info.world}
+    s.say.line(epoch_line(m, s.cfg.epochs))
+    is_best = val["top1_err"] < min((h["val_top1_err"] for h in state.history), default=float("inf"))
+    if state.schedule.step(val["top1_err"]):   # the next step's lr_at puts it in the optimizer
+        s.say.line(f"train: validation top-1 error stopped improving for {s.cfg.plateau_patience} epoch(s): "
+                   f"lr divided by 10 -> {state.schedule.lr:.3g}")
+    state.end_epoch(m)
+    save_checkpoint(s, state, best=is_best)
+    if s.info.is_main:                          # only after the checkpoint it describes is on disk
+        try:
+            append_line(s.out / "metrics.jsonl", json.dumps(m))
+        except OSError as exc:   # a resume rewrites metrics.jsonl from the checkpoint's history
+            raise RunError(f"{s.out / 'metrics.jsonl'}: cannot write ({exc.strerror or exc}); {s.out / 'last.pt'} "
+                           f"holds epoch {state.epoch}, and --resume {s.out} restores this line") from None
 
 
-def validate(run: Run, view: str) -> dict:
-    loader = make_loader(run, "val", view)
-    with run.say.bar(f"  val {view}", loader.epoch_size) as advance:
-        sums = evaluate(run.net, loader, run.settings, on_batch=advance)
+def validate(s: Session, view: str) -> dict:
+    loader = s.data.val(view)
+    with s.say.bar(f"  val {view}", loader.epoch_size) as advance:
+        sums = evaluate(s.net, loader, s.settings, on_batch=advance)
     keys = ("images", "top1", "top5", "loss_sum")
-    totals = D.all_reduce_sum([sums[k] for k in keys], run.devices[0])
+    totals = D.all_reduce_sum([sums[k] for k in keys], s.devices[0])
     return eval_metrics(dict(zip(keys, totals)))
 
 
-def checkpoint_state(run: Run) -> dict:
-    """Everything a bitwise-exact continuation needs; tensors and plain containers only."""
-    return {"model": run.net.state_dict(), "optimizer": run.optimizer.state_dict(),
-            "schedule": run.schedule.state_dict(), "epoch": run.epoch, "step": run.step,
-            "sums": run.sums.as_dict(),   # the epoch's done batches: where the loader resumes
-            "rng": D.gather_objects(ckpt.rng_state(), run.info),
-            "history": run.history, "config": to_dict(run.cfg)}
+def save_checkpoint(s: Session, state: TrainState, best: bool = False) -> None:
+    """last.pt (and best.pt) from the model, the optimiser and the TrainState; NonFiniteState
+    if any of those tensors is NaN/inf (then nothing is written)."""
+    state.rng = D.gather_objects(ckpt.rng_state(), s.info)     # every rank joins; rank 0 writes
+    if s.info.is_main:
+        last = s.out / "last.pt"
+        try:
+            ckpt.save(last, {"model": s.net.state_dict(), "optimizer": s.optimizer.state_dict(),
+                             "config": to_dict(s.cfg), **state.state_dict()})
+            if best:
+                ckpt.link(last, s.out / "best.pt")
+        except OSError as exc:       # ENOSPC, EROFS, EDQUOT ...: the temp file is gone, last.pt untouched
+            raise RunError(f"{last}: cannot write the checkpoint ({exc.strerror or exc}); "
+                           f"the previous one is intact: {last_finite(s.out)}") from None
+    D.barrier(s.info)
 
 
-def save_checkpoint(run: Run, best: bool = False) -> None:
-    state = checkpoint_state(run)      # every rank joins the RNG gather; rank 0 writes
-    if run.info.is_main:
-        ckpt.save(run.out / "last.pt", state)
-        if best:
-            ckpt.link(run.out / "last.pt", run.out / "best.pt")
-    D.barrier(run.info)
+def last_finite(out: Path) -> str:
+    """Which checkpoint of the run folder a user can go back to (checked, not assumed)."""
+    for name in ("last.pt", "best.pt"):
+        try:
+            state = ckpt.load(out / name, keys=("model", "optimizer"))
+        except ckpt.CheckpointError:
+            continue
+        if not ckpt.nonfinite_tensor({"model": state["model"], "optimizer": state["optimizer"]}):
+            return f"the last finite checkpoint is {out / name} (step {state['step']})"
+    return f"no finite checkpoint in {out}"
 
 
-def interrupted(run: Run, stop: StopFlag) -> int:
-    save_checkpoint(run)
-    run.say.line(f"train: {stop.name or 'stop'} received: saved {run.out / 'last.pt'} after step {run.step} "
-                 f"(epoch {run.epoch + 1}, batch {run.sums.batches}). Continue exactly with:\n"
-                 f"  python train.py --resume {run.out}")
-    return stop.exit_code
+def paused(s: Session, state: TrainState, why: str, status: int) -> int:
+    """Save mid-epoch and say how to continue with exactly the next batch."""
+    save_checkpoint(s, state)
+    more = " --max-steps N (a larger N, or none)" if why.startswith("--max-steps") else ""
+    s.say.line(f"train: {why}: saved {s.out / 'last.pt'} after step {state.step} (epoch {state.epoch + 1}, "
+               f"batch {state.batch}). Continue exactly with:\n  python train.py --resume {s.out}{more}")
+    return status
 
 
-def finish(run: Run) -> None:
+def finish(s: Session, state: TrainState) -> None:
     """End of training: the per-epoch table, then single-crop vs 10-crop error on the final weights."""
-    if run.history:
-        run.say.table(epochs_table(run.history))
-    if not run.cfg.final_eval:
+    if state.history:
+        s.say.table(epochs_table(state.history))
+    if not s.cfg.final_eval:
         return
-    single, ten = validate(run, "center"), validate(run, "tencrop")
-    run.say.table(crops_table(single, ten, run.classes))
-    if run.info.is_main:
-        write_json(run.out / "eval.json", {"epoch": run.epoch, "step": run.step, "center": single, "tencrop": ten})
-    run.say.line(f"train: done; run folder {run.out} (config.json, metrics.jsonl, last.pt, best.pt, eval.json)")
-    if run.cfg.demo:
-        run.say.line(REAL_THING)
+    write_eval(s, s.out / "eval.json", {"epoch": state.epoch, "step": state.step})
+    s.say.line(f"train: done; run folder {s.out} (config.json, metrics.jsonl, last.pt, best.pt, eval.json)")
+    if s.cfg.demo:
+        s.say.line(REAL_THING)
 
 
-def report_profile(run: Run, phases: Phases) -> None:
+def write_eval(s: Session, path: Path, where: dict) -> None:
+    single, ten = validate(s, "center"), validate(s, "tencrop")
+    s.say.table(crops_table(single, ten, s.classes))
+    if s.info.is_main:
+        write_json(path, {**where, "center": single, "tencrop": ten})
+
+
+def report_profile(s: Session, phases: Phases) -> None:
     summary = phases.summary()
-    run.say.table(profile_table(summary, run.devices))
-    if run.info.is_main:
-        write_json(run.out / "profile.json", {**summary, "devices": run.devices,
-                                              "trace": str(run.out / "trace.json")})
-        run.say.line(f"train: profile in {run.out / 'profile.json'}, Chrome trace in {run.out / 'trace.json'}")
+    s.say.table(profile_table(summary, s.devices))
+    if s.info.is_main:
+        write_json(s.out / "profile.json", {**summary, "devices": s.devices, "trace": str(s.out / "trace.json")})
+        s.say.line(f"train: profile in {s.out / 'profile.json'}, Chrome trace in {s.out / 'trace.json'}")
 
 
 # --- evaluation only --------------------------------------------------------------------
 
 def eval_only(cfg: TrainConfig, info: D.DistInfo, say: Reporter) -> int:
-    """--eval-only --checkpoint PATH: single-crop and 10-crop error of a checkpoint's weights.
-    The model switches come from the checkpoint's own config."""
+    """--eval-only --checkpoint PATH: single-crop and 10-crop error of a checkpoint's weights,
+    written to eval.json in --out (default: beside the checkpoint). The model switches come
+    from the checkpoint's own config."""
     path = Path(cfg.checkpoint)
     state = ckpt.load(path)
-    saved = from_dict(TrainConfig, state["config"])
+    saved = saved_config(state, path)
     cfg = replace(cfg, **{k: getattr(saved, k) for k in MODEL_FIELDS})
-    records, classes = resolve_records(cfg)
-    devices = setup_devices(cfg, info, say)
-    run = Run(cfg=cfg, info=info, devices=devices, records=records, classes=classes,
-              out=Path(cfg.out) if cfg.out else path.parent, say=say)
-    run.net = build_net(cfg, classes, devices)
-    load_net_state(run.net, state, path)
-    run.settings = LoopSettings(input_device=run.net.input_device, amp=cfg.amp, channels_last=cfg.channels_last)
-    single, ten = validate(run, "center"), validate(run, "tencrop")
-    say.table(crops_table(single, ten, classes))
-    say.line(f"train: evaluated {path} (epoch {state['epoch']}, step {state['step']})")
+    out = run_folder(replace(cfg, out=cfg.out or str(path.parent)))
+    s = build_session(cfg, info, say, out)
+    try:
+        s.net.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0][:200]
+        raise ckpt.CheckpointError(f"{path}: its weights do not fit this model ({first})") from None
+    out.mkdir(parents=True, exist_ok=True)
+    write_eval(s, out / "eval.json", {"checkpoint": str(path), "epoch": state["epoch"], "step": state["step"]})
+    say.line(f"train: evaluated {path} (epoch {state['epoch']}, step {state['step']}); wrote {out / 'eval.json'}")
     return 0

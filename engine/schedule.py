@@ -6,10 +6,11 @@ they did it three times in ~90 epochs. Here "stopped improving" is made mechanic
 ``torch.optim.lr_scheduler.ReduceLROnPlateau(mode="min", threshold_mode="abs")``: after
 ``patience`` consecutive epochs whose validation top-1 error (a fraction, 0-1) does not beat
 the best so far by more than ``threshold``, the lr is divided by ``factor`` and the count
-restarts. Our own small class so its state is plain numbers (checkpoints load with
+restarts; after ``max_drops`` divisions (the paper: three) the lr stays where it is. Our own
+small class so its state is plain numbers (checkpoints load with
 ``weights_only=True``) and the rule reads in one screen. The schedule only decides the lr;
-the loop writes it into the optimizer before every step (``engine.run.set_lr``, through
-``lr_at``, which adds the optional linear warm-up).
+the step loop writes it into the optimizer before every step (``engine.loop.train_steps``,
+through ``lr_at``, which adds the optional linear warm-up).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ class PlateauSchedule:
     patience: int = 4         # epochs without improvement before a drop
     threshold: float = 0.001  # required improvement of the top-1 error (absolute, fraction)
     factor: float = 10.0      # the paper divides by 10
+    max_drops: int = 3        # the paper divided three times in ~90 epochs; no more divisions after these
     best: float = math.inf    # best validation top-1 error seen (fraction)
     bad_epochs: int = 0       # consecutive epochs without improvement since best or the last drop
     drops: int = 0            # how many times lr was divided so far
@@ -33,7 +35,7 @@ class PlateauSchedule:
             self.best, self.bad_epochs = val_error, 0
             return False
         self.bad_epochs += 1
-        if self.bad_epochs < self.patience:
+        if self.bad_epochs < self.patience or self.drops >= self.max_drops:
             return False
         self.lr /= self.factor
         self.bad_epochs, self.drops = 0, self.drops + 1

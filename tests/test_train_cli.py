@@ -27,7 +27,7 @@ def tiny(records, out, *extra):
 @pytest.fixture(scope="module")
 def smoke_run(sample_records, tmp_path_factory):
     out = tmp_path_factory.mktemp("smoke") / "run"
-    rc = main(tiny(sample_records, out, "--epochs", "1", "--max-steps", "2", "--profile"))
+    rc = main(tiny(sample_records, out, "--epochs", "1", "--epoch-steps", "2", "--profile"))
     return rc, out
 
 
@@ -48,7 +48,7 @@ def test_smoke_run_writes_the_run_folder(smoke_run, sample_records):
     n_val = json.loads((sample_records / "meta.json").read_text())["counts"]["val"]
     assert ev["center"]["images"] == ev["tencrop"]["images"] == n_val      # every val record once
     state = ckpt.load(out / "last.pt")
-    assert (state["epoch"], state["step"], state["sums"]["batches"]) == (1, 2, 0)
+    assert (state["epoch"], state["step"], state["batch"]) == (1, 2, 0)
     assert torch.load(out / "best.pt", weights_only=True)["step"] == 2
 
 
@@ -63,16 +63,21 @@ def test_profile_writes_a_trace_and_a_table(smoke_run):
     assert {"forward", "backward", "optimizer"} <= names          # our record_function labels
 
 
-def test_eval_only_prints_single_and_ten_crop(smoke_run, sample_records, capsys):
+def test_eval_only_prints_single_and_ten_crop(smoke_run, sample_records, capsys, tmp_path):
     _, out = smoke_run
     rc = main(["--eval-only", "--checkpoint", str(out / "best.pt"), "--records", str(sample_records),
-               "--gpus", "", "--batch-size", "10", "--no-progress"])
+               "--gpus", "", "--batch-size", "10", "--no-progress", "--out", str(tmp_path / "ev")])
     assert rc == 0
     text = capsys.readouterr().out
     assert "1 crop (centre)" in text and "10 crops (voted)" in text and "top-5 error" in text
-    # the same weights, the same val set: the centre-crop error equals the run's own final one
-    ev = json.loads((out / "eval.json").read_text())
+    # the same weights, the same val set: the same errors as the run's own final table
+    ev, mine = (json.loads(p.read_text()) for p in (out / "eval.json", tmp_path / "ev" / "eval.json"))
     assert f"{100 * ev['center']['top1_err']:.2f}%" in text
+    assert mine["checkpoint"] == str(out / "best.pt")
+    for view in ("center", "tencrop"):      # another batch size: the summed loss may differ in the last bits
+        assert {k: mine[view][k] for k in ("images", "top1_err", "top5_err")} == \
+            {k: ev[view][k] for k in ("images", "top1_err", "top5_err")}
+        assert mine[view]["loss"] == pytest.approx(ev[view]["loss"], rel=1e-5)
 
 
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(smoke_run, capsys):
@@ -83,8 +88,12 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(smoke_run, caps
                "--lr", "1e6", "--no-progress"])
     assert rc == 3
     err = capsys.readouterr().err
-    assert "loss became" in err and "at step" in err and f"the last good checkpoint is {out / 'last.pt'}" in err
+    assert err.count("\n") == 1 and err.startswith("error: ")
+    assert f"the last finite checkpoint is {out / 'last.pt'} (step 2)" in err
     assert (out / "last.pt").read_bytes() == before
+    for path in out.glob("*.pt"):
+        state = ckpt.load(path)
+        assert ckpt.nonfinite_tensor({"m": state["model"], "o": state["optimizer"]}) is None, path
 
 
 def test_plateau_divides_the_optimizers_lr_by_10(sample_records, tmp_path):
@@ -102,14 +111,18 @@ def test_plateau_divides_the_optimizers_lr_by_10(sample_records, tmp_path):
     assert state["schedule"]["lr"] == pytest.approx(0.0001) and state["schedule"]["drops"] == 2
 
 
-def test_resume_continues_bitwise(sample_records, tmp_path):
-    common = ["--batch-size", "2", "--epoch-steps", "1", "--no-final-eval", "--seed", "3", "--warmup-steps", "3"]
+def test_max_steps_mid_epoch_then_resume_continues_bitwise(sample_records, tmp_path):
+    """The real loader and AlexNet: a stop after step 3 of 4 (mid-epoch 2), resumed, gives bitwise
+    the weights, momentum and metrics of the uninterrupted run (the loader replays epoch 2's first batch)."""
+    common = ["--batch-size", "2", "--epoch-steps", "2", "--no-final-eval", "--seed", "3", "--warmup-steps", "3",
+              "--epochs", "2"]
     full, part = tmp_path / "full", tmp_path / "part"
-    assert main(tiny(sample_records, full, "--epochs", "4", *common)) == 0
-    assert main(tiny(sample_records, part, "--epochs", "2", *common)) == 0
-    assert main(["--resume", str(part), "--epochs", "4", "--no-progress"]) == 0
+    assert main(tiny(sample_records, full, *common)) == 0
+    assert main(tiny(sample_records, part, *common, "--max-steps", "3")) == 0
+    assert (ckpt.load(part / "last.pt")["epoch"], ckpt.load(part / "last.pt")["batch"]) == (1, 1)
+    assert main(["--resume", str(part / "last.pt"), "--max-steps", "none", "--no-progress"]) == 0
     a, b = ckpt.load(full / "last.pt"), ckpt.load(part / "last.pt")
-    assert (a["epoch"], a["step"]) == (b["epoch"], b["step"]) == (4, 4)
+    assert (a["epoch"], a["step"]) == (b["epoch"], b["step"]) == (2, 4)
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
     for k, buf in a["optimizer"]["state"].items():
@@ -117,7 +130,7 @@ def test_resume_continues_bitwise(sample_records, tmp_path):
     strip = lambda line: {k: v for k, v in json.loads(line).items() if k not in ("images_per_s", "epoch_seconds")}
     la = [strip(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
     lb = [strip(x) for x in (part / "metrics.jsonl").read_text().splitlines()]
-    assert la == lb and len(la) == 4
+    assert la == lb and len(la) == 2
 
 
 def test_sigterm_mid_epoch_saves_a_loadable_checkpoint(sample_records, tmp_path):
@@ -140,7 +153,7 @@ def test_sigterm_mid_epoch_saves_a_loadable_checkpoint(sample_records, tmp_path)
     state = ckpt.load(out / "last.pt")
     per_epoch = json.loads((sample_records / "meta.json").read_text())["counts"]["train"] // 2
     # mid-epoch: epoch 0 not finished, at least one batch done
-    assert state["epoch"] == 0 and 1 <= state["sums"]["batches"] == state["step"] < per_epoch
+    assert state["epoch"] == 0 and 1 <= state["batch"] == state["step"] < per_epoch
     assert not list(out.glob(".*.tmp"))            # no half-written file left behind
 
 
@@ -151,8 +164,66 @@ def test_cli_errors(sample_records, tmp_path, capsys):
     assert main(["--records", str(sample_records), "--gpus", str(visible), "--out", str(tmp_path / "r2")]) == 2
     assert f"--gpus '{visible}' names GPU {visible}, but {visible} GPU(s) are visible" in capsys.readouterr().err
     assert main(["--resume", str(tmp_path / "empty")]) == 2
-    assert "last.pt: no such checkpoint file" in capsys.readouterr().err
+    assert f"{tmp_path / 'empty'}: no such checkpoint file" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
         main(["--records", str(sample_records), "--bogus"])
     assert exc.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
     assert not (tmp_path / "r1").exists() and not (tmp_path / "r2").exists()     # nothing half-written
+
+
+def _one_error_line(capsys, expected: str) -> None:
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and expected in err, err
+
+
+def test_out_that_is_a_file_is_one_error(sample_records, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    assert main(tiny(sample_records, tmp_path / "file")) == 2
+    _one_error_line(capsys, f"{tmp_path / 'file'}: exists and is not a folder")
+    assert main(tiny(sample_records, tmp_path / "file" / "run")) == 2      # ENOTDIR from mkdir
+    _one_error_line(capsys, "Not a directory")
+
+
+@pytest.fixture(scope="module")
+def small_state(smoke_run):
+    """The smoke run's checkpoint without its (large) weights and momentum: every check below
+    fails before they would be loaded, so they need not be written again and again."""
+    state = ckpt.load(smoke_run[1] / "last.pt")
+    state.pop("format")
+    return {**state, "model": {}, "optimizer": {"state": {}, "param_groups": []}}
+
+
+def _checkpoint(state, path, **changes):
+    state = dict(state)
+    for key, value in changes.items():
+        if value is None:
+            state.pop(key)
+        else:
+            state[key] = value
+    ckpt.save(path, state)
+    return path
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"optimizer": None, "history": None}, "incomplete checkpoint, missing optimizer, history"),
+    ({"config": "not a dict"}, "its saved config is not valid here"),
+    ({"config": {"lr": "nan"}}, "its saved config is not valid here"),
+    ({"config": {"no_such_flag": 1}},
+     "its saved config is not valid here: unknown config key(s) for TrainConfig: no_such_flag"),
+    ({"model": {"fc": torch.zeros(1)}}, "does not fit this model or run"),
+])
+def test_bad_checkpoints_are_one_error(small_state, tmp_path, capsys, change, message):
+    if isinstance(change.get("config"), dict):
+        change = {"config": {**small_state["config"], **change["config"]}}
+    path = _checkpoint(small_state, tmp_path / "run" / "last.pt", **change)
+    assert main(["--resume", str(path), "--no-progress"]) == 2
+    _one_error_line(capsys, f"{path}: {message}")
+
+
+@pytest.mark.skipif(torch.cuda.device_count() >= 2, reason="needs fewer than 2 visible GPUs")
+def test_resume_on_fewer_gpus_than_saved_is_one_error(small_state, tmp_path, capsys):
+    config = {**small_state["config"], "gpus": "0,1"}
+    path = _checkpoint(small_state, tmp_path / "run" / "last.pt", config=config)
+    assert main(["--resume", str(path), "--no-progress"]) == 2
+    visible = torch.cuda.device_count()
+    _one_error_line(capsys, f"saved with --gpus '0,1', but {visible} GPU(s) are visible here; pass --gpus")

@@ -11,9 +11,9 @@ import torch.multiprocessing as mp
 
 from engine import distributed as D
 from engine.config import TrainConfig
-from engine.loop import EpochSums, LoopSettings, train_one_epoch
+from engine.loop import LoopSettings, Precision, StepHooks, StepPlan, to_device, train_steps
 from engine.recipe import make_optimizer
-from engine.run import build_net, epoch_seed
+from engine.run import build_net, epoch_seed, new_state
 
 
 def _free_port() -> int:
@@ -47,10 +47,11 @@ def _rank(rank: int, world: int, port: int, records: str, out: str) -> None:
     opt = make_optimizer(net, cfg)
     train = Loader(records, split="train", view="train", batch_size=2, shard=(info.rank, info.world),
                    seed=epoch_seed(cfg.seed, 0))
-    sums = EpochSums()
-    train_one_epoch(model, iter(train), opt, LoopSettings(torch.device("cpu")), sums, first_step=1, max_batches=2)
+    state, settings = new_state(cfg, info.world), LoopSettings(torch.device("cpu"))
+    hooks = StepHooks(prepare=lambda b: to_device(b, settings), precision=Precision("none", torch.device("cpu")))
+    train_steps(model, opt, iter(train), state, StepPlan(epoch_batches=2), settings, hooks)
     torch.save({"params": {k: v.detach().clone() for k, v in net.state_dict().items()}, "seen": seen,
-                "steps": sums.batches}, os.path.join(out, f"rank{rank}.pt"))
+                "steps": state.step}, os.path.join(out, f"rank{rank}.pt"))
     D.shutdown(info)
 
 

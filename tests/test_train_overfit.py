@@ -8,7 +8,7 @@ import math
 import torch
 
 from engine.config import TrainConfig
-from engine.loop import LoopSettings, train_step
+from engine.loop import Precision, train_step
 from engine.profiling import Phases
 from engine.recipe import make_optimizer
 from engine.run import build_net
@@ -22,10 +22,10 @@ def test_overfits_a_fixed_batch(sample_records):
     cfg = TrainConfig(gpus="", towers=1, dropout=0.0, lr=0.001, weight_decay=0.0, seed=0)
     net = build_net(cfg, classes=4, devices=["cpu"])
     opt = make_optimizer(net, cfg)
-    settings, phases = LoopSettings(torch.device("cpu")), Phases(False, [])
+    precision, phases = Precision("none", torch.device("cpu")), Phases(False, [])
     losses = []
     for _ in range(60):
-        loss, _ = train_step(net, opt, images, labels, settings, phases)
+        loss, _ = train_step(net, opt, images, labels, precision, phases)
         losses.append(loss.item())
         if losses[-1] < 0.02:
             break

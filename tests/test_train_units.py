@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import math
 import pickle
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,14 +15,16 @@ from torch import nn
 from engine import checkpoint as ckpt
 from engine.config import DEMO, TrainConfig, merge_explicit, parse_train_args
 from engine.distributed import DeviceError, DistInfo, replica_devices, tower_devices
-from engine.loop import EpochSums, LoopSettings, NonFiniteLoss, StepHooks, evaluate, train_one_epoch
+from engine.loop import LoopSettings, NonFiniteLoss, Precision, StepHooks, StepPlan, evaluate, to_device, train_steps
 from engine.profiling import PHASES, Phases
-from engine.recipe import make_optimizer, param_groups
+from engine.recipe import loss_fn, make_optimizer, param_groups
 from engine.run import epoch_seed, stop_poll
 from engine.schedule import PlateauSchedule, lr_at
+from engine.state import TrainState
 from engine.voting import topk_counts, vote
 
 CPU = LoopSettings(input_device=torch.device("cpu"))
+REPO = Path(__file__).resolve().parent.parent
 
 
 # --- 10-crop voting -----------------------------------------------------------------------
@@ -69,6 +74,13 @@ def test_lr_drops_after_patience_plateau_epochs_and_not_before():
     # the count restarts after a drop: two more flat epochs do nothing, the third drops again
     assert [s.step(0.70) for _ in range(3)] == [False, False, True]
     assert s.lr == pytest.approx(0.0001)
+
+
+def test_plateau_rule_divides_at_most_max_drops_times():
+    s = PlateauSchedule(lr=0.01, patience=1, threshold=0.0, max_drops=3)
+    drops = [s.step(0.5) for _ in range(8)]          # one improvement, then seven flat epochs
+    assert drops == [False, True, True, True, False, False, False, False]
+    assert s.drops == 3 and s.lr == pytest.approx(1e-5)
 
 
 def test_lr_no_drop_while_improving_and_counter_resets():
@@ -145,6 +157,17 @@ def test_demo_preset_and_explicit_flags_win():
     (["--checkpoint", "x.pt"], "--checkpoint is for --eval-only"),
     (["--batch-size", "0"], "--batch-size must be > 0"),
     (["--amp", "fp8"], "invalid choice"),
+    (["--lr", "nan"], "--lr must be a finite number > 0, got nan"),
+    (["--lr", "inf"], "--lr must be a finite number > 0, got inf"),
+    (["--lr", "0"], "--lr must be a finite number > 0"),
+    (["--momentum", "nan"], "--momentum must be a finite number in [0, 1)"),
+    (["--momentum", "1"], "--momentum must be a finite number in [0, 1)"),
+    (["--weight-decay=-inf"], "--weight-decay must be a finite number >= 0"),
+    (["--weight-decay", "nan"], "--weight-decay must be a finite number >= 0"),
+    (["--dropout", "nan"], "--dropout must be a finite number in [0, 1)"),
+    (["--plateau-threshold", "nan"], "--plateau-threshold must be a finite number in [0, 1]"),
+    (["--plateau-threshold", "-0.1"], "--plateau-threshold must be a finite number in [0, 1]"),
+    (["--max-lr-drops", "-1"], "--max-lr-drops must be >= 0"),
 ])
 def test_cli_rejects(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -190,16 +213,27 @@ def test_replica_devices_errors(gpus, visible, info, message):
         replica_devices(TrainConfig(gpus=gpus), info, visible)
 
 
-def test_epoch_seed_is_a_fixed_function():
-    assert epoch_seed(0, 3) == epoch_seed(0, 3)
-    assert len({epoch_seed(0, e) for e in range(50)} | {epoch_seed(1, 0)}) == 51
+def test_epoch_seed_is_the_same_in_another_process():
+    """A resumed run is a new process (another PYTHONHASHSEED, other imports): epoch k's loader
+    seed must not depend on anything but (seed, k)."""
+    pairs = [(0, 0), (0, 3), (7, 89)]
+    code = ("from engine.run import epoch_seed; "
+            f"print([epoch_seed(s, e) for s, e in {pairs}])")
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={"PYTHONHASHSEED": "123"}, cwd=REPO)
+    assert other.stdout.strip() == str([epoch_seed(s, e) for s, e in pairs])
+
+
+def test_epoch_seeds_differ_between_epochs_and_seeds():
+    seeds = {epoch_seed(s, e) for s in range(3) for e in range(90)}
+    assert len(seeds) == 270 and all(0 <= x < 2 ** 31 for x in seeds)
 
 
 # --- checkpoints --------------------------------------------------------------------------
 
 def test_checkpoint_round_trip_weights_only(tmp_path):
     net = nn.Linear(3, 2)
-    state = {"model": net.state_dict(), "epoch": 2, "rng": [ckpt.rng_state()], "config": {"lr": 0.01}}
+    state = {"model": net.state_dict(), "epoch": 2, "step": 9, "rng": [ckpt.rng_state()], "config": {"lr": 0.01}}
     ckpt.save(tmp_path / "last.pt", state)
     back = ckpt.load(tmp_path / "last.pt")
     assert back["epoch"] == 2 and torch.equal(back["model"]["weight"], net.weight)
@@ -211,29 +245,62 @@ def test_checkpoint_round_trip_weights_only(tmp_path):
 
 
 class _Boom:
+    """Unpickling this would create ``path``: proof that a checkpoint load ran a pickle."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
     def __reduce__(self):
-        return (open, ("/tmp/SHOULD_NOT_EXIST_train_ckpt", "w"))
+        return (open, (self.path, "w"))
 
 
-def test_checkpoint_truncated_and_foreign_files(tmp_path):
+def test_checkpoint_truncated_file_is_one_error(tmp_path):
     ckpt.save(tmp_path / "ok.pt", {"epoch": 1})
     data = (tmp_path / "ok.pt").read_bytes()
     (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
     with pytest.raises(ckpt.CheckpointError, match="cut.pt: not a readable checkpoint"):
-        ckpt.load(tmp_path / "cut.pt")
+        ckpt.load(tmp_path / "cut.pt", keys=("epoch",))
+
+
+def test_checkpoint_of_another_program_is_refused(tmp_path):
     torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")      # a torch file, not ours
-    with pytest.raises(ckpt.CheckpointError, match="not a checkpoint of this project"):
+    with pytest.raises(ckpt.CheckpointError, match="other.pt: not a checkpoint of this project"):
         ckpt.load(tmp_path / "other.pt")
-    torch.save({"format": ckpt.FORMAT, "evil": _Boom()}, tmp_path / "evil.pt", _use_new_zipfile_serialization=True)
+
+
+def test_checkpoint_load_never_runs_a_pickle(tmp_path):
+    marker = tmp_path / "pickle_ran"
+    torch.save({"format": ckpt.FORMAT, "evil": _Boom(marker)}, tmp_path / "evil.pt")
     with pytest.raises(ckpt.CheckpointError, match="evil.pt"):
         ckpt.load(tmp_path / "evil.pt")
-    import os
-    assert not os.path.exists("/tmp/SHOULD_NOT_EXIST_train_ckpt")     # the pickle never ran
+    assert not marker.exists()
     (tmp_path / "pickle.pt").write_bytes(pickle.dumps({"a": 1}))
-    with pytest.raises(ckpt.CheckpointError):
+    with pytest.raises(ckpt.CheckpointError, match="pickle.pt: not a readable checkpoint"):
         ckpt.load(tmp_path / "pickle.pt")
-    with pytest.raises(ckpt.CheckpointError, match="no such checkpoint"):
+
+
+def test_checkpoint_with_the_marker_but_missing_keys_names_them(tmp_path):
+    ckpt.save(tmp_path / "part.pt", {"model": {}, "epoch": 1})
+    with pytest.raises(ckpt.CheckpointError, match="part.pt: incomplete checkpoint, missing config, step"):
+        ckpt.load(tmp_path / "part.pt")
+
+
+def test_missing_checkpoint_file(tmp_path):
+    with pytest.raises(ckpt.CheckpointError, match="missing.pt: no such checkpoint file"):
         ckpt.load(tmp_path / "missing.pt")
+
+
+def test_save_refuses_nonfinite_weights_or_momentum_and_writes_nothing(tmp_path):
+    good = {"model": {"w": torch.ones(3)}, "optimizer": {"state": {0: {"momentum_buffer": torch.ones(2)}}}}
+    ckpt.save(tmp_path / "last.pt", good)
+    before = (tmp_path / "last.pt").read_bytes()
+    for bad in ({"model": {"w": torch.tensor([1.0, math.nan])}, "optimizer": good["optimizer"]},
+                {"model": good["model"], "optimizer": {"state": {0: {"momentum_buffer": torch.tensor([-math.inf])}}}}):
+        with pytest.raises(ckpt.NonFiniteState):
+            ckpt.save(tmp_path / "last.pt", bad)
+    assert (tmp_path / "last.pt").read_bytes() == before and not list(tmp_path.glob(".*.tmp"))
+    assert ckpt.nonfinite_tensor({"optimizer": {"state": {3: {"momentum_buffer": torch.tensor([math.nan])}}}}) \
+        == "optimizer.state.3.momentum_buffer"
 
 
 # --- the epoch loop on a tiny model --------------------------------------------------------
@@ -252,29 +319,78 @@ def _batches(n, bad_at=None):
         yield x, torch.randint(0, 3, (4,), generator=g)
 
 
-def test_train_one_epoch_sums_and_caps():
+def _state(step=0, lr=0.1):
+    return TrainState(schedule=PlateauSchedule(lr=lr), seed=0, batch_size=4, world=1, step=step)
+
+
+def _hooks(**kw):
+    return StepHooks(prepare=lambda b: to_device(b, CPU), precision=Precision("none", torch.device("cpu")), **kw)
+
+
+def test_train_steps_stops_at_the_epochs_planned_batches():
     net = _tiny()
-    opt = make_optimizer(net, TrainConfig(lr=0.1))
-    sums = EpochSums()
-    reason = train_one_epoch(net, iter(list(_batches(25))), opt, CPU, sums, first_step=1, max_batches=23)
-    assert reason == "limit" and sums.batches == 23 and sums.images == 92
-    assert 0 <= sums.top1 <= sums.top5 <= 92 and sums.loss > 0
-    sums2 = EpochSums()
-    assert train_one_epoch(net, iter(list(_batches(5))), opt, CPU, sums2, first_step=1) == "done"
-    calls = []
-    sums3 = EpochSums()
-    reason = train_one_epoch(net, iter(list(_batches(5))), opt, CPU, sums3, first_step=1,
-                             hooks=StepHooks(should_stop=lambda: len(calls) >= 2,
-                                             on_step=lambda s, n: calls.append(n)))
-    assert reason == "stopped" and sums3.batches == 2
+    state, batches = _state(), iter(list(_batches(25)))
+    reason = train_steps(net, make_optimizer(net, TrainConfig()), batches, state, StepPlan(epoch_batches=23),
+                         CPU, _hooks())
+    assert reason == "epoch_end" and (state.step, state.batch, state.sums.images) == (23, 23, 92)
+    assert len(list(batches)) == 2                       # the rest was not consumed
+
+
+def test_train_steps_sums_are_the_models_own_counts():
+    """With lr 0 the weights never move, so the epoch's sums must equal the fixed model's loss
+    and top-1/top-5 hits on the same batches, computed here without the loop."""
+    net = _tiny()
+    data = list(_batches(7))
+    state = _state(lr=0.0)
+    train_steps(net, make_optimizer(net, TrainConfig()), iter(data), state, StepPlan(epoch_batches=7), CPU, _hooks())
+    with torch.no_grad():
+        logits = [net(x) for x, _ in data]
+    top1 = sum(int((lg.argmax(1) == y).sum()) for lg, (_, y) in zip(logits, data))
+    top5 = sum(int((lg.topk(3, 1).indices == y[:, None]).any(1).sum()) for lg, (_, y) in zip(logits, data))
+    assert (state.sums.top1, state.sums.top5) == (top1, top5) == (top1, 28)   # 3 classes: all in the top 5
+    assert state.sums.loss == pytest.approx(sum(float(loss_fn(lg, y)) for lg, (_, y) in zip(logits, data)), rel=1e-6)
+
+
+def test_train_steps_ends_when_the_loader_runs_out():
+    net = _tiny()
+    state = _state()
+    reason = train_steps(net, make_optimizer(net, TrainConfig()), iter(list(_batches(5))), state,
+                         StepPlan(epoch_batches=9), CPU, _hooks())
+    assert reason == "epoch_end" and (state.step, state.batch) == (5, 5)
+
+
+def test_train_steps_stop_request_ends_after_the_current_step():
+    net = _tiny()
+    state, batches = _state(), iter(list(_batches(5)))
+    reason = train_steps(net, make_optimizer(net, TrainConfig()), batches, state, StepPlan(epoch_batches=5), CPU,
+                         _hooks(should_stop=lambda: state.step >= 2))
+    assert reason == "stopped" and state.batch == 2 and len(list(batches)) == 3
+
+
+def test_train_steps_max_steps_counts_the_whole_run():
+    net = _tiny()
+    state = _state(step=10)                              # a resumed run: 10 steps in earlier epochs
+    reason = train_steps(net, make_optimizer(net, TrainConfig()), iter(list(_batches(5))), state,
+                         StepPlan(epoch_batches=5, max_steps=12), CPU, _hooks())
+    assert reason == "max_steps" and (state.step, state.batch) == (12, 2)
+
+
+def test_train_steps_sets_the_warmup_lr_from_the_step_counter():
+    net = _tiny()
+    opt = make_optimizer(net, TrainConfig())
+    lrs = []
+    state = _state(step=1, lr=0.08)
+    train_steps(net, opt, iter(list(_batches(4))), state, StepPlan(epoch_batches=4, warmup_steps=4), CPU,
+                _hooks(on_step=lambda st: lrs.append(opt.param_groups[0]["lr"])))
+    assert lrs == pytest.approx([0.04, 0.06, 0.08, 0.08])     # steps 2, 3, 4, 5 of a 4-step warm-up
 
 
 def test_nonfinite_loss_names_the_step():
     net = _tiny()
-    opt = make_optimizer(net, TrainConfig(lr=0.1))
     with pytest.raises(NonFiniteLoss) as exc:
         # global steps 101..: batch index 13 is step 114; checked every 10 steps, so found late
-        train_one_epoch(net, iter(list(_batches(30, bad_at=13))), opt, CPU, EpochSums(), first_step=101)
+        train_steps(net, make_optimizer(net, TrainConfig()), iter(list(_batches(30, bad_at=13))), _state(step=100),
+                    StepPlan(epoch_batches=30), CPU, _hooks())
     assert exc.value.step == 114 and "step 114" in str(exc.value)
 
 
@@ -317,3 +433,13 @@ def test_stop_poll_waits_for_a_shared_step_only_when_distributed():
     ranks = NS(info=NS(enabled=True), settings=NS(check_every=3), devices=["cpu"])
     poll = stop_poll(ranks, flag)          # no process group here: any_rank is the local flag
     assert [poll() for _ in range(6)] == [False, False, True, False, False, True]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only restore of GPU-saved RNG states")
+def test_rng_states_saved_on_gpus_restore_the_cpu_generator_and_say_what_was_not():
+    torch.manual_seed(5)
+    saved = {"cpu": torch.get_rng_state(), "cuda": [torch.zeros(16, dtype=torch.uint8)] * 2}
+    expected = torch.rand(3)
+    torch.manual_seed(6)
+    assert ckpt.set_rng_state(saved) == "2 CUDA RNG states saved, 0 GPU(s) visible: restored 0"
+    assert torch.equal(torch.rand(3), expected)

@@ -1,0 +1,69 @@
+"""TrainState: where a run is, in one object; its state_dict() is the checkpoint's training part.
+
+Everything a bitwise-exact continuation needs besides the model and optimiser tensors lives
+here: completed epochs, the global optimiser step, the position inside the current epoch
+(batches done), that epoch's running sums, the per-epoch history (the metrics.jsonl lines),
+the lr schedule, every rank's RNG states and what the epoch's data order depends on (seed,
+per-replica batch size, number of ranks). ``count_step`` is the only place the step moves.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .schedule import PlateauSchedule
+
+# The checkpoint keys a resume cannot do without (besides "model", "optimizer", "config").
+KEYS = ("epoch", "step", "batch", "sums", "history", "schedule", "seed", "batch_size", "world", "rng")
+
+
+@dataclass
+class EpochSums:
+    """Running sums of one training epoch (host numbers), so a resumed epoch reports all of it."""
+    images: int = 0          # this rank's images
+    loss: float = 0.0        # sum over batches of the batch-mean loss
+    top1: int = 0            # correct counts
+    top5: int = 0
+    seconds: float = 0.0     # wall time spent in steps (data wait included)
+
+    def metrics(self, batches: int) -> dict:
+        n = max(self.images, 1)
+        return {"train_loss": self.loss / max(batches, 1),
+                "train_top1_err": 1 - self.top1 / n, "train_top5_err": 1 - self.top5 / n,
+                "images_per_s": self.images / self.seconds if self.seconds else 0.0}
+
+
+@dataclass
+class TrainState:
+    schedule: PlateauSchedule
+    seed: int                # epoch e's data order and augmentation: engine.run.epoch_seed(seed, e)
+    batch_size: int          # per replica; with world, what ``batch`` counts in
+    world: int               # number of ranks (replicas)
+    epoch: int = 0           # completed epochs
+    step: int = 0            # optimiser steps done, all epochs
+    batch: int = 0           # optimiser steps done inside the current epoch (where its loader resumes)
+    sums: EpochSums = field(default_factory=EpochSums)
+    history: list[dict] = field(default_factory=list)   # one metrics dict per completed epoch
+    rng: list[dict] = field(default_factory=list)       # every rank's RNG states, captured at save time
+
+    def count_step(self) -> None:
+        """One optimiser step done: the only writer of ``step`` and ``batch``."""
+        self.step += 1
+        self.batch += 1
+
+    def end_epoch(self, metrics: dict) -> None:
+        self.history.append(metrics)
+        self.epoch, self.batch, self.sums = self.epoch + 1, 0, EpochSums()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "step": self.step, "batch": self.batch, "sums": asdict(self.sums),
+                "history": list(self.history), "schedule": self.schedule.state_dict(), "seed": self.seed,
+                "batch_size": self.batch_size, "world": self.world, "rng": self.rng}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.schedule.load_state_dict(state["schedule"])
+        self.epoch, self.step, self.batch = int(state["epoch"]), int(state["step"]), int(state["batch"])
+        self.sums = EpochSums(**state["sums"])
+        self.history = list(state["history"])
+        self.seed, self.batch_size, self.world = int(state["seed"]), int(state["batch_size"]), int(state["world"])
+        self.rng = list(state["rng"])

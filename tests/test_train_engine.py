@@ -1,0 +1,234 @@
+"""The engine's promises on a tiny model and plain-tensor batches (no DALI, no AlexNet), so each
+run takes well under a second: stops at any step continue bitwise, nothing non-finite is ever
+saved, a failed write keeps the previous checkpoint and metrics.jsonl consistent with it."""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from common.atomic import atomic_open
+from engine import checkpoint as ckpt
+from engine import run as R
+from engine.config import TrainConfig
+from engine.distributed import DistInfo
+from engine.loop import LoopSettings, Precision
+from engine.recipe import make_optimizer
+from engine.report import Reporter
+from prep.records import RecordsError
+
+CPU = torch.device("cpu")
+BATCHES, BATCH = 5, 4            # per epoch; images per batch
+
+
+class FakeLoader:
+    """Epoch e's batches: a fixed function of (seed, e), like the real loader. ``hook(i)`` runs
+    before batch i is handed out (to send a signal, raise a bad record, or poison a batch)."""
+
+    def __init__(self, seed: int, n: int, batch: int, hook=None, views: int = 1):
+        self.seed, self.n, self.batch, self.hook, self.views = seed, n, batch, hook, views
+        self.epoch_size = n * batch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed)
+        for i in range(self.n):
+            shape = (self.batch, 3, 2, 2) if self.views == 1 else (self.batch, self.views, 3, 2, 2)
+            x, y = torch.randn(*shape, generator=g), torch.randint(0, 5, (self.batch,), generator=g)
+            if self.hook is not None:
+                x = self.hook(i, x)
+            yield x, y
+
+
+class FakeData:
+    def __init__(self, cfg: TrainConfig, hooks: dict | None = None):
+        self.cfg, self.hooks = cfg, hooks or {}     # {epoch: hook}
+
+    def train(self, epoch: int) -> FakeLoader:
+        return FakeLoader(R.epoch_seed(self.cfg.seed, epoch), BATCHES, self.cfg.batch_size, self.hooks.get(epoch))
+
+    def val(self, view: str) -> FakeLoader:
+        return FakeLoader(99, 2, 3, views=10 if view == "tencrop" else 1)
+
+
+def config(**kw) -> TrainConfig:
+    return TrainConfig(**{"gpus": "", "batch_size": BATCH, "epochs": 2, "lr": 0.05, "seed": 3,
+                          "warmup_steps": 3, "final_eval": False, "progress": False, **kw})
+
+
+def session(out: Path, cfg: TrainConfig, hooks: dict | None = None) -> R.Session:
+    torch.manual_seed(cfg.seed)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(12, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 5))
+    torch.manual_seed(cfg.seed + 1)              # dropout: consumed every step, so RNG restore matters
+    out.mkdir(parents=True, exist_ok=True)
+    return R.Session(cfg=cfg, info=DistInfo(), devices=["cpu"], out=out, say=Reporter(True, False),
+                     data=FakeData(cfg, hooks), classes=5, net=net, model=net,
+                     optimizer=make_optimizer(net, cfg), settings=LoopSettings(CPU), precision=Precision("none", CPU))
+
+
+def start(out: Path, cfg: TrainConfig, hooks: dict | None = None) -> int:
+    s = session(out, cfg, hooks)
+    return R.run_session(s, R.new_state(cfg, 1))
+
+
+def resume(out: Path, cfg: TrainConfig, hooks: dict | None = None, lr_given: bool = False) -> int:
+    s = session(out, cfg, hooks)
+    state = R.new_state(cfg, 1)
+    R.restore(s, state, ckpt.load(out / "last.pt", keys=R.RESUME_KEYS), out / "last.pt", lr_given)
+    return R.run_session(s, state)
+
+
+def assert_same_tensors(a: Path, b: Path) -> None:
+    x, y = ckpt.load(a), ckpt.load(b)
+    assert (x["epoch"], x["step"], x["batch"]) == (y["epoch"], y["step"], y["batch"])
+    for key in x["model"]:
+        assert torch.equal(x["model"][key], y["model"][key]), key
+    assert x["optimizer"]["state"].keys() == y["optimizer"]["state"].keys()
+    for k, buf in x["optimizer"]["state"].items():
+        assert torch.equal(buf["momentum_buffer"], y["optimizer"]["state"][k]["momentum_buffer"]), k
+
+
+def metrics(out: Path) -> list[dict]:
+    drop = ("images_per_s", "epoch_seconds")
+    return [{k: v for k, v in json.loads(line).items() if k not in drop}
+            for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def full(tmp_path_factory):
+    """The uninterrupted 2-epoch run every interrupted one must reproduce bitwise."""
+    out = tmp_path_factory.mktemp("full")
+    assert start(out, config()) == 0
+    return out
+
+
+def test_sigterm_mid_epoch_then_resume_is_bitwise_the_uninterrupted_run(full, tmp_path):
+    def sigterm(i, x):
+        if i == 2:                                  # while fetching epoch 2's third batch
+            os.kill(os.getpid(), signal.SIGTERM)
+        return x
+    assert start(tmp_path, config(), {1: sigterm}) == 128 + signal.SIGTERM
+    saved = ckpt.load(tmp_path / "last.pt")
+    assert saved["epoch"] == 1 and 1 <= saved["batch"] < BATCHES     # stopped mid-epoch 2
+    assert saved["step"] == BATCHES + saved["batch"]
+    assert len(metrics(tmp_path)) == 1
+    assert resume(tmp_path, config()) == 0
+    assert_same_tensors(full / "last.pt", tmp_path / "last.pt")
+    assert metrics(tmp_path) == metrics(full)
+
+
+def test_max_steps_mid_epoch_neither_validates_nor_counts_the_epoch(full, tmp_path):
+    assert start(tmp_path, config(max_steps=BATCHES + 2)) == 0
+    saved = ckpt.load(tmp_path / "last.pt")
+    assert (saved["epoch"], saved["step"], saved["batch"]) == (1, BATCHES + 2, 2)
+    assert len(saved["history"]) == 1 and saved["schedule"]["bad_epochs"] + saved["schedule"]["drops"] == 0
+    assert len(metrics(tmp_path)) == 1               # epoch 2 not logged as if it were complete
+    assert resume(tmp_path, config(max_steps=None)) == 0
+    assert_same_tensors(full / "last.pt", tmp_path / "last.pt")
+    assert metrics(tmp_path) == metrics(full)
+
+
+def test_bad_record_saves_the_last_step_and_resumes_exactly(full, tmp_path, capsys):
+    def bad(i, x):
+        if i == 3:
+            raise RecordsError("shard-00001.rec: record 17: truncated JPEG")
+        return x
+    assert start(tmp_path, config(), {1: bad}) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: shard-00001.rec: record 17") and f"--resume {tmp_path}" in err
+    saved = ckpt.load(tmp_path / "last.pt")
+    assert (saved["epoch"], saved["step"], saved["batch"]) == (1, BATCHES + 3, 3)
+    assert resume(tmp_path, config()) == 0                # the shard was fixed: same batches again
+    assert_same_tensors(full / "last.pt", tmp_path / "last.pt")
+
+
+def test_nonfinite_weights_after_a_finite_loss_are_never_saved(tmp_path, capsys):
+    """The issue's case: a resume with an absurd explicit --lr whose one step has a finite loss
+    but leaves inf weights (inputs of 1e30: the logits stay finite, lr x gradient does not)."""
+    def poison(i, x):
+        x = torch.zeros_like(x)
+        x[:, 0, 0, 0] = 1e30
+        return x
+    assert start(tmp_path, config(epochs=1)) == 0
+    before = (tmp_path / "last.pt").read_bytes()
+    assert resume(tmp_path, config(epochs=2, epoch_steps=1, lr=1e10), {1: poison}, lr_given=True) == 3
+    err = capsys.readouterr().err
+    assert "non-finite weights or momentum" in err
+    assert f"the last finite checkpoint is {tmp_path / 'last.pt'} (step {BATCHES})" in err
+    assert (tmp_path / "last.pt").read_bytes() == before
+    for path in tmp_path.glob("*.pt"):
+        state = ckpt.load(path)
+        assert ckpt.nonfinite_tensor({"m": state["model"], "o": state["optimizer"]}) is None, path
+    assert len(metrics(tmp_path)) == 1
+
+
+def test_nonfinite_loss_with_no_checkpoint_says_so(tmp_path, capsys):
+    def inf(i, x):
+        return x * float("inf") if i == 1 else x
+    assert start(tmp_path, config(), {0: inf}) == 3
+    err = capsys.readouterr().err
+    assert "loss became nan at step 2" in err and f"no finite checkpoint in {tmp_path}" in err
+    assert not (tmp_path / "last.pt").exists()
+
+
+def test_disk_full_at_the_checkpoint_write_keeps_last_pt_and_metrics_consistent(tmp_path, monkeypatch):
+    assert start(tmp_path, config(epochs=1)) == 0
+    before = (tmp_path / "last.pt").read_bytes()
+
+    def full_disk(path, data):                       # the real atomic write, failing half-way
+        with atomic_open(path, "wb") as fh:
+            fh.write(data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(ckpt, "write_bytes", full_disk)
+    with pytest.raises(R.RunError, match=r"last.pt: cannot write the checkpoint \(No space left on device\)"):
+        resume(tmp_path, config(epochs=2))
+    assert (tmp_path / "last.pt").read_bytes() == before
+    assert not list(tmp_path.glob(".*.tmp"))
+    saved = ckpt.load(tmp_path / "last.pt")
+    assert [m["epoch"] for m in metrics(tmp_path)] == [h["epoch"] for h in saved["history"]] == [1]
+
+
+def test_resume_rewrites_metrics_from_the_checkpoint_and_removes_stale_temps(tmp_path):
+    assert start(tmp_path, config(epochs=1)) == 0
+    lines = (tmp_path / "metrics.jsonl").read_text()
+    # a crash after a later checkpoint write began: a leftover temp file, a line of an unsaved epoch
+    (tmp_path / ".last.pt.abc123.tmp").write_bytes(b"half a checkpoint")
+    (tmp_path / "metrics.jsonl").write_text(lines + lines.replace('"epoch": 1', '"epoch": 2'))
+    assert resume(tmp_path, config(epochs=1)) == 0
+    assert (tmp_path / "metrics.jsonl").read_text() == lines
+    assert not (tmp_path / ".last.pt.abc123.tmp").exists()
+
+
+def test_mid_epoch_resume_refuses_another_batch_size(tmp_path):
+    assert start(tmp_path, config(max_steps=2)) == 0
+    with pytest.raises(R.RunError, match=r"saved mid-epoch \(epoch 1, batch 2\) with --batch-size 4 x 1"):
+        resume(tmp_path, config(max_steps=None, batch_size=2))
+
+
+def test_explicit_lr_on_resume_wins_even_when_it_equals_the_original(tmp_path):
+    # patience 1 and an impossible threshold: the lr is divided after epoch 2
+    cfg = config(plateau_patience=1, plateau_threshold=1.0)
+    assert start(tmp_path, cfg) == 0
+    assert ckpt.load(tmp_path / "last.pt")["schedule"]["lr"] == pytest.approx(0.005)
+    s = session(tmp_path, replace_cfg := config(plateau_patience=1, plateau_threshold=1.0, epochs=3))
+    state = R.new_state(replace_cfg, 1)
+    R.restore(s, state, ckpt.load(tmp_path / "last.pt", keys=R.RESUME_KEYS), tmp_path / "last.pt", lr_given=True)
+    assert state.schedule.lr == 0.05                  # the config's lr (0.05, as saved) restored
+    state = R.new_state(replace_cfg, 1)
+    R.restore(s, state, ckpt.load(tmp_path / "last.pt", keys=R.RESUME_KEYS), tmp_path / "last.pt", lr_given=False)
+    assert state.schedule.lr == pytest.approx(0.005)  # not given: the schedule's
+
+
+def test_resume_path_is_a_folder_or_a_checkpoint_file(tmp_path):
+    (tmp_path / "run").mkdir()
+    assert R.resume_paths(str(tmp_path / "run")) == (tmp_path / "run" / "last.pt", tmp_path / "run")
+    (tmp_path / "run" / "best.pt").write_bytes(b"")
+    assert R.resume_paths(str(tmp_path / "run" / "best.pt")) == (tmp_path / "run" / "best.pt", tmp_path / "run")

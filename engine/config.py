@@ -34,14 +34,14 @@ class TrainConfig:
         "mean subtracted from the 0-255 pixels: per-channel RGB mean, or the paper's per-pixel mean image",
         choices=["channel", "pixel"]))
     workers: int | None = field(default=None, metadata=_h(
-        "DALI CPU threads per replica (default: the loader's choice)"))
+        "DALI CPU threads per rank; default: the node's usable cores / its local ranks"))
     # --- devices ----------------------------------------------------------------
     gpus: str = field(default="auto", metadata=_h(
         "GPU ids for the towers: '0,1' = tower 0 on cuda:0, tower 1 on cuda:1 (DALI on the first); "
         "'0' = both towers on one GPU; '' = CPU; 'auto' = the visible GPUs (CPU if none). "
         "Under torchrun: the pool each node's ranks take --gpus-per-replica ids from, in local-rank order"))
     gpus_per_replica: int | None = field(default=None, metadata=_h(
-        "GPUs per model replica (1 or 2); default: 2 if that many are available, else 1"))
+        "GPUs per model replica (1 or 2); default: the GPUs of --gpus / local ranks, at most 2"))
     # --- the recipe -------------------------------------------------------------
     batch_size: int = field(default=128, metadata=_h(
         "images per step per replica (the paper: 128, one replica spread over two GPUs)"))

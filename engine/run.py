@@ -19,6 +19,7 @@ from torch import nn
 
 from common.atomic import append_line, write_json
 from common.config import ConfigError, from_dict, to_dict
+from common.system import usable_cores
 from model import AlexNet
 from pipeline import Loader, LoaderError
 from prep.records import DEFAULT_RECORDS, RecordsError, read_meta
@@ -94,6 +95,7 @@ def setup_devices(cfg: TrainConfig, info: D.DistInfo, say: Reporter) -> list[str
     if devices == ["cpu"]:
         why = "--gpus ''" if cfg.gpus == "" else "no CUDA GPU visible"
         say.line(f"train: {why}: training on the CPU (slow: tens of images/s; see README for GPUs)")
+    say.line(D.allocation_line(info, devices, cfg.workers, usable_cores()))
     D.init_process_group(info, devices)
     return devices
 
@@ -132,7 +134,7 @@ def make_loader(run: Run, split: str, view: str, epoch: int = 0) -> Loader:
     batch = max(1, cfg.batch_size // 10) if view == "tencrop" else cfg.batch_size  # ~batch_size views
     return Loader(run.records, split=split, view=view, batch_size=batch, device=run.devices[0],
                   shard=(run.info.rank, run.info.world), seed=epoch_seed(cfg.seed, epoch),
-                  mean=cfg.mean, num_threads=cfg.workers)
+                  mean=cfg.mean, num_threads=D.dali_threads(cfg.workers, run.info, usable_cores()))
 
 
 def run_folder(cfg: TrainConfig) -> Path:

@@ -1,11 +1,14 @@
-"""Two CPU ranks under torch.distributed (gloo), as torchrun would start them: DDP over the
-AlexNet replica keeps parameters identical across ranks, and each rank reads disjoint data."""
+"""Ranks under torch.distributed as torchrun would start them: DDP over the AlexNet replica
+keeps parameters identical across ranks, each rank reads disjoint data, and DDP over replicas
+that span two devices (the paper's two towers) gives the gradients of one process that sees
+the combined batch."""
 from __future__ import annotations
 
 import hashlib
 import os
 import socket
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -14,6 +17,7 @@ from engine.config import TrainConfig
 from engine.loop import EpochSums, LoopSettings, train_one_epoch
 from engine.recipe import make_optimizer
 from engine.run import build_net, epoch_seed
+from model import AlexNet, AlexNetConfig
 
 
 def _free_port() -> int:
@@ -70,3 +74,95 @@ def test_two_gloo_ranks_identical_params_disjoint_data(sample_records, tmp_path)
     # and the training moved the weights away from the initialisation of rank 0
     init = build_net(TrainConfig(gpus="", towers=1, dropout=0.0, seed=5), 4, ["cpu"]).state_dict()
     assert any(not torch.equal(init[k], r0["params"][k]) for k in init)
+
+
+# --- DDP over two-device replicas -----------------------------------------------------------
+# Two ranks, each replica the two-tower net with one tower per device; one step on 2 images per
+# rank must give every rank the gradients of a single process on all 4 images (DDP averages the
+# ranks' mean-loss gradients; equal local batches make that the mean over the combined batch).
+
+PER_RANK, CLASSES = 2, 4
+
+
+def _combined_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """The same 4 images and labels in every process; rank r trains on images [2r, 2r+2)."""
+    g = torch.Generator().manual_seed(7)
+    images = torch.randn(2 * PER_RANK, 3, 224, 224, generator=g) * 60.0   # ~ the 0-255 scale minus the mean
+    return images, torch.randint(0, CLASSES, (2 * PER_RANK,), generator=g)
+
+
+def _two_tower_net(towers: list[str]) -> AlexNet:
+    torch.manual_seed(11)
+    return AlexNet(AlexNetConfig(num_classes=CLASSES, dropout=0.0)).place(towers)
+
+
+def _grads(net: AlexNet) -> dict[str, torch.Tensor]:
+    return {k: p.grad.detach().cpu().clone() for k, p in net.named_parameters()}
+
+
+def _ddp_rank(rank: int, world: int, port: int, gpus: str, out: str, net: AlexNet | None) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    info = D.dist_info_from_env()
+    devices = D.replica_devices(TrainConfig(gpus=gpus), info, torch.cuda.device_count())
+    towers = D.tower_devices(devices, 2)
+    assert len(towers) == 2 and (gpus == "" or towers[0] != towers[1]), towers
+    D.init_process_group(info, devices)
+    net = net if net is not None else _two_tower_net(towers)    # a forked CPU rank has the parent's
+    if rank == 1:
+        with torch.no_grad():                     # DDP must broadcast rank 0's weights at wrap time
+            for p in net.parameters():
+                p.mul_(1.5)
+    model = D.wrap_ddp(net, info)
+    images, labels = _combined_batch()
+    mine = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+    loss = torch.nn.functional.cross_entropy(model(images[mine].to(net.input_device)),
+                                             labels[mine].to(net.input_device))
+    loss.backward()
+    torch.save({"grads": _grads(net), "towers": sorted({str(p.device) for p in net.parameters()})},
+               os.path.join(out, f"ddp{rank}.pt"))
+    D.shutdown(info)
+
+
+def _single_process_grads(net: AlexNet) -> dict[str, torch.Tensor]:
+    images, labels = _combined_batch()
+    torch.nn.functional.cross_entropy(net(images.to(net.input_device)), labels.to(net.input_device)).backward()
+    return _grads(net)
+
+
+def _check_ddp_equals_combined_batch(gpus: str, towers: list[str], out) -> list[dict]:
+    if gpus == "":
+        # CPU: build the 60M-parameter net once and fork the ranks (each gets its own copy)
+        net = _two_tower_net(towers)
+        mp.start_processes(_ddp_rank, args=(2, _free_port(), gpus, str(out), net), nprocs=2,
+                           join=True, start_method="fork")
+    else:
+        # CUDA cannot be forked: each spawned rank builds its own net from the same seed
+        mp.spawn(_ddp_rank, args=(2, _free_port(), gpus, str(out), None), nprocs=2, join=True)
+        net = _two_tower_net(towers)
+    ranks = [torch.load(out / f"ddp{r}.pt", weights_only=True) for r in (0, 1)]
+    ref = _single_process_grads(net)
+    assert set(ranks[0]["grads"]) == set(ref)
+    for key, want in ref.items():
+        assert want.abs().max() > 0, key                          # every layer of both towers learns
+        for r in ranks:
+            # the same sums in another order: equal up to float rounding
+            torch.testing.assert_close(r["grads"][key], want, rtol=1e-4, atol=1e-5 * float(want.abs().max()),
+                                       msg=key)
+    return ranks
+
+
+def test_ddp_over_two_tower_cpu_replicas_equals_one_process_on_the_combined_batch(tmp_path):
+    ranks = _check_ddp_equals_combined_batch("", ["cpu", "cpu"], tmp_path)
+    assert ranks[0]["towers"] == ["cpu"]
+
+
+@pytest.mark.gpu
+def test_ddp_over_two_gpu_replicas_nccl(tmp_path):
+    if torch.cuda.device_count() < 4:
+        pytest.skip("needs 4 GPUs: two NCCL ranks x two towers")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    ranks = _check_ddp_equals_combined_batch("auto", ["cuda:0", "cuda:1"], tmp_path)
+    assert ranks[0]["towers"] == ["cuda:0", "cuda:1"] and ranks[1]["towers"] == ["cuda:2", "cuda:3"]

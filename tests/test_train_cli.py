@@ -8,12 +8,14 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
 from engine import checkpoint as ckpt
+from engine.config import parse_train_args
 from engine.run import main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -24,10 +26,13 @@ def tiny(records, out, *extra):
             "--no-progress", "--out", str(out), *map(str, extra)]
 
 
+SMOKE = ("--epochs", "1", "--max-steps", "2", "--profile")
+
+
 @pytest.fixture(scope="module")
 def smoke_run(sample_records, tmp_path_factory):
     out = tmp_path_factory.mktemp("smoke") / "run"
-    rc = main(tiny(sample_records, out, "--epochs", "1", "--max-steps", "2", "--profile"))
+    rc = main(tiny(sample_records, out, *SMOKE))
     return rc, out
 
 
@@ -156,3 +161,10 @@ def test_cli_errors(sample_records, tmp_path, capsys):
         main(["--records", str(sample_records), "--bogus"])
     assert exc.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
     assert not (tmp_path / "r1").exists() and not (tmp_path / "r2").exists()     # nothing half-written
+
+
+def test_config_json_gives_the_runs_flags_back(smoke_run, sample_records):
+    """--config RUN/config.json starts a new run with that run's flags (in a new run folder)."""
+    _, out = smoke_run
+    flags = parse_train_args(tiny(sample_records, out, *SMOKE))
+    assert parse_train_args(["--config", str(out / "config.json")]) == replace(flags, out=None)

@@ -97,10 +97,22 @@ def _two_tower_net(towers: list[str]) -> AlexNet:
 
 
 def _grads(net: AlexNet) -> dict[str, torch.Tensor]:
-    return {k: p.grad.detach().cpu().clone() for k, p in net.named_parameters()}
+    return {k: p.grad.detach().clone() for k, p in net.named_parameters()}
 
 
-def _ddp_rank(rank: int, world: int, port: int, gpus: str, out: str, net: AlexNet | None) -> None:
+def _single_process_grads(net: AlexNet) -> dict[str, torch.Tensor]:
+    """The gradients of one process on all 4 images (left out of the net's .grad afterwards)."""
+    images, labels = _combined_batch()
+    torch.nn.functional.cross_entropy(net(images.to(net.input_device)), labels.to(net.input_device)).backward()
+    grads = _grads(net)
+    net.zero_grad(set_to_none=True)
+    for key, g in grads.items():
+        assert g.abs().max() > 0, key                          # every layer of both towers learns
+    return grads
+
+
+def _ddp_rank(rank: int, world: int, port: int, gpus: str, out: str,
+              net: AlexNet | None, ref: dict[str, torch.Tensor] | None) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     torch.set_num_threads(1)
@@ -110,7 +122,8 @@ def _ddp_rank(rank: int, world: int, port: int, gpus: str, out: str, net: AlexNe
     towers = D.tower_devices(devices, 2)
     assert len(towers) == 2 and (gpus == "" or towers[0] != towers[1]), towers
     D.init_process_group(info, devices)
-    net = net if net is not None else _two_tower_net(towers)    # a forked CPU rank has the parent's
+    if net is None:             # a spawned GPU rank: its own net, and the reference on its own devices
+        net, ref = _two_tower_net(towers), _single_process_grads(_two_tower_net(towers))
     if rank == 1:
         with torch.no_grad():                     # DDP must broadcast rank 0's weights at wrap time
             for p in net.parameters():
@@ -121,48 +134,41 @@ def _ddp_rank(rank: int, world: int, port: int, gpus: str, out: str, net: AlexNe
     loss = torch.nn.functional.cross_entropy(model(images[mine].to(net.input_device)),
                                              labels[mine].to(net.input_device))
     loss.backward()
-    torch.save({"grads": _grads(net), "towers": sorted({str(p.device) for p in net.parameters()})},
+    for key, p in net.named_parameters():
+        # the same sums in another order: equal up to float rounding
+        want = ref[key].to(p.grad.device)
+        torch.testing.assert_close(p.grad, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()),
+                                   msg=lambda m, key=key: f"rank {rank}, {key}: {m}")
+    torch.save({"checked": sorted(ref), "towers": sorted({str(p.device) for p in net.parameters()})},
                os.path.join(out, f"ddp{rank}.pt"))
     D.shutdown(info)
 
 
-def _single_process_grads(net: AlexNet) -> dict[str, torch.Tensor]:
-    images, labels = _combined_batch()
-    torch.nn.functional.cross_entropy(net(images.to(net.input_device)), labels.to(net.input_device)).backward()
-    return _grads(net)
-
-
-def _check_ddp_equals_combined_batch(gpus: str, towers: list[str], out) -> list[dict]:
+def _check_ddp_equals_combined_batch(gpus: str, out) -> list[dict]:
+    """Each rank asserts its gradients equal the single-process ones; returns what each checked."""
     if gpus == "":
-        # CPU: build the 60M-parameter net once and fork the ranks (each gets its own copy)
-        net = _two_tower_net(towers)
-        mp.start_processes(_ddp_rank, args=(2, _free_port(), gpus, str(out), net), nprocs=2,
+        # CPU: build the 60M-parameter net and its reference once, then fork the ranks (each gets a copy)
+        net = _two_tower_net(["cpu", "cpu"])
+        ref = _single_process_grads(net)
+        mp.start_processes(_ddp_rank, args=(2, _free_port(), gpus, str(out), net, ref), nprocs=2,
                            join=True, start_method="fork")
     else:
-        # CUDA cannot be forked: each spawned rank builds its own net from the same seed
-        mp.spawn(_ddp_rank, args=(2, _free_port(), gpus, str(out), None), nprocs=2, join=True)
-        net = _two_tower_net(towers)
-    ranks = [torch.load(out / f"ddp{r}.pt", weights_only=True) for r in (0, 1)]
-    ref = _single_process_grads(net)
-    assert set(ranks[0]["grads"]) == set(ref)
-    for key, want in ref.items():
-        assert want.abs().max() > 0, key                          # every layer of both towers learns
-        for r in ranks:
-            # the same sums in another order: equal up to float rounding
-            torch.testing.assert_close(r["grads"][key], want, rtol=1e-4, atol=1e-5 * float(want.abs().max()),
-                                       msg=key)
-    return ranks
+        # CUDA cannot be forked: each spawned rank builds its own net and reference from the seed
+        mp.spawn(_ddp_rank, args=(2, _free_port(), gpus, str(out), None, None), nprocs=2, join=True)
+    return [torch.load(out / f"ddp{r}.pt", weights_only=True) for r in (0, 1)]
 
 
 def test_ddp_over_two_tower_cpu_replicas_equals_one_process_on_the_combined_batch(tmp_path):
-    ranks = _check_ddp_equals_combined_batch("", ["cpu", "cpu"], tmp_path)
-    assert ranks[0]["towers"] == ["cpu"]
+    ranks = _check_ddp_equals_combined_batch("", tmp_path)
+    assert ranks[0]["towers"] == ranks[1]["towers"] == ["cpu"]
+    # every parameter: 2 towers x (conv1-5, fc6, fc7) x (weight, bias), and fc8's weight and bias
+    assert ranks[0]["checked"] == ranks[1]["checked"] and len(ranks[0]["checked"]) == 2 * 7 * 2 + 2
+    assert "towers.1.conv1.weight" in ranks[0]["checked"]
 
 
 @pytest.mark.gpu
 def test_ddp_over_two_gpu_replicas_nccl(tmp_path):
     if torch.cuda.device_count() < 4:
         pytest.skip("needs 4 GPUs: two NCCL ranks x two towers")
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    ranks = _check_ddp_equals_combined_batch("auto", ["cuda:0", "cuda:1"], tmp_path)
+    ranks = _check_ddp_equals_combined_batch("auto", tmp_path)
     assert ranks[0]["towers"] == ["cuda:0", "cuda:1"] and ranks[1]["towers"] == ["cuda:2", "cuda:3"]

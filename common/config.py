@@ -64,31 +64,74 @@ def _converter(tp: Any, optional: bool):
     return convert
 
 
-def build_parser(cls: type, prog: str | None = None, description: str | None = None) -> argparse.ArgumentParser:
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Each flag's default once, after its help; none where the help already says its
+    default, where it is None, or for a switch that is off unless given."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (not action.option_strings or "default" in text
+                or action.default is None or action.default is False or action.default == argparse.SUPPRESS):
+            return text
+        return f"{text} (default: {'on' if action.default is True else '%(default)s'})"
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        # "-b, --batch-size N" rather than "-b N, --batch-size N"
+        if not action.option_strings or action.nargs == 0:
+            return super()._format_action_invocation(action)
+        metavar = self._format_args(action, self._get_default_metavar_for_optional(action))
+        return f"{', '.join(action.option_strings)} {metavar}"
+
+
+def build_parser(cls: type, prog: str | None = None, description: str | None = None,
+                 groups: dict[str, Sequence[str]] | None = None,
+                 aliases: dict[str, Sequence[str]] | None = None,
+                 metavars: dict[str, str] | None = None, usage: str | None = None) -> argparse.ArgumentParser:
     """An ArgumentParser with one flag per dataclass field (``a_b`` -> ``--a-b``).
 
-    bool fields become ``--x`` / ``--no-x`` switches. Tuple/list fields are not
-    supported on purpose: stages take comma-separated strings and validate them.
+    A bool field that is off by default is a switch ``--x`` (nothing to negate); one that
+    is on by default is ``--x`` / ``--no-x``. Tuple/list fields are not supported on
+    purpose: stages take comma-separated strings and validate them. ``groups`` sorts the
+    flags under headings in --help ({title: field names}; fields not named go last under
+    "other"); ``aliases`` adds option strings ({"batch_size": ["-b"]}); ``metavars`` names
+    values in --help ({"records": "DIR"}; an int is N unless named).
     """
-    parser = argparse.ArgumentParser(
-        prog=prog, description=description, allow_abbrev=False,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False,
+                                     formatter_class=HelpFormatter, usage=usage)
     hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if not f.init:
-            continue
-        tp, optional = _unwrap_optional(hints[f.name])
-        help_text = f.metadata.get("help", "")
-        default = f.default if f.default is not dataclasses.MISSING else None
-        if tp is bool and not optional:
-            parser.add_argument(_flag(f.name), dest=f.name, default=default, help=help_text,
-                                action=argparse.BooleanOptionalAction)
-        else:
-            parser.add_argument(_flag(f.name), dest=f.name, default=default, help=help_text,
-                                type=_converter(tp, optional),
-                                choices=f.metadata.get("choices"),
-                                metavar=f.metadata.get("metavar"))
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    groups = dict(groups or {})
+    unknown = [name for names in groups.values() for name in names if name not in fields]
+    if unknown:
+        raise TypeError(f"help groups name no field of {cls.__name__}: {', '.join(unknown)}")
+    grouped = {name for names in groups.values() for name in names}
+    rest = [name for name in fields if name not in grouped]
+    if groups and rest:
+        groups["other"] = rest
+    layout = [(parser.add_argument_group(title), names) for title, names in groups.items()] or [(parser, rest)]
+    for container, names in layout:
+        for name in names:
+            _add_field(container, fields[name], hints[name], (aliases or {}).get(name, ()),
+                       (metavars or {}).get(name))
     return parser
+
+
+def _add_field(container, f: dataclasses.Field, hint: Any, aliases: Sequence[str], metavar: str | None) -> None:
+    tp, optional = _unwrap_optional(hint)
+    flags = [a for a in aliases if not a.startswith("--")] + [_flag(f.name)] + [a for a in aliases if a.startswith("--")]
+    help_text = f.metadata.get("help", "")
+    default = f.default if f.default is not dataclasses.MISSING else None
+    if tp is bool and not optional and not default:
+        container.add_argument(*flags, dest=f.name, default=default, help=help_text, action="store_true")
+    elif tp is bool and not optional:
+        action = container.add_argument(*flags, dest=f.name, default=default, help=help_text,
+                                        action=argparse.BooleanOptionalAction)
+        action.help = help_text           # some Pythons append their own "(default: ...)"
+    else:
+        container.add_argument(*flags, dest=f.name, default=default, help=help_text,
+                               type=_converter(tp, optional), choices=f.metadata.get("choices"),
+                               metavar=metavar or f.metadata.get("metavar")
+                               or ("N" if tp is int and not f.metadata.get("choices") else None))
 
 
 def parse_args(cls: type[T], argv: Sequence[str] | None, prog: str | None = None,

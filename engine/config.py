@@ -10,14 +10,14 @@ flags given explicitly on the command line always win over the preset.
 """
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from common.config import build_parser
-from model import AlexNetConfig
-from model.config import INITS
+from model.config import INITS, AlexNetConfig
 
 _GPU_LIST = re.compile(r"^\d+(,\d+)*$")
 
@@ -35,14 +35,14 @@ class TrainConfig:
         "mean subtracted from the 0-255 pixels: per-channel RGB mean, or the paper's per-pixel mean image",
         choices=["channel", "pixel"]))
     workers: int | None = field(default=None, metadata=_h(
-        "DALI CPU threads per replica (default: the loader's choice)"))
+        "DALI CPU threads per rank; default: the node's usable cores / its local ranks"))
     # --- devices ----------------------------------------------------------------
     gpus: str = field(default="auto", metadata=_h(
         "GPU ids for the towers: '0,1' = tower 0 on cuda:0, tower 1 on cuda:1 (DALI on the first); "
         "'0' = both towers on one GPU; '' = CPU; 'auto' = the visible GPUs (CPU if none). "
         "Under torchrun: the pool each node's ranks take --gpus-per-replica ids from, in local-rank order"))
     gpus_per_replica: int | None = field(default=None, metadata=_h(
-        "GPUs per model replica (1 or 2); default: 2 if that many are available, else 1"))
+        "GPUs per model replica (1 or 2); default: the GPUs of --gpus / local ranks, at most 2"))
     # --- the recipe -------------------------------------------------------------
     batch_size: int = field(default=128, metadata=_h(
         "images per step per replica (the paper: 128, one replica spread over two GPUs)"))
@@ -69,7 +69,7 @@ class TrainConfig:
     # --- the model (the paper's ablation switches) ------------------------------
     lrn: bool = field(default=True, metadata=_h("local response normalisation after conv1 and conv2"))
     overlap_pool: bool = field(default=True, metadata=_h("3x3 stride-2 (overlapping) pooling; --no-overlap-pool = 2x2 stride 2"))
-    dropout: float = field(default=0.5, metadata=_h("dropout probability before fc6 and fc7 (0 = off)"))
+    dropout: float = field(default=0.5, metadata=_h("dropout probability on the outputs of fc6 and fc7 (0 = off)"))
     towers: int = field(default=2, metadata=_h(
         "2 = the paper's two-tower net; 1 = its single-GPU comparison net with half the kernels",
         choices=[1, 2]))
@@ -183,16 +183,55 @@ DEMO: dict[str, Any] = {
 }
 
 
-def parse_train_args(argv: Sequence[str] | None) -> TrainConfig:
-    """Parse argv into a TrainConfig; --demo fills in DEMO for every flag not given explicitly.
+# --help's headings, in this order; every field belongs to one (a test checks).
+HELP_GROUPS: dict[str, tuple[str, ...]] = {
+    "data": ("records", "mean"),
+    "model (the paper's ablation switches)": ("towers", "lrn", "overlap_pool", "dropout", "init"),
+    "recipe (the paper's values)": ("batch_size", "lr", "momentum", "weight_decay", "decay_biases", "epochs",
+                                    "plateau_patience", "plateau_threshold", "max_lr_drops", "warmup_steps", "seed"),
+    "speed": ("workers", "amp", "channels_last", "compile", "profile"),
+    "run folder, resume, evaluation": ("out", "resume", "eval_only", "checkpoint", "final_eval",
+                                       "max_steps", "epoch_steps", "progress", "demo"),
+    "devices and ranks (torchrun)": ("gpus", "gpus_per_replica"),
+}
+
+# The short forms torchvision's and timm's scripts taught users to type.
+ALIASES: dict[str, tuple[str, ...]] = {"batch_size": ("-b",), "workers": ("-j",), "weight_decay": ("--wd",)}
+
+METAVARS: dict[str, str] = {"records": "DIR", "out": "DIR", "resume": "RUN_DIR", "checkpoint": "FILE",
+                            "gpus": "IDS", "lr": "LR", "weight_decay": "WD"}
+
+# Keys a run's config.json holds besides the flags: what that run resolved (devices, world,
+# classes) or where it lived (out, resume). A new run given --config FILE decides these itself.
+RUN_KEYS = frozenset({"out", "resume", "devices", "world", "classes"})
+
+
+def train_parser(description: str | None = None):
+    parser = build_parser(TrainConfig, prog="train.py", description=description,
+                          groups=HELP_GROUPS, aliases=ALIASES, metavars=METAVARS,
+                          usage="train.py [-h] [--demo | --records DIR] [--config FILE] [options]")
+    parser.add_argument("--config", metavar="FILE", help=(
+        "start from a run's config.json (its flags; its run folder, devices and world are not "
+        "taken); flags given here win"))
+    return parser
+
+
+def parse_train_args(argv: Sequence[str] | None, description: str | None = None) -> TrainConfig:
+    """Parse argv into a TrainConfig: the defaults, then --demo's preset, then --config's
+    file, then the flags given explicitly, each level winning over the ones before.
 
     Bad values exit with status 2 and one usage line (argparse), like common.config.parse_args.
     """
-    parser = build_parser(TrainConfig, prog="train.py", description=(__doc__ or "").splitlines()[0])
+    parser = train_parser(description or "Train the 2012 paper's AlexNet on DALI-fed records.")
     values = vars(parser.parse_args(argv))
     explicit = explicit_flags(argv)
+    config_file = values.pop("config")
+    from_file = read_config_file(config_file, parser) if config_file else {}
+    if from_file and values["resume"]:
+        parser.error("--config and --resume exclude each other (a resumed run continues with its own config)")
+    values.update({k: v for k, v in from_file.items() if k not in explicit})
     if values["demo"]:
-        values.update({k: v for k, v in DEMO.items() if k not in explicit})
+        values.update({k: v for k, v in DEMO.items() if k not in explicit and k not in from_file})
     try:
         return TrainConfig(**values)
     except (ValueError, TypeError) as exc:
@@ -200,15 +239,32 @@ def parse_train_args(argv: Sequence[str] | None) -> TrainConfig:
         raise  # unreachable: parser.error exits
 
 
+def read_config_file(path: str, parser) -> dict[str, Any]:
+    """The flags of a run's config.json (or any JSON object of TrainConfig fields); one line
+    through parser.error (exit 2) when it cannot be read or holds keys no flag has."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (OSError, ValueError) as exc:
+        parser.error(f"--config {path}: {getattr(exc, 'strerror', None) or exc}")
+    if not isinstance(data, dict):
+        parser.error(f"--config {path}: expected a JSON object of flags, got {type(data).__name__}")
+    unknown = sorted(set(data) - set(TrainConfig.__dataclass_fields__) - RUN_KEYS)
+    if unknown:
+        parser.error(f"--config {path}: unknown key(s) {', '.join(unknown)}")
+    return {k: v for k, v in data.items() if k not in RUN_KEYS}
+
+
 _UNSET = object()
 
 
 def explicit_flags(argv: Sequence[str] | None) -> set[str]:
-    """Names of the fields whose flags appear on the command line (parsed, so '--lr=0.1' counts)."""
-    parser = build_parser(TrainConfig, prog="train.py")
+    """Names of the fields whose flags appear on the command line (parsed, so '--lr=0.1' and
+    '-b 64' count)."""
+    parser = train_parser()
     parser.set_defaults(**{name: _UNSET for name in TrainConfig.__dataclass_fields__})
     ns = parser.parse_args(argv)
-    return {name for name, value in vars(ns).items() if value is not _UNSET}
+    return {name for name, value in vars(ns).items() if value is not _UNSET and name != "config"}
 
 
 def merge_explicit(saved: TrainConfig, argv: Sequence[str] | None, given: TrainConfig) -> tuple[TrainConfig, list[str]]:
@@ -227,4 +283,4 @@ def vars_of(cfg: TrainConfig) -> dict[str, Any]:
     return {name: getattr(cfg, name) for name in TrainConfig.__dataclass_fields__}
 
 
-__all__ = ["TrainConfig", "DEMO", "parse_train_args", "explicit_flags", "merge_explicit"]
+__all__ = ["TrainConfig", "DEMO", "HELP_GROUPS", "parse_train_args", "explicit_flags", "merge_explicit"]

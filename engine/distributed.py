@@ -51,7 +51,11 @@ def dist_info_from_env() -> DistInfo:
 def replica_devices(cfg: TrainConfig, info: DistInfo, visible: int) -> list[str]:
     """The devices of this rank's replica: ['cuda:0', 'cuda:1'], ['cuda:3'], or ['cpu'].
 
-    ``visible`` is torch.cuda.device_count(). Pure (no CUDA calls) so it is testable on CPU.
+    The pool is --gpus (default: every visible GPU). One process takes the whole pool (at
+    most two GPUs: the net has two towers). Under torchrun the node's local ranks split the
+    pool evenly, in local-rank order: each takes ``--gpus-per-replica`` GPUs, by default
+    ``pool // local ranks`` capped at 2 (two towers on two GPUs when there are enough, else
+    both towers on one). ``visible`` is torch.cuda.device_count(); pure, so testable on CPU.
     """
     ids = cfg.gpu_ids()
     if ids is None:                       # auto: every visible GPU, or the CPU
@@ -62,16 +66,39 @@ def replica_devices(cfg: TrainConfig, info: DistInfo, visible: int) -> list[str]
     if too_high:
         raise DeviceError(f"--gpus {cfg.gpus!r} names GPU {too_high[0]}, but {visible} GPU(s) are visible"
                           + ("" if visible else " (use --gpus '' for the CPU)"))
-    per = cfg.gpus_per_replica or (min(2, len(ids)) if info.local_world > 1 or cfg.gpus == "auto" else len(ids))
-    if per > 2:
-        raise DeviceError(f"--gpus {cfg.gpus!r} names {len(ids)} GPUs for one replica; the net has two towers "
-                          "(use torchrun --nproc-per-node for more replicas)")
+    pool = f"--gpus {cfg.gpus!r} gives {len(ids)}" if cfg.gpus != "auto" else f"{len(ids)} are visible"
+    if cfg.gpus_per_replica:
+        per = cfg.gpus_per_replica
+    elif info.local_world == 1 and cfg.gpus != "auto":
+        per = len(ids)                    # one process, an explicit list: exactly those GPUs
+        if per > 2:
+            raise DeviceError(f"--gpus {cfg.gpus!r} names {per} GPUs for one replica; the net has two towers "
+                              "(use torchrun --nproc-per-node for more replicas)")
+    else:
+        per = min(2, len(ids) // info.local_world)
+        if per == 0:
+            raise DeviceError(f"{info.local_world} local ranks need at least one GPU each, but {pool} "
+                              "(lower --nproc-per-node)")
     need = per * info.local_world
     if need > len(ids):
-        raise DeviceError(f"{info.local_world} local rank(s) x {per} GPU(s) per replica need {need} GPUs, "
-                          f"--gpus {cfg.gpus!r} gives {len(ids)}")
+        raise DeviceError(f"{info.local_world} local rank(s) x {per} GPU(s) per replica need {need} GPUs, but {pool}")
     mine = ids[info.local_rank * per:(info.local_rank + 1) * per]
     return [f"cuda:{i}" for i in mine]
+
+
+def dali_threads(workers: int | None, info: DistInfo, cores: int) -> int:
+    """DALI CPU threads for this rank: --workers, or the node's usable cores shared by its
+    local ranks (the ranks of a node share its cores; other nodes have their own)."""
+    return workers or max(1, cores // info.local_world)
+
+
+def allocation_line(info: DistInfo, devices: list[str], workers: int | None, cores: int) -> str:
+    """One line saying what this rank got, printed at the start of a run."""
+    who = (f"rank {info.rank}/{info.world} (local rank {info.local_rank} of {info.local_world})"
+           if info.enabled else "one process")
+    why = "--workers" if workers else f"{cores} usable cores / {info.local_world} local rank(s)"
+    return (f"train: {who}: devices {', '.join(devices)}; "
+            f"{dali_threads(workers, info, cores)} DALI threads ({why})")
 
 
 def tower_devices(devices: list[str], towers: int) -> list[str]:

@@ -21,6 +21,7 @@ from torch import nn
 
 from common.atomic import append_line, write_json, write_text
 from common.config import ConfigError, from_dict, to_dict
+from common.system import usable_cores
 from model import AlexNet
 from pipeline import Loader, LoaderError
 from prep.records import DEFAULT_RECORDS, RecordsError, read_meta
@@ -90,7 +91,7 @@ class RecordsData:
     def _loader(self, split: str, view: str, batch: int, seed: int) -> Loader:
         return Loader(self.records, split=split, view=view, batch_size=batch, device=self.device,
                       shard=(self.info.rank, self.info.world), seed=seed,
-                      mean=self.cfg.mean, num_threads=self.cfg.workers)
+                      mean=self.cfg.mean, num_threads=D.dali_threads(self.cfg.workers, self.info, usable_cores()))
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,7 @@ def setup_devices(cfg: TrainConfig, info: D.DistInfo, say: Reporter) -> list[str
     if devices == ["cpu"]:
         why = "--gpus ''" if cfg.gpus == "" else "no CUDA GPU visible"
         say.line(f"train: {why}: training on the CPU (slow: tens of images/s; see README for GPUs)")
+    say.line(D.allocation_line(info, devices, cfg.workers, usable_cores()))
     D.init_process_group(info, devices)
     return devices
 

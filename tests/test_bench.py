@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 
 import numpy as np
 import pytest
@@ -205,3 +206,21 @@ def test_auto_leaves_out_ffcv_without_a_beton(tmp_path):
     console = Console(file=io.StringIO())
     names = bench.choose_loaders(bench.BenchConfig(), tmp_path / "train.beton", console)
     assert names == ["dali", "torch", "decode"] and "train.beton" in console.file.getvalue()
+
+
+def test_table_has_no_column_for_loaders_that_did_not_run_and_cuts_no_header():
+    """Without FFCV: no ×decode-ffcv column of dashes; on an 80-column terminal every header whole."""
+    def entry(rate, **ratios):
+        return {"images_per_s": rate, "min": rate - 1, "max": rate + 1, "per_core": rate / 2, "what": "x",
+                "epoch_batches": 100, "threads": 2, "batch_size": 32, "batches": 10, "warmup": 8,
+                "repeats": 3, **ratios}
+    loaders = {"dali": entry(300.0, vs_decode=0.75, vs_torch=1.5), "torch": entry(200.0, vs_decode=0.5, vs_torch=1.0),
+               "decode": entry(400.0, vs_decode=1.0, vs_torch=2.0)}
+    result = {"machine": {"cpu": "AMD EPYC 7B13", "cores": 2, "device": "cpu"}, "loaders": loaders}
+    console = Console(file=io.StringIO(), width=80)
+    bench.render(result, console)
+    text = console.file.getvalue()
+    header = next(line for line in text.splitlines() if "loader" in line)
+    assert "×decode" in header and "×torch" in header and "ffcv" not in header
+    assert "…" not in text and not re.search(r"\s–\s", text)       # no cut header, no dash cell
+    assert "0.75×" in text and "1.50×" in text

@@ -8,12 +8,14 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
 from engine import checkpoint as ckpt
+from engine.config import parse_train_args
 from engine.run import main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -24,10 +26,15 @@ def tiny(records, out, *extra):
             "--no-progress", "--out", str(out), *map(str, extra)]
 
 
+SMOKE = ("--epochs", "1", "--epoch-steps", "2", "--profile")
+
+
 @pytest.fixture(scope="module")
 def smoke_run(sample_records, tmp_path_factory):
     out = tmp_path_factory.mktemp("smoke") / "run"
-    rc = main(tiny(sample_records, out, "--epochs", "1", "--epoch-steps", "2", "--profile"))
+    rc = main(tiny(sample_records, out, *SMOKE))
+    # later tests resume this run (which rewrites its config.json): keep the original aside
+    (out.parent / "config.smoke.json").write_bytes((out / "config.json").read_bytes())
     return rc, out
 
 
@@ -227,3 +234,10 @@ def test_resume_on_fewer_gpus_than_saved_is_one_error(small_state, tmp_path, cap
     assert main(["--resume", str(path), "--no-progress"]) == 2
     visible = torch.cuda.device_count()
     _one_error_line(capsys, f"saved with --gpus '0,1', but {visible} GPU(s) are visible here; pass --gpus")
+
+
+def test_config_json_gives_the_runs_flags_back(smoke_run, sample_records):
+    """--config RUN/config.json starts a new run with that run's flags (in a new run folder)."""
+    _, out = smoke_run
+    flags = parse_train_args(tiny(sample_records, out, *SMOKE))
+    assert parse_train_args(["--config", str(out.parent / "config.smoke.json")]) == replace(flags, out=None)

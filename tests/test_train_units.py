@@ -14,7 +14,6 @@ from torch import nn
 
 from engine import checkpoint as ckpt
 from engine.config import DEMO, TrainConfig, merge_explicit, parse_train_args
-from engine.distributed import DeviceError, DistInfo, replica_devices, tower_devices
 from engine.loop import LoopSettings, NonFiniteLoss, Precision, StepHooks, StepPlan, evaluate, to_device, train_steps
 from engine.profiling import PHASES, Phases
 from engine.recipe import loss_fn, make_optimizer, param_groups
@@ -182,35 +181,6 @@ def test_resume_merge_applies_only_explicit_flags():
     merged, lines = merge_explicit(saved, argv, parse_train_args(argv))
     assert (merged.epochs, merged.lr, merged.batch_size, merged.resume) == (4, 0.02, 4, "r")
     assert lines == ["epochs: 2 -> 4"]
-
-
-# --- devices ------------------------------------------------------------------------------
-
-def test_replica_devices():
-    one = DistInfo()
-    assert replica_devices(TrainConfig(gpus=""), one, visible=2) == ["cpu"]
-    assert replica_devices(TrainConfig(gpus="auto"), one, visible=0) == ["cpu"]
-    assert replica_devices(TrainConfig(gpus="auto"), one, visible=4) == ["cuda:0", "cuda:1"]
-    assert replica_devices(TrainConfig(gpus="0,1"), one, visible=2) == ["cuda:0", "cuda:1"]
-    assert replica_devices(TrainConfig(gpus="1"), one, visible=2) == ["cuda:1"]
-    # torchrun: 4 local ranks x 2 GPUs take consecutive pairs of the pool
-    rank3 = DistInfo(rank=7, world=8, local_rank=3, local_world=4)
-    assert replica_devices(TrainConfig(gpus_per_replica=2), rank3, visible=8) == ["cuda:6", "cuda:7"]
-    assert replica_devices(TrainConfig(gpus=""), rank3, visible=8) == ["cpu"]
-    assert tower_devices(["cuda:0"], 2) == ["cuda:0", "cuda:0"]
-    assert tower_devices(["cuda:0", "cuda:1"], 2) == ["cuda:0", "cuda:1"]
-    assert tower_devices(["cpu"], 1) == ["cpu"]
-
-
-@pytest.mark.parametrize("gpus, visible, info, message", [
-    ("0,1", 0, DistInfo(), "names GPU 0, but 0 GPU"),
-    ("0,3", 2, DistInfo(), "names GPU 3, but 2 GPU"),
-    ("0,1,2", 4, DistInfo(), "the net has two towers"),
-    ("0,1", 2, DistInfo(rank=1, world=2, local_rank=1, local_world=2), "need 4 GPUs"),
-])
-def test_replica_devices_errors(gpus, visible, info, message):
-    with pytest.raises(DeviceError, match=message):
-        replica_devices(TrainConfig(gpus=gpus), info, visible)
 
 
 def test_epoch_seed_is_the_same_in_another_process():

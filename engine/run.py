@@ -240,9 +240,9 @@ def train_epoch(run: Run, stop: StopFlag, phases: Phases) -> bool:
     False if a signal stopped it (the caller saves mid-epoch)."""
     cfg, e = run.cfg, run.epoch
     loader = make_loader(run, "train", "train", epoch=e)
-    batches = iter(loader)
-    for _ in range(run.sums.batches):   # resumed mid-epoch: replay the batches already trained on
-        next(batches)
+    # resumed mid-epoch: start at the first batch not trained on; the Loader neither reads nor
+    # decodes the ones before, and later batches equal those of an uninterrupted epoch
+    batches = loader.iter_epoch(loader.epoch, start=run.sums.batches)
     budget = epoch_budget(run)
     total = min(len(loader), run.sums.batches + budget) if budget is not None else len(loader)
     should_stop = stop_poll(run, stop)

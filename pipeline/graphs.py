@@ -133,7 +133,7 @@ def build_decode_only(spec: GraphSpec, dev: DeviceSettings, feed: reader.Feed | 
     decoder as ``build``, whole images out (uint8 HWC), nothing after the decoder."""
     pipe = _new_pipeline(spec, dev)
     with pipe:
-        jpegs, *_ = _reader(spec, feed or default_feed(spec, draws=False))
+        jpegs = _reader(spec, feed or default_feed(spec, draws=False, labels=False))
         pipe.set_outputs(_decode(jpegs, replace(spec, mean_image=None), dev))
     pipe.build()
     return pipe
@@ -151,7 +151,8 @@ def _graph_seed(spec: GraphSpec) -> int:
     return (spec.seed * 1_000_003 + rank) % (2 ** 31)
 
 
-def default_feed(spec: GraphSpec, draws: bool = True, drop_last: bool = False) -> reader.Feed:
+def default_feed(spec: GraphSpec, draws: bool = True, drop_last: bool = False,
+                 labels: bool = True) -> reader.Feed:
     """All of ``spec.files`` for ``spec.shard``, every batch (the last one partial), or with
     ``drop_last`` only full batches."""
     table = reader.RecordTable(spec.files)
@@ -159,19 +160,20 @@ def default_feed(spec: GraphSpec, draws: bool = True, drop_last: bool = False) -
     start, end = reader.shard_range(len(table), rank, world)
     part, size = end - start, spec.batch_size
     plan = reader.Plan(total=len(table), rank=rank, world=world, batch_size=size,
-                       batches=max(1, part // size if drop_last else -(-part // size)),
+                       batches=part // size if drop_last else max(1, -(-part // size)),
                        seed=spec.seed, shuffle=spec.shuffle)
     lighting = spec.lighting_std if (draws and spec.view == "train") else None
-    return reader.Feed(table, plan, lighting)
+    return reader.Feed(table, plan, lighting, labels=labels)
 
 
 def _reader(spec: GraphSpec, feed: reader.Feed):
     """(jpegs, .cls bytes[, y, x, mirror, alpha]) of the batch ``feed`` plans next: our reader
     (pipeline/reader.py) slices the records out of the tars by byte offset and computes the
     train view's draws; batches may be smaller than ``spec.batch_size`` (an epoch's last)."""
-    dtypes = [types.UINT8, types.UINT8, types.INT32, types.INT32, types.INT32, types.FLOAT]
-    return fn.external_source(source=feed, num_outputs=feed.num_outputs, batch=True,
-                              dtype=dtypes[:feed.num_outputs])
+    dtypes = [types.UINT8] * (1 + feed.labels)
+    if feed.lighting_std is not None:
+        dtypes += [types.INT32, types.INT32, types.INT32, types.FLOAT]
+    return fn.external_source(source=feed, num_outputs=len(dtypes), batch=True, dtype=dtypes)
 
 
 def _pad_labels(labels):

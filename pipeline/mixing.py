@@ -8,7 +8,7 @@ For each pair of consecutive epochs: the order correlation (Pearson's r of each 
 position in epoch e and e+1 on its rank; 0 ± 1/sqrt(n) for independent orders), the share of
 records that land in the same batch (same rank, same batch number; 1/batches for
 independent orders) and the share of batch-mate pairs of epoch e that are batch-mates
-again in e+1 ((B-1)/(n-1)). The orders are the Loader's own (pipeline/reader.py's plan),
+again in e+1 ((B-1)/(n-1)); with several ranks, over the records a rank reads in both. The orders are the Loader's own (pipeline/reader.py's plan),
 computed without decoding.
 """
 from __future__ import annotations
@@ -56,13 +56,14 @@ def mixing(a: np.ndarray, b: np.ndarray) -> dict:
     # batch-mate pairs of a that are batch-mates in b: per batch of a, the pairs sharing a batch of b
     which_b = np.full(max(a.max(), b.max()) + 1, -1)
     which_b[b.ravel()] = np.repeat(np.arange(b.shape[0]), batch)
-    again = 0
+    again = pairs = 0      # pairs: batch-mates of a that this rank reads in b too
     for row in a:
-        counts = np.bincount(which_b[row][which_b[row] >= 0])
+        held = which_b[row][which_b[row] >= 0]
+        counts = np.bincount(held)
         again += int((counts * (counts - 1) // 2).sum())
-    pairs = a.shape[0] * batch * (batch - 1) // 2
-    return {"n": len(common), "r": r, "same_batch": same_batch, "pairs_again": again / pairs,
-            "ideal_same_batch": 1 / a.shape[0], "ideal_pairs": (batch - 1) / (a.size - 1),
+        pairs += len(held) * (len(held) - 1) // 2
+    return {"n": len(common), "r": r, "same_batch": same_batch, "pairs_again": again / max(1, pairs),
+            "ideal_same_batch": 1 / a.shape[0], "ideal_pairs": (batch - 1) / (b.size - 1),
             "ideal_r_sd": 1 / np.sqrt(len(common) - 1)}
 
 

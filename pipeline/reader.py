@@ -106,16 +106,18 @@ class Feed:
     epoch, from a cursor the Loader sets (``seek``). ``fed`` holds the batches DALI has been
     given and not yet returned, oldest first (pipe.run() returns ``fed[0]``'s outputs)."""
 
-    def __init__(self, table: RecordTable, plan: Plan, draws: float | None, epoch: int = 0):
+    def __init__(self, table: RecordTable, plan: Plan, draws: float | None, epoch: int = 0,
+                 labels: bool = True):
         self.table, self.plan = table, plan
         self.lighting_std = draws          # None: no draws (val views, the decode floor)
+        self.labels = labels               # False: JPEGs only (the decode floor)
         self.fed: deque[Batch] = deque()
         self._cursor = (epoch, 0)
         self._parts: dict[int, np.ndarray] = {}
 
     @property
     def num_outputs(self) -> int:
-        return 2 if self.lighting_std is None else 6
+        return 1 + self.labels + (0 if self.lighting_std is None else 4)
 
     def seek(self, epoch: int, index: int) -> None:
         self._cursor = (epoch, index)
@@ -141,8 +143,9 @@ class Feed:
         batch = self.batch(epoch, index)
         self._cursor = (epoch, index + 1) if index + 1 < self.plan.batches else (epoch + 1, 0)
         self.fed.append(batch)
-        outputs = [self.table.slices(batch.records, self.table.jpg),
-                   self.table.slices(batch.records, self.table.cls)]
+        outputs = [self.table.slices(batch.records, self.table.jpg)]
+        if self.labels:
+            outputs.append(self.table.slices(batch.records, self.table.cls))
         if self.lighting_std is not None:
             outputs += draws(self.plan, epoch, index, len(batch.records), self.lighting_std)
         return tuple(outputs)

@@ -139,8 +139,9 @@ def _shards(records: Path) -> tuple[list[tuple[Path, Path]], int]:
     return [pair for split in SPLITS for pair in shard_paths(records, split)], classes
 
 
-def verify(cfg: VerifyConfig, out=sys.stdout) -> int:
+def verify(cfg: VerifyConfig, out=None) -> int:
     """Check every shard over ``workers`` processes; print failures as they come; exit status."""
+    out = out or sys.stdout
     records = Path(cfg.records)
     shards, classes = _shards(records)
     workers = min(cfg.workers or usable_cores(), len(shards))
@@ -165,7 +166,8 @@ def verify(cfg: VerifyConfig, out=sys.stdout) -> int:
     say(f"verify: {total} records in {len(shards)} shards, {failed} failed "
         f"(decoder: PIL{' + strict libturbojpeg' if strict else '; libturbojpeg not found'})")
     if failed:
-        say("verify: rebuild the shards listed (prep/build_records.py), then resume training")
+        say("verify: rebuild the records (prep/build_records.py, same arguments, --overwrite; "
+            "deterministic, so the shards listed come back repaired), then resume training")
     return 1 if failed else 0
 
 

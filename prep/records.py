@@ -184,6 +184,9 @@ def _parse_index(idx: Path, text: bytes) -> tuple[np.ndarray, np.ndarray, np.nda
     if len(head) != 2 or head[0] != INDEX_VERSION.encode() or not head[1].isdigit():
         raise RecordsError(f"{idx}: not a DALI index (the first line must be "
                            f"'{INDEX_VERSION} <records>')")
+    fast = _parse_plain_index(text, int(head[1]))
+    if fast is not None:
+        return fast
     rows = [line for line in lines[1:] if line.strip()]
     if len(rows) != int(head[1]):
         raise RecordsError(f"{idx}: the first line says {int(head[1])} records but "
@@ -207,6 +210,26 @@ def _parse_index(idx: Path, text: bytes) -> tuple[np.ndarray, np.ndarray, np.nda
     if not rows:
         raise RecordsError(f"{idx}: lists no records")
     return np.array(keys), numbers[:, :2], numbers[:, 2:]
+
+
+def _parse_plain_index(text: bytes, count: int):
+    """The common case in one vectorised pass (ImageNet: ~1.3M lines): every line exactly
+    ``jpg OFF SIZE KEY.jpg cls OFF SIZE KEY.cls`` as prep/shards.py writes it. None if the
+    index is anything else (the line-by-line parser then names the bad line)."""
+    tokens = text.split()
+    if count < 1 or len(tokens) != 2 + 8 * count:
+        return None
+    table = np.array(tokens[2:], dtype=object).reshape(count, 8)
+    if not ((table[:, 0] == b"jpg").all() and (table[:, 4] == b"cls").all()):
+        return None
+    try:
+        numbers = table[:, [1, 2, 5, 6]].astype(np.bytes_).astype(np.int64)
+    except ValueError:
+        return None
+    keys = np.array([name[:-4] for name in table[:, 3]])
+    if not all(name.endswith(b".jpg") for name in table[:, 3]):
+        return None
+    return keys, numbers[:, :2], numbers[:, 2:]
 
 
 def _check_layout(tar: Path, idx: Path, tar_size: int, jpg: np.ndarray, cls: np.ndarray) -> None:

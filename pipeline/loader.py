@@ -86,8 +86,9 @@ class Loader:
                  options: LoaderOptions = LoaderOptions(), epoch: int = 0):
         _check_args(split, view, mean, dtype, batch_size, num_threads)
         rank, world = _check_shard(shard)
-        if not (isinstance(epoch, int) and epoch >= 0):
-            raise LoaderError(f"epoch must be an integer >= 0, got {epoch!r}")
+        for name, value in (("epoch", epoch), ("seed", seed)):
+            if not (isinstance(value, (int, np.integer)) and value >= 0):
+                raise LoaderError(f"{name} must be an integer >= 0, got {value!r}")
         self.device = _parse_device(device)
         self.drop_last = (view == "train") if drop_last is None else bool(drop_last)
         self.options = options

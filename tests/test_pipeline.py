@@ -356,6 +356,8 @@ def _copy(records: Path, tmp_path: Path) -> Path:
     ({"shard": (2, 2)}, "shard must be"),
     ({"dtype": torch.int8}, "dtype must be"),
     ({"batch_size": 1000}, "leaves no batch"),
+    ({"seed": -1}, "seed must be an integer >= 0"),
+    ({"epoch": -2}, "epoch must be an integer >= 0"),
 ])
 def test_bad_arguments(records, monkeypatch, kwargs, message):
     monkeypatch.setattr(graphs, "build", _no_graph)

@@ -161,13 +161,6 @@ def next_batch(batches: Iterator, pending: "_Pending", state: TrainState):
         raise
 
 
-def skip_batches(batches: Iterator, n: int) -> None:
-    """Resumed mid-epoch: advance the epoch's loader past the ``n`` batches already trained on.
-    The only place that replays; a loader that can start at batch n without decoding goes here."""
-    for _ in range(n):
-        next(batches)
-
-
 @dataclass
 class _Pending:
     """Per-step device tensors not yet read back to the host (reading forces a sync)."""

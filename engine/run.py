@@ -30,7 +30,7 @@ from . import checkpoint as ckpt
 from . import distributed as D
 from .config import MODEL_FIELDS, TrainConfig, explicit_flags, merge_explicit, parse_train_args
 from .loop import (LoopSettings, NonFiniteLoss, Precision, StepHooks, StepPlan, eval_metrics, evaluate,
-                   skip_batches, to_device, train_steps)
+                   to_device, train_steps)
 from .profiling import Phases, trace_profiler
 from .recipe import make_optimizer
 from .report import Reporter, crops_table, epoch_line, epochs_table, profile_table
@@ -102,7 +102,7 @@ class Session:
     devices: list[str]
     out: Path
     say: Reporter
-    data: RecordsData              # or anything with .train(epoch) and .val(view) (tests: plain tensors)
+    data: RecordsData              # or anything with .train(epoch) -> a loader with len() and iter_epoch(epoch, start), and .val(view)
     classes: int
     net: nn.Module                 # the AlexNet (placed); checkpoints save its state
     model: nn.Module               # what trains: net, compiled and/or DDP-wrapped
@@ -321,8 +321,7 @@ def train_epoch(s: Session, state: TrainState, stop: StopFlag, phases: Phases) -
     """The epoch's steps from state's position on (a resumed epoch skips its trained batches)."""
     cfg = s.cfg
     loader = s.data.train(state.epoch)
-    batches = iter(loader)
-    skip_batches(batches, state.batch)
+    batches = loader.iter_epoch(loader.epoch, start=state.batch)   # resumed: nothing before is decoded
     plan = StepPlan(epoch_batches=min(len(loader), cfg.epoch_steps or len(loader)),
                     max_steps=cfg.max_steps, warmup_steps=cfg.warmup_steps)
     profiler = trace_profiler(cfg.profile and s.info.is_main and state.epoch == 0, s.out)

@@ -133,8 +133,8 @@ def torch_loader(shards: list[tuple[Path, Path]], stats, batch_size: int, worker
 class DaliDecodeLoader:
     """The floor: DALI reads the same shards and decodes the JPEGs, nothing else.
 
-    ``graphs.build_decode_only``: the train view's reader (same shuffle, shard and epoch
-    settings), executor, prefetch depth and decoder per device, minus every op after the
+    ``graphs.build_decode_only``: the train view's reader (a new order every epoch, full
+    batches), executor, prefetch depth and decoder per device, minus every op after the
     decoder. Yields (uint8 (B, 256, 256, 3) HWC images, None), zero-copy torch tensors on
     ``device``; the decoder is "cpu" (libjpeg-turbo) on CPU, "mixed" (nvJPEG) for CUDA."""
 
@@ -144,8 +144,9 @@ class DaliDecodeLoader:
         self.device = torch.device(device)
         spec = graphs.GraphSpec(files=tuple((str(t), str(i)) for t, i in shards), view="train",
                                 batch_size=batch_size, seed=seed, shuffle=True, num_threads=threads)
-        self.pipe = graphs.build_decode_only(spec, graphs.DeviceSettings.for_device(self.device))
-        self._len = self.pipe.reader_meta(graphs.READER)["epoch_size"] // batch_size
+        feed = graphs.default_feed(spec, draws=False, drop_last=True, labels=False)   # as the train view
+        self._len = feed.plan.batches
+        self.pipe = graphs.build_decode_only(spec, graphs.DeviceSettings.for_device(self.device), feed)
 
     def __len__(self) -> int:
         return self._len

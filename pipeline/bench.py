@@ -40,6 +40,7 @@ from rich.table import Table
 
 from common.atomic import write_json
 from common.config import parse_args
+from common.system import usable_cores
 from pipeline.loader import LoaderError
 from prep.records import DEFAULT_RECORDS, RecordsError, read_stats, shard_paths
 
@@ -98,7 +99,7 @@ class BenchConfig:
 
 
 def cores() -> int:
-    return len(os.sched_getaffinity(0))
+    return usable_cores()
 
 
 # ----------------------------------------------------------------------------- loaders

@@ -16,9 +16,10 @@ decoded (``decoders.image_crop``: ROI decoding skips ~1/4 of the pixels and give
 the pixels of a full decode cut afterwards). The lighting shift is the same RGB vector for
 every pixel, so ``image + shift - mean`` is ``image - (mean - shift)``: it folds into
 crop_mirror_normalize's per-sample ``mean`` argument, and mirror, lighting, mean, the
-HWC->CHW layout and the cast are one fused op after the decoder. The per-sample numbers
-(offsets, coin, alpha -> mean) are computed by CPU operators and passed as argument
-inputs, also in a GPU graph.
+HWC->CHW layout and the cast are one fused op after the decoder. The per-sample draws
+(offsets, coin, alpha) come from our reader (pipeline/reader.py: a function of seed, epoch,
+rank and batch, so a Loader can start an epoch at any batch); alpha -> mean is computed by
+a CPU operator; all are passed as argument inputs, also in a GPU graph.
 
 Crop positions: DALI turns ``crop_pos_x`` p into the offset floor(p * (W - 224) + 0.5)
 (checked empirically on DALI 2.4, for the ROI decoder and crop_mirror_normalize), so
@@ -33,7 +34,6 @@ cut and mirrored with exactly the image's window; the channel part of the CMN me
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -41,11 +41,11 @@ import torch
 from nvidia.dali import fn, types
 from nvidia.dali.pipeline import Pipeline
 
-from pipeline import reference as ref
+from common.system import usable_cores
+from pipeline import reader, reference as ref
 
 VIEWS = ("train", "center", "tencrop")
 DTYPES = {torch.float32: types.FLOAT, torch.float16: types.FLOAT16}
-READER = "Reader"   # the reader's name, for pipe.reader_meta
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,7 @@ class GraphSpec:
     files: tuple[tuple[str, str], ...]   # (tar, idx) per shard, in order
     view: str                            # "train" | "center" | "tencrop"
     batch_size: int
-    shard: tuple[int, int] = (0, 1)      # (rank, world): DALI splits the samples into world parts
+    shard: tuple[int, int] = (0, 1)      # (rank, world): each rank reads its 1/world (pipeline/reader.py)
     seed: int = 0
     dtype: torch.dtype = torch.float32
     channel_mean: tuple[float, float, float] = (0.0, 0.0, 0.0)   # 0–255, subtracted per channel
@@ -92,8 +92,7 @@ class GraphSpec:
     eigval: tuple[float, ...] = (0.0, 0.0, 0.0)    # stats.json: variances, 0–255² units, descending
     eigvec: tuple[float, ...] = (1, 0, 0, 0, 1, 0, 0, 0, 1)   # 3×3 row-major, column i = vector i
     lighting_std: float = ref.LIGHTING_STD   # alpha ~ N(0, this); 0 turns lighting off
-    shuffle: bool = False                # reader shuffle buffer (train)
-    initial_fill: int = 1024             # shuffle buffer, in samples (records are pre-shuffled)
+    shuffle: bool = False                # a new random order every epoch (train); else file order
     num_threads: int = 2
     extras: bool = False                 # also output the JPEG bytes and the random draws
 
@@ -109,30 +108,32 @@ class GraphSpec:
             raise ValueError("batch_size and num_threads must be >= 1")
 
 
-def build(spec: GraphSpec, dev: DeviceSettings) -> Pipeline:
+def build(spec: GraphSpec, dev: DeviceSettings, feed: reader.Feed | None = None) -> Pipeline:
     """A built DALI pipeline whose outputs are (images, labels[, extras...]).
 
     images: float (3,224,224) per sample, or (10,3,224,224) for "tencrop", 0–255 scale minus
     the mean; labels: the ASCII bytes of ``<key>.cls``, zero-padded to the batch's longest
     (one dense uint8 (B, L) batch: ``loader.parse_labels``). With ``spec.extras``: the JPEG
     bytes, and for "train" also offset y, offset x (int32, 0..32), mirror (0/1), alpha (3,).
+    ``feed``: the batches to read (pipeline/reader.py); default: ``spec.files`` in file order,
+    each epoch ``ceil(records / batch_size)`` batches, the last one partial.
     """
     pipe = _new_pipeline(spec, dev)
     with pipe:
-        jpegs, labels = _reader(spec)
-        views, draws = _VIEW_BUILDERS[spec.view](jpegs, spec, dev)
+        jpegs, labels, *inputs = _reader(spec, feed or default_feed(spec))
+        views, draws = _VIEW_BUILDERS[spec.view](jpegs, spec, dev, *inputs)
         extras = (jpegs, *draws) if spec.extras else ()
         pipe.set_outputs(views, _pad_labels(labels), *extras)
     pipe.build()
     return pipe
 
 
-def build_decode_only(spec: GraphSpec, dev: DeviceSettings) -> Pipeline:
+def build_decode_only(spec: GraphSpec, dev: DeviceSettings, feed: reader.Feed | None = None) -> Pipeline:
     """The decode floor the benches compare the views with: the same reader, executor and
     decoder as ``build``, whole images out (uint8 HWC), nothing after the decoder."""
     pipe = _new_pipeline(spec, dev)
     with pipe:
-        jpegs, _ = _reader(spec)
+        jpegs = _reader(spec, feed or default_feed(spec, draws=False, labels=False))
         pipe.set_outputs(_decode(jpegs, replace(spec, mean_image=None), dev))
     pipe.build()
     return pipe
@@ -150,19 +151,29 @@ def _graph_seed(spec: GraphSpec) -> int:
     return (spec.seed * 1_000_003 + rank) % (2 ** 31)
 
 
-def _reader(spec: GraphSpec):
-    tars, idxs = zip(*spec.files)
+def default_feed(spec: GraphSpec, draws: bool = True, drop_last: bool = False,
+                 labels: bool = True) -> reader.Feed:
+    """All of ``spec.files`` for ``spec.shard``, every batch (the last one partial), or with
+    ``drop_last`` only full batches."""
+    table = reader.RecordTable(spec.files)
     rank, world = spec.shard
-    return fn.readers.webdataset(
-        paths=list(tars), index_paths=list(idxs), ext=["jpg", "cls"],
-        missing_component_behavior="error", dtypes=[types.UINT8, types.UINT8],
-        random_shuffle=spec.shuffle, initial_fill=spec.initial_fill,
-        # Each rank always reads its own 1/world of the samples (ranks stay disjoint; the
-        # records are shuffled globally at write time). pad_last_batch ends every reader epoch
-        # exactly at the end of this part (the shuffle buffer drains; DALI repeats the last
-        # sample to fill the batch), so each epoch visits each record of the part once and
-        # the loader cuts the padding off.
-        shard_id=rank, num_shards=world, stick_to_shard=True, pad_last_batch=True, name=READER)
+    start, end = reader.shard_range(len(table), rank, world)
+    part, size = end - start, spec.batch_size
+    plan = reader.Plan(total=len(table), rank=rank, world=world, batch_size=size,
+                       batches=part // size if drop_last else max(1, -(-part // size)),
+                       seed=spec.seed, shuffle=spec.shuffle)
+    lighting = spec.lighting_std if (draws and spec.view == "train") else None
+    return reader.Feed(table, plan, lighting, labels=labels)
+
+
+def _reader(spec: GraphSpec, feed: reader.Feed):
+    """(jpegs, .cls bytes[, y, x, mirror, alpha]) of the batch ``feed`` plans next: our reader
+    (pipeline/reader.py) slices the records out of the tars by byte offset and computes the
+    train view's draws; batches may be smaller than ``spec.batch_size`` (an epoch's last)."""
+    dtypes = [types.UINT8] * (1 + feed.labels)
+    if feed.lighting_std is not None:
+        dtypes += [types.INT32, types.INT32, types.INT32, types.FLOAT]
+    return fn.external_source(source=feed, num_outputs=len(dtypes), batch=True, dtype=dtypes)
 
 
 def _pad_labels(labels):
@@ -199,12 +210,9 @@ def _normalize(images, spec: GraphSpec, mirror, mean, window=None):
         dtype=DTYPES[spec.dtype], output_layout="CHW", **crop)
 
 
-def _train_view(jpegs, spec: GraphSpec, dev: DeviceSettings):
-    offsets = list(range(ref.MAX_OFFSET + 1))
-    off_y = fn.random.uniform(values=offsets, dtype=types.INT32)
-    off_x = fn.random.uniform(values=offsets, dtype=types.INT32)
-    mirror = fn.random.coin_flip(probability=0.5, dtype=types.INT32)
-    alpha = fn.random.normal(shape=[3], stddev=spec.lighting_std) if spec.lighting_std > 0 else None
+def _train_view(jpegs, spec: GraphSpec, dev: DeviceSettings, off_y, off_x, mirror, drawn_alpha):
+    """The draws come from the reader (reader.draws: a function of seed, epoch, rank, batch)."""
+    alpha = drawn_alpha if spec.lighting_std > 0 else None
     mean = _lighting_mean(spec, alpha)
     # k / 32 is exact in float32 and DALI rounds it back to exactly k (module docstring).
     window = (off_x / float(ref.MAX_OFFSET), off_y / float(ref.MAX_OFFSET))
@@ -212,9 +220,7 @@ def _train_view(jpegs, spec: GraphSpec, dev: DeviceSettings):
         view = _normalize(_decode(jpegs, spec, dev, window), spec, mirror, mean)
     else:                          # the mean image needs the full image; cut the window after
         view = _normalize(_decode(jpegs, spec, dev), spec, mirror, mean, window)
-    if alpha is None:
-        alpha = fn.random.normal(shape=[3]) * 0.0   # zeros, so extras keep one shape
-    return view, (off_y, off_x, mirror, alpha)
+    return view, (off_y, off_x, mirror, drawn_alpha)   # drawn_alpha: zeros without lighting
 
 
 def _lighting_mean(spec: GraphSpec, alpha):
@@ -251,11 +257,4 @@ def _ten_crop_view(jpegs, spec: GraphSpec, dev: DeviceSettings):
 _VIEW_BUILDERS = {"train": _train_view, "center": _center_view, "tencrop": _ten_crop_view}
 
 
-def shard_range(total: int, rank: int, world: int) -> tuple[int, int]:
-    """[start, end) of the samples DALI's readers give shard ``rank`` of ``world``
-    (its integer split: start = total * rank // world)."""
-    return total * rank // world, total * (rank + 1) // world
-
-
-def default_threads() -> int:
-    return max(1, len(os.sched_getaffinity(0)))
+shard_range = reader.shard_range

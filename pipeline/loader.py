@@ -6,10 +6,14 @@
         ...
     val = Loader("data/records", split="val", view="tencrop", batch_size=32, shard=(rank, world))
     len(val), val.epoch_size, val.num_classes
+    for images, labels in train.iter_epoch(5, start=300):   # epoch 5 from batch 300, resuming
+        ...
 
 Every argument is checked (and the records' meta/stats/index files read) before a DALI
 graph is built, so bad input fails with one line: ``LoaderError`` for arguments,
-``prep.records.RecordsError`` for the records folder.
+``prep.records.RecordsError`` for the records folder (each shard's index is checked against
+its tar). A record that fails to decode during an epoch raises one ``RecordsError`` naming
+its shard and key.
 """
 from __future__ import annotations
 
@@ -20,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import graphs, reference as ref
+from common.system import usable_cores
+from pipeline import graphs, reader, reference as ref
 from prep.records import RecordsError, read_mean_image, read_meta, read_stats, shard_paths
 
 SPLITS = ("train", "val")
@@ -37,11 +42,10 @@ class LoaderOptions:
     lighting_std: float = ref.LIGHTING_STD   # alpha ~ N(0, this) in the train view; 0 = off
     subtract_mean: bool = True   # False: raw 0–255 pixels (tests find the crop window in them)
     with_draws: bool = False     # yield (images, labels, Draws): record keys + random draws
-    initial_fill: int = 1024     # train shuffle buffer, samples (records are pre-shuffled)
 
     def __post_init__(self):
-        if not (self.lighting_std >= 0 and self.initial_fill >= 1):
-            raise LoaderError("LoaderOptions: lighting_std must be >= 0 and initial_fill >= 1")
+        if not self.lighting_std >= 0:
+            raise LoaderError("LoaderOptions: lighting_std must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -60,23 +64,31 @@ class Loader:
     images: float32/float16 on ``device``, (B, 3, 224, 224) — (B, 10, 3, 224, 224) for
     "tencrop" — on the 0–255 scale minus the mean (not divided by std); labels: int64 (B,).
     Val views ("center", "tencrop") see each record of the split exactly once per epoch
-    across all ranks (the last batch may be partial); "train" shuffles and, by default,
-    drops the last partial batch, giving every rank the same number of batches.
+    across all ranks, in file order (the last batch may be partial). "train" reads a new
+    random permutation of the whole split every epoch — a function of (seed, epoch), the same
+    on every rank, each rank reading its disjoint 1/world of it — and, by default, drops the
+    last partial batch, giving every rank the same number of batches.
 
     records: the folder prep/build_records.py wrote. shard: (rank, world) — rank r reads its
-    own 1/world of the split. seed: with the rank, fixes the shuffle and every random draw.
-    mean: "channel" (stats.json's RGB mean) or "pixel" (mean_image.npy, the paper's option).
-    num_threads: DALI CPU threads; default all cores // world. drop_last: default True for
-    the train view, False for the val views. options: LoaderOptions (tests, experiments).
+    own 1/world of the split. seed: with the epoch, fixes the order; with the epoch, rank and
+    batch, every random draw. epoch: the epoch the first ``iter()`` reads (each ``iter()``
+    reads the next one; ``iter_epoch`` picks one and a first batch). mean: "channel"
+    (stats.json's RGB mean) or "pixel" (mean_image.npy, the paper's option). num_threads:
+    DALI CPU threads; default: every core this process may use (``usable_cores``; a
+    launcher running several ranks per node passes its share). drop_last: default True
+    for the train view, False for the val views. options: LoaderOptions (tests, experiments).
     """
 
     def __init__(self, records, split: str = "train", view: str = "train", batch_size: int = 128,
                  device: str | torch.device = "cpu", shard: tuple[int, int] = (0, 1), seed: int = 0,
                  dtype: torch.dtype = torch.float32, mean: str = "channel",
                  num_threads: int | None = None, drop_last: bool | None = None,
-                 options: LoaderOptions = LoaderOptions()):
+                 options: LoaderOptions = LoaderOptions(), epoch: int = 0):
         _check_args(split, view, mean, dtype, batch_size, num_threads)
         rank, world = _check_shard(shard)
+        for name, value in (("epoch", epoch), ("seed", seed)):
+            if not (isinstance(value, (int, np.integer)) and value >= 0):
+                raise LoaderError(f"{name} must be an integer >= 0, got {value!r}")
         self.device = _parse_device(device)
         self.drop_last = (view == "train") if drop_last is None else bool(drop_last)
         self.options = options
@@ -85,6 +97,8 @@ class Loader:
         total = _split_count(records, meta, split)
         self.num_classes = len(meta["classes"])
         self._plan_epoch(total, rank, world, batch_size)
+        table = reader.RecordTable(files)       # every index checked against its tar
+        reader.check_count(table, total, records / "meta.json")
         self.spec = graphs.GraphSpec(
             files=tuple((str(t), str(i)) for t, i in files), view=view, batch_size=batch_size,
             shard=(rank, world), seed=int(seed), dtype=dtype, **_mean_fields(records, stats, mean, options),
@@ -92,51 +106,92 @@ class Loader:
             eigvec=tuple(float(v) for v in np.asarray(stats.eigvec).ravel()),
             lighting_std=options.lighting_std if view == "train" else 0.0,
             shuffle=view == "train",
-            initial_fill=min(options.initial_fill, self._part),   # more would hold duplicates
-            num_threads=num_threads or max(1, graphs.default_threads() // world),
+            num_threads=num_threads or usable_cores(),
             extras=options.with_draws)
+        plan = reader.Plan(total=total, rank=rank, world=world, batch_size=batch_size,
+                           batches=self._len, seed=int(seed), shuffle=self.spec.shuffle)
+        self._feed = reader.Feed(table, plan, self.spec.lighting_std if view == "train" else None,
+                                 epoch=epoch)
+        self.epoch = epoch          # the epoch the next iter() reads
         self.settings = graphs.DeviceSettings.for_device(self.device)
-        self._pipe = graphs.build(self.spec, self.settings)
-        self._check_reader(total, records)
-        self._left = 0   # pipeline runs still owed to the current epoch
+        self._pipe = graphs.build(self.spec, self.settings, self._feed)
+        self._failed: RecordsError | None = None
 
     def _plan_epoch(self, total: int, rank: int, world: int, batch: int) -> None:
-        """Batches and records per epoch for this rank, and DALI runs per epoch.
+        """Batches and records per epoch for this rank.
 
-        DALI gives rank r the samples [total*r//world, total*(r+1)//world) once per reader
-        epoch, in ceil(part / batch) runs, the last one padded. drop_last: every rank yields
-        the same number of full batches (distributed training needs that), the rest of the
-        epoch's runs are read and dropped; else the last batch holds what is left."""
+        Rank r reads positions [total*r//world, total*(r+1)//world) of the epoch's order.
+        drop_last: every rank yields the same number of full batches (distributed training
+        needs that), (total // world) // batch, and reads nothing else; else ceil(part / batch)
+        batches, the last one holding what is left."""
         start, end = graphs.shard_range(total, rank, world)
         self._part = end - start
-        self._runs = math.ceil(self._part / batch)
-        self._len = (total // world) // batch if self.drop_last else self._runs
+        self._len = (total // world) // batch if self.drop_last else math.ceil(self._part / batch)
         self.epoch_size = self._len * batch if self.drop_last else self._part
         if self._len == 0:
             raise LoaderError(f"batch_size={batch} leaves no batch: rank {rank} of {world} sees "
                               f"{self._part} records; use a smaller batch_size")
 
-    def _check_reader(self, total: int, records: Path) -> None:
-        seen = self._pipe.reader_meta(graphs.READER)["epoch_size"]
-        if seen != total:
-            raise RecordsError(f"{records / 'meta.json'}: counts say {total} records but the "
-                               f"index files list {seen}")
-
     def __len__(self) -> int:
         return self._len
 
     def __iter__(self):
-        for _ in range(self._left):   # an abandoned epoch: read it out, so this one starts aligned
-            self._pipe.run()
-        self._left = self._runs
-        batch = self.spec.batch_size
-        for i in range(self._runs):
-            outputs = self._pipe.run()
-            self._left -= 1
-            if i < self._len:   # the last batch holds what is left of this rank's part
-                yield self._to_torch(outputs, min(batch, self._part - i * batch))
+        return self.iter_epoch(self.epoch)
 
-    def _to_torch(self, outputs, n: int):
+    def iter_epoch(self, epoch: int, start: int = 0):
+        """Batches ``start``, ``start`` + 1, ... of epoch ``epoch``: exactly those batches of an
+        uninterrupted epoch (records and random draws), without reading or decoding the ones
+        before ``start``. Afterwards ``self.epoch`` is ``epoch + 1``."""
+        if not (isinstance(epoch, int) and epoch >= 0 and isinstance(start, int)
+                and 0 <= start <= self._len):
+            raise LoaderError(f"iter_epoch needs epoch >= 0 and 0 <= start <= {self._len}, "
+                              f"got epoch={epoch!r}, start={start!r}")
+        self.epoch = epoch + 1
+        return self._batches(epoch, start)
+
+    def _batches(self, epoch: int, start: int):
+        if self._failed is not None:
+            raise self._failed
+        self._position(epoch, start)
+        for _ in range(start, self._len):
+            outputs, batch = self._run()
+            yield self._to_torch(outputs, len(batch.records), batch)
+
+    def _position(self, epoch: int, start: int) -> None:
+        """Make DALI's next run return batch ``start`` of ``epoch``. Batches DALI has already
+        been given (prefetched) are kept if they are the ones wanted, else run out and dropped
+        (at most the prefetch depth: an abandoned epoch or a jump)."""
+        if self._feed.next_position() == (epoch, start):
+            return
+        stale = len(self._feed.fed)
+        self._feed.seek(epoch, start)      # DALI asks for the batches after the stale ones
+        for _ in range(stale):
+            self._run()
+
+    def _run(self):
+        """One pipeline run: (outputs, the reader.Batch they hold). A DALI failure becomes one
+        RecordsError naming the culprits; the Loader is unusable afterwards."""
+        try:
+            outputs = self._pipe.run()
+        except Exception as exc:    # DALI raises RuntimeError (nvImageCodec...) naming nothing
+            self._failed = self._records_error(exc)
+            raise self._failed from None
+        return outputs, self._feed.fed.popleft()
+
+    def _records_error(self, exc: Exception) -> RecordsError:
+        """The shard and key of what made DALI fail, found by decoding with PIL the batches
+        DALI held (the failed one and those prefetched); the hint says what to do."""
+        bad = reader.undecodable(self._feed.table, list(self._feed.fed))
+        hint = (f"run python -m prep.verify {self._records}, rebuild that shard, then resume")
+        if not bad:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            return RecordsError(f"{self._records}: the pipeline failed on a batch ({first}) but "
+                                f"every record of it decodes with PIL; {hint}")
+        tar, key, why = bad[0]
+        more = f" (and {len(bad) - 1} more in this batch)" if len(bad) > 1 else ""
+        return RecordsError(f"{tar}: record {key}: {why}{more}; {hint}")
+
+    def _to_torch(self, outputs, n: int, batch):
         """The first n samples as torch tensors on self.device; no host round trip on a GPU.
 
         DALI's dynamic executor hands the output buffer over to Python, so the DLPack view
@@ -151,7 +206,7 @@ class Loader:
                                f"(meta.json lists {self.num_classes} classes)")
         labels = labels.to(self.device, non_blocking=True)
         if self.options.with_draws:
-            return images, labels, _draws(outputs[2:], n)
+            return images, labels, _draws(outputs[2:], n, [self._feed.table.key(r) for r in batch.records])
         return images, labels
 
     def __repr__(self) -> str:
@@ -187,10 +242,8 @@ def parse_labels(ascii_rows: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(values)
 
 
-def _draws(extras, n: int) -> Draws:
+def _draws(extras, n: int, keys: list[str]) -> Draws:
     """extras = (jpegs[, y, x, mirror, alpha]) as built by graphs.build(extras=True)."""
-    # source_info is "<tar>:<offset>:<key>.jpg" for the webdataset reader
-    keys = [extras[0][i].source_info().rsplit(":", 1)[-1].rsplit(".", 1)[0] for i in range(n)]
     if len(extras) == 1:
         return Draws(keys, None, None, None, None)
     y, x, mirror, alpha = (np.stack([np.asarray(t[i]) for i in range(n)]) for t in extras[1:])

@@ -35,8 +35,17 @@ class FakeLoader:
         self.seed, self.n, self.batch, self.hook, self.views = seed, n, batch, hook, views
         self.epoch_size = n * batch
 
+    epoch = 0   # the real Loader's: this object reads one epoch, fixed at construction
+
     def __len__(self) -> int:
         return self.n
+
+    def iter_epoch(self, epoch: int, start: int = 0):
+        """Batches start, start+1, ... of the epoch (the real Loader does not decode the skipped)."""
+        batches = iter(self)
+        for _ in range(start):
+            next(batches)
+        return batches
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed)

@@ -1,0 +1,211 @@
+"""Check every record of a records folder: each shard's index against its tar, every JPEG
+decoded, every label read.
+
+    python -m prep.verify data/records [--workers N] [--no-progress]
+
+Prints one line per record that fails — ``SHARD KEY: what`` (a JPEG that does not decode, a
+.cls that is not a class index of meta.json, a record whose tar header does not match the
+index) — or per shard whose index does not match its tar (``SHARD -: what``). Exit status:
+0 all records are good, 1 some failed (rebuild those shards), 2 RECORDS is not a records
+folder (one line on stderr).
+
+The decoder is PIL (libjpeg); where libturbojpeg is installed, every JPEG is also decoded
+with its warnings turned into errors, which catches corrupt data that libjpeg decodes
+silently into garbage (for example a run of overwritten bytes in mid-stream). Damage that
+leaves a JPEG valid (a few bits flipped inside the coded data can) cannot be seen by a
+decoder at all.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import io
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from common.system import usable_cores
+from prep.records import SPLITS, RecordsError, _header_ok, read_index, read_meta, shard_paths
+from prep.shards import TAR_BLOCK
+
+
+@dataclass(frozen=True)
+class VerifyConfig:
+    records: str = field(metadata={"help": "records folder (prep/build_records.py)"})
+    workers: int | None = field(default=None, metadata={"help": "processes; default: every usable core"})
+    progress: bool = field(default=True, metadata={"help": "progress bar in a terminal (plain lines otherwise)"})
+
+    def __post_init__(self):
+        if self.workers is not None and self.workers < 1:
+            raise ValueError("--workers must be >= 1")
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    tar: Path
+    records: int
+    failures: list[tuple[str, str]]    # (key or "-", what)
+
+
+class StrictJpeg:
+    """libturbojpeg with TJFLAG_STOPONWARNING: "Corrupt JPEG data" warnings become errors.
+    ``available`` is False where the library is not installed."""
+    STOP_ON_WARNING, PIXEL_RGB = 8192, 0
+
+    def __init__(self):
+        name = ctypes.util.find_library("turbojpeg")
+        self.available = False
+        if name is None:
+            return
+        try:
+            lib = ctypes.CDLL(name)
+            lib.tjInitDecompress.restype = ctypes.c_void_p
+            lib.tjDecompressHeader3.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_ulong] + \
+                [ctypes.POINTER(ctypes.c_int)] * 4
+            lib.tjDecompress2.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_ulong,
+                                          ctypes.c_void_p] + [ctypes.c_int] * 5
+            lib.tjGetErrorStr2.restype = ctypes.c_char_p
+            lib.tjGetErrorStr2.argtypes = [ctypes.c_void_p]
+            self._handle = lib.tjInitDecompress()
+        except (OSError, AttributeError):
+            return
+        self._lib, self.available = lib, bool(self._handle)
+
+    def error(self, jpeg: bytes) -> str | None:
+        """None if ``jpeg`` decodes without a warning, else libjpeg's message."""
+        lib, h = self._lib, self._handle
+        w, ht, sub, cs = (ctypes.c_int() for _ in range(4))
+        if lib.tjDecompressHeader3(h, jpeg, len(jpeg), *(ctypes.byref(v) for v in (w, ht, sub, cs))):
+            return lib.tjGetErrorStr2(h).decode(errors="replace")
+        out = np.empty((ht.value, w.value, 3), np.uint8)
+        if lib.tjDecompress2(h, jpeg, len(jpeg), out.ctypes.data, w.value, 0, ht.value,
+                             self.PIXEL_RGB, self.STOP_ON_WARNING):
+            return lib.tjGetErrorStr2(h).decode(errors="replace")
+        return None
+
+
+_STRICT: StrictJpeg | None = None   # one per worker process (a decompressor handle)
+
+
+def jpeg_error(jpeg: bytes) -> str | None:
+    """Why ``jpeg`` is not a good JPEG (PIL, then the strict decoder), or None."""
+    from PIL import Image
+    global _STRICT
+    try:
+        with Image.open(io.BytesIO(jpeg)) as image:
+            image.convert("RGB").load()
+    except Exception as exc:      # PIL raises OSError, SyntaxError, ValueError... for bad data
+        return f"bad JPEG ({exc})"
+    if _STRICT is None:
+        _STRICT = StrictJpeg()
+    if _STRICT.available and (message := _STRICT.error(jpeg)):
+        return f"bad JPEG ({message})"
+    return None
+
+
+def verify_shard(tar: Path, idx: Path, classes: int) -> ShardResult:
+    """Every record of one shard; never raises for bad data (it is the result)."""
+    try:
+        index = read_index(tar, idx)
+    except RecordsError as exc:
+        return ShardResult(tar, 0, [("-", str(exc))])
+    failures = []
+    with open(tar, "rb") as fh:
+        for key, (jo, js), (co, cs) in zip(index.keys, index.jpg, index.cls):
+            key = key.decode(errors="replace")
+            fh.seek(int(jo) - TAR_BLOCK)
+            jpg_header, jpeg = fh.read(TAR_BLOCK), fh.read(int(js))
+            fh.seek(int(co) - TAR_BLOCK)
+            cls_header, label = fh.read(TAR_BLOCK), fh.read(int(cs))
+            if not (_header_ok(jpg_header, f"{key}.jpg".encode(), int(js))
+                    and _header_ok(cls_header, f"{key}.cls".encode(), int(cs))):
+                failures.append((key, "the tar header does not match the index"))
+                continue
+            text = label.strip()
+            if not (text.isdigit() and int(text) < classes):
+                failures.append((key, f"bad .cls {label[:20]!r} (not a class index 0..{classes - 1})"))
+            if why := jpeg_error(jpeg):
+                failures.append((key, why))
+    return ShardResult(tar, len(index), failures)
+
+
+def _shards(records: Path) -> tuple[list[tuple[Path, Path]], int]:
+    meta = read_meta(records)
+    classes = len(meta["classes"])
+    return [pair for split in SPLITS for pair in shard_paths(records, split)], classes
+
+
+def verify(cfg: VerifyConfig, out=None) -> int:
+    """Check every shard over ``workers`` processes; print failures as they come; exit status."""
+    out = out or sys.stdout
+    records = Path(cfg.records)
+    shards, classes = _shards(records)
+    workers = min(cfg.workers or usable_cores(), len(shards))
+    tty = cfg.progress and out.isatty()
+    strict = StrictJpeg().available
+    say = (lambda line: progress.console.print(line, markup=False, highlight=False)) if tty \
+        else (lambda line: print(line, file=out, flush=True))
+    progress = _bar() if tty else None
+    total = failed = done = 0
+    with ProcessPoolExecutor(workers) as pool, (progress or _nothing()):
+        task = progress.add_task("verify", total=len(shards)) if progress else None
+        jobs = [pool.submit(verify_shard, tar, idx, classes) for tar, idx in shards]
+        for job in jobs:                     # in shard order, so the report reads in order
+            result = job.result()
+            total, failed, done = total + result.records, failed + len(result.failures), done + 1
+            for key, why in result.failures:
+                say(f"{result.tar} {key}: {why}")
+            if progress:
+                progress.advance(task)
+            elif done % max(1, len(shards) // 20) == 0 or done == len(shards):
+                say(f"verify: {done}/{len(shards)} shards, {total} records, {failed} failed")
+    say(f"verify: {total} records in {len(shards)} shards, {failed} failed "
+        f"(decoder: PIL{' + strict libturbojpeg' if strict else '; libturbojpeg not found'})")
+    if failed:
+        say("verify: rebuild the records (prep/build_records.py, same arguments, --overwrite; "
+            "deterministic, so the shards listed come back repaired), then resume training")
+    return 1 if failed else 0
+
+
+def _bar():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+    return Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                    TimeRemainingColumn())
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    parser = argparse.ArgumentParser(prog="python -m prep.verify", description=__doc__.split("\n\n")[0])
+    parser.add_argument("records", help=VerifyConfig.__dataclass_fields__["records"].metadata["help"])
+    parser.add_argument("--workers", type=int, default=None, help="processes; default: every usable core")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                        help="progress bar in a terminal (plain lines otherwise)")
+    args = parser.parse_args(argv)
+    try:
+        cfg = VerifyConfig(**vars(args))
+    except ValueError as exc:
+        parser.error(str(exc))
+    try:
+        return verify(cfg)
+    except RecordsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"error: {exc.filename or cfg.records}: {exc.strerror}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

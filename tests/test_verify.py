@@ -1,0 +1,76 @@
+"""python -m prep.verify: every record decoded, each bad one named by shard and key."""
+from __future__ import annotations
+
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from prep import verify
+from prep.records import shard_paths
+
+
+@pytest.fixture()
+def rec(sample_records, tmp_path) -> Path:
+    return Path(shutil.copytree(sample_records, tmp_path / "rec"))
+
+
+def _jpeg_member(tar: Path, n: int) -> tuple[str, int, int]:
+    """(key, data offset, size) of the n-th JPEG in ``tar``."""
+    with tarfile.open(tar) as tf:
+        member = [m for m in tf if m.name.endswith(".jpg")][n]
+        return member.name[:-4], member.offset_data, member.size
+
+
+def _overwrite(tar: Path, offset: int, data: bytes) -> None:
+    with open(tar, "r+b") as fh:
+        fh.seek(offset)
+        fh.write(data)
+
+
+def _run(rec: Path, capsys) -> tuple[int, list[str]]:
+    status = verify.main([str(rec), "--workers", "1", "--no-progress"])
+    return status, capsys.readouterr().out.splitlines()
+
+
+def test_clean_records_pass(rec, capsys):
+    status, lines = _run(rec, capsys)
+    assert status == 0
+    assert "68 records in 6 shards, 0 failed" in lines[-1]
+
+
+def test_bad_records_are_named(rec, capsys):
+    """A JPEG whose header is destroyed and one with overwritten bytes in mid-stream (which
+    PIL decodes silently into garbage) are both listed with shard and key; exit status 1."""
+    train, val = shard_paths(rec, "train")[1][0], shard_paths(rec, "val")[0][0]
+    destroyed, offset, _ = _jpeg_member(train, 3)
+    _overwrite(train, offset, bytes(64))
+    garbled, offset, size = _jpeg_member(val, 1)
+    _overwrite(val, offset + size // 2, np.random.default_rng(0).integers(0, 256, 256, np.uint8).tobytes())
+    status, lines = _run(rec, capsys)
+    assert status == 1
+    assert any(line.startswith(f"{train} {destroyed}: bad JPEG") for line in lines)
+    if verify.StrictJpeg().available:
+        assert any(line.startswith(f"{val} {garbled}: bad JPEG") for line in lines), lines
+    assert "2 failed" in "\n".join(lines) if verify.StrictJpeg().available else True
+
+
+def test_index_tar_mismatch_and_bad_label(rec, capsys):
+    train = shard_paths(rec, "train")[0]
+    shutil.copy(shard_paths(rec, "train")[1][1], train[1])      # another shard's index
+    val = shard_paths(rec, "val")[0][0]
+    with tarfile.open(val) as tf:
+        cls = [m for m in tf if m.name.endswith(".cls")][0]
+    _overwrite(val, cls.offset_data, b"x")
+    status, lines = _run(rec, capsys)
+    assert status == 1
+    assert any(line.startswith(f"{train[0]} -: ") for line in lines), lines
+    assert any(line.startswith(f"{val} {cls.name[:-4]}: bad .cls") for line in lines)
+
+
+def test_not_a_records_folder(tmp_path, capsys):
+    assert verify.main([str(tmp_path / "none"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1

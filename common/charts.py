@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping
 
 from common.atomic import write_bytes
 
@@ -31,25 +31,21 @@ def save_figure(fig, path: str | Path) -> None:
     write_bytes(path, buf.getvalue())
 
 
-def bar_chart(path: str | Path, labels: Sequence[str], values: Sequence[float], *, title: str,
-              xlabel: str, errors: Sequence[tuple[float, float]] | None = None) -> None:
-    """A horizontal bar chart of one number per row (a bench table's main column).
-
-    ``errors``: optional (low, high) per row, drawn as a min-max whisker around the bar.
-    """
+def bar_chart(path: str | Path, rows: Mapping[str, tuple[float, float, float]], *, title: str,
+              xlabel: str) -> None:
+    """A bench table as horizontal bars: one row per entry, (median, min, max) each; the bar is
+    the median, the whisker the min-max spread over the repeats. First row on top."""
     plt = pyplot()
-    height = 1.2 + 0.45 * len(labels)
-    fig, ax = plt.subplots(figsize=(8, height), layout="constrained")
-    rows = list(range(len(labels)))[::-1]          # first table row on top
-    xerr = None
-    if errors is not None:
-        xerr = [[v - lo for v, (lo, _) in zip(values, errors)], [hi - v for v, (_, hi) in zip(values, errors)]]
-    ax.barh(rows, values, xerr=xerr, color="#4c72b0", capsize=3)
-    ax.set_yticks(rows, labels)
-    for row, value in zip(rows, values):
-        ax.annotate(f"{value:,.1f}", (value, row), xytext=(4, 0), textcoords="offset points",
-                    va="center", fontsize=8)
+    names = list(rows)
+    med = [rows[n][0] for n in names]
+    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.45 * len(names)), layout="constrained")
+    ys = list(range(len(names)))[::-1]
+    spread = [[m - rows[n][1] for n, m in zip(names, med)], [rows[n][2] - m for n, m in zip(names, med)]]
+    ax.barh(ys, med, xerr=spread, color="#4c72b0", capsize=3)
+    ax.set_yticks(ys, names)
+    for y, value in zip(ys, med):
+        ax.annotate(f"{value:,.1f}", (value, y), xytext=(6, 0), textcoords="offset points", va="center", fontsize=8)
     ax.set_xlabel(xlabel)
-    ax.set_title(title, fontsize=10)
+    ax.set_title(title, fontsize=9)
     ax.margins(x=0.15)
     save_figure(fig, path)

@@ -148,3 +148,10 @@ def test_a_training_image_is_its_own_nearest_neighbour(run_dir, sample_records):
         assert found.keys[i][0] == key and found.labels[i][0] == label
         assert found.distance[i][0] < 1e-3 * found.distance[i][1]
     assert found.distance[:, 1].min() > 0
+
+
+def test_bench_bar_chart_has_one_bar_row_per_table_row(tmp_path):
+    from common.charts import bar_chart
+    rows = {"dali": (300.0, 290.0, 310.0), "torch": (100.0, 95.0, 120.0), "decode": (450.0, 440.0, 460.0)}
+    bar_chart(tmp_path / "bench.png", rows, title="loaders", xlabel="images/s")
+    assert png_size(tmp_path / "bench.png") == (800, 255)          # 8 in x (1.2 + 0.45 per row) in, 100 dpi

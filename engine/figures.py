@@ -294,6 +294,9 @@ class NeighbourOptions:
 def neighbours_figure(trained: weights.Trained, out: Path, device: str, opts: NeighbourOptions,
                       say: Reporter) -> dict:
     net, records = trained.net, trained.records
+    if records is None:
+        raise FiguresError(f"{trained.source}: an exported file names no records folder; "
+                           "neighbours.png needs one (--records DIR)")
     mean = "pixel" if trained.mean.ndim == 3 else "channel"
     with_keys = LoaderOptions(with_draws=True)
 

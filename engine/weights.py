@@ -34,7 +34,7 @@ class Trained:
     classes: list[str]            # wnids in class-index order (meta.json's)
     names: list[str] | None       # human-readable class names, when meta.json has them
     mean: np.ndarray              # float32, 0-255 scale: (3,) RGB, or (256, 256, 3) with mean="pixel"
-    records: Path | None          # the records folder (None for an exported file)
+    records: Path | None          # the records folder (an exported file: only if one was given)
     source: Path                  # the file the weights came from
     epoch: int | None = None
     step: int | None = None
@@ -110,7 +110,8 @@ def load(path: str | Path, records: str | Path | None = None, device: str = "cpu
         cfg = model_config(state["model"], state["config"])
         mean = state["mean"].numpy() if isinstance(state["mean"], torch.Tensor) else np.asarray(state["mean"])
         return Trained(net=build(state["model"], cfg, device, path), classes=list(state["classes"]),
-                       names=state.get("names"), mean=mean.astype(np.float32), records=None, source=path,
+                       names=state.get("names"), mean=mean.astype(np.float32),
+                       records=Path(records) if records else None, source=path,
                        epoch=state.get("epoch"), step=state.get("step"))
     saved = state["config"]
     folder = records_folder(saved, records)

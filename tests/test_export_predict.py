@@ -168,3 +168,12 @@ def test_predict_errors_are_one_line_exit_2(run_dir, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and all(line.startswith("error: ") for line in err)
     assert str(tmp_path / "missing.jpg") in err[0] and str(bad) in err[1] and "none.pt" in err[2]
+
+
+def test_lrn_inference_path_equals_the_training_path():
+    """Without autograd the LRN runs as plain ops (what TorchScript can save): the same numbers."""
+    from model import local_response_norm
+    x = torch.randn(3, 96, 13, 13) * 40
+    with torch.no_grad():
+        plain = local_response_norm(x, groups=2)
+    assert torch.equal(plain, local_response_norm(x.requires_grad_(), groups=2).detach())

@@ -98,9 +98,12 @@ def onnx_bytes(trained: weights.Trained) -> bytes:
     except ImportError:
         raise ExportError("--format onnx needs the onnx package (pip install onnx onnxscript)") from None
     buf = io.BytesIO()
-    torch.onnx.export(trained.net, (example_input(trained),), buf, input_names=["images"],
-                      output_names=["logits"], opset_version=ONNX_OPSET,
-                      dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
+    try:
+        torch.onnx.export(trained.net, (example_input(trained),), buf, input_names=["images"],
+                          output_names=["logits"], opset_version=ONNX_OPSET,
+                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
+    except ImportError as exc:        # torch's ONNX exporter has optional dependencies of its own
+        raise ExportError(f"--format onnx: {exc}") from None
     proto = onnx.load_from_string(buf.getvalue())
     entry = proto.metadata_props.add()
     entry.key, entry.value = "meta.json", meta_json(trained)

@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common.atomic import write_json
+from common.charts import bar_chart
 from common.config import parse_args, to_dict
 from model import AlexNet, AlexNetConfig
 from model.placement import check_device
@@ -38,6 +39,7 @@ class BenchConfig:
     amp: str = field(default="none", metadata={"help": "autocast dtype", "choices": ["none", "bf16"]})
     channels_last: bool = field(default=False, metadata={"help": "channels_last memory format"})
     json: str | None = field(default=None, metadata={"help": "also write the results here"})
+    plot: str | None = field(default=None, metadata={"help": "also draw the table as a bar chart (PNG)"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
     def __post_init__(self) -> None:
@@ -157,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     print_table(result)
     if cfg.json:
         write_json(cfg.json, result)
+    if cfg.plot:
+        bar_chart(cfg.plot, {n: (result["median_images_per_s"][n], min(v), max(v)) for n, v in result["images_per_s"].items()},
+                  title=f"AlexNet forward+backward, batch {cfg.batch_size}, {cfg.device}", xlabel="images/s")
     return 0
 
 

@@ -39,6 +39,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from common.atomic import write_json
+from common.charts import bar_chart
 from common.config import parse_args
 from common.system import usable_cores
 from pipeline.loader import LoaderError
@@ -75,6 +76,7 @@ class BenchConfig:
         "help": "DALI threads = FFCV workers = DataLoader processes; default: all cores"})
     seed: int = field(default=0, metadata={"help": "seed of every loader's shuffle and draws"})
     json: str | None = field(default=None, metadata={"help": "also write the results to this JSON file"})
+    plot: str | None = field(default=None, metadata={"help": "also draw the table as a bar chart (PNG)"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
     def __post_init__(self):
@@ -363,6 +365,9 @@ def run(cfg: BenchConfig, console: Console | None = None) -> dict:
     if cfg.json:
         write_json(cfg.json, result)
         console.print(f"wrote {cfg.json}")
+    if cfg.plot:
+        bar_chart(cfg.plot, {n: (e["images_per_s"], e["min"], e["max"]) for n, e in result["loaders"].items()},
+                  title=f"Loader bench, train view, batch {cfg.batch_size}, {cfg.device}", xlabel="images/s")
     return result
 
 

@@ -1,0 +1,122 @@
+"""Classify image files with a trained AlexNet: top-5 classes with probabilities.
+
+    python predict.py IMAGES_OR_FOLDERS... [--checkpoint FILE|RUN_DIR] [--tencrop] [--device cuda:0]
+
+The preprocessing is training's: the records' 256x256 image (shorter side to 256, central
+square, prep.transform), then the central 224 crop or the paper's 10 crops (corners, centre,
+and their mirrors) with the softmax averaged over them, minus the run's mean (RGB or per pixel),
+0-255 scale, not divided by std. ``--checkpoint`` takes a training checkpoint (its records
+folder gives the class names and mean) or a file written by ``python -m engine.export``.
+Exit status: 0 done, 2 bad input (one ``error:`` line: missing checkpoint or image, unreadable image).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline import reference
+from prep.records import RecordsError
+from prep.transform import ImageError, decode_record
+
+from . import weights
+from .voting import vote
+
+TOP = 5
+BATCH = 32           # images per forward (x10 views with --tencrop)
+
+
+class PredictError(Exception):
+    """A missing or unreadable image, or no checkpoint to use; one line."""
+
+
+def image_files(paths: list[str]) -> list[Path]:
+    """The files named, and the files inside named folders (sorted, not recursive)."""
+    files = []
+    for name in paths:
+        path = Path(name)
+        if path.is_dir():
+            files += sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise PredictError(f"{path}: no such image file or folder")
+    if not files:
+        raise PredictError(f"{', '.join(paths)}: no image files")
+    return files
+
+
+def load_image(path: Path) -> np.ndarray:
+    """The record image of a file: uint8 (256, 256, 3), exactly what prep writes to the records."""
+    try:
+        return decode_record(path.read_bytes())
+    except ImageError as exc:
+        raise PredictError(f"{path}: {exc}") from None
+    except OSError as exc:
+        raise PredictError(f"{path}: unreadable ({exc.strerror or exc})") from None
+
+
+def views(images: list[np.ndarray], mean: np.ndarray, tencrop: bool) -> torch.Tensor:
+    """(N, 3, 224, 224) centre crops or (N, 10, 3, 224, 224) ten crops, float32, minus mean."""
+    make = reference.ten_crop if tencrop else reference.center_view
+    return torch.from_numpy(np.stack([make(img, mean) for img in images]))
+
+
+@torch.no_grad()
+def probabilities(trained: weights.Trained, images: list[np.ndarray], tencrop: bool = False) -> torch.Tensor:
+    """(N, classes) softmax probabilities (the mean over the 10 crops with ``tencrop``), float32 CPU."""
+    out = []
+    for start in range(0, len(images), BATCH):
+        x = views(images[start:start + BATCH], trained.mean, tencrop).to(trained.net.input_device)
+        if tencrop:
+            n = x.shape[0]
+            out.append(vote(trained.net(x.flatten(0, 1)).view(n, 10, -1)).cpu())
+        else:
+            out.append(torch.softmax(trained.net(x).float(), dim=1).cpu())
+    return torch.cat(out)
+
+
+def describe(trained: weights.Trained, index: int) -> str:
+    wnid = trained.classes[index]
+    name = trained.names[index] if trained.names else None
+    return f"{wnid} ({name})" if name and name != wnid else wnid
+
+
+def default_checkpoint() -> Path:
+    """The newest run folder under runs/ that has a checkpoint (folder names are UTC timestamps)."""
+    runs = sorted((p for p in Path("runs").glob("*") if (p / "best.pt").is_file() or (p / "last.pt").is_file()),
+                  key=lambda p: p.name)
+    if not runs:
+        raise PredictError("no checkpoint: pass --checkpoint FILE (a run's best.pt or an exported alexnet.pt)")
+    return runs[-1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="predict.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("images", nargs="+", help="image files, or folders of them")
+    p.add_argument("--checkpoint", default=None, help="checkpoint, run folder or exported weights "
+                                                       "(default: the newest run under runs/)")
+    p.add_argument("--records", default=None, help="records folder for class names and mean "
+                                                   "(default: the one the run trained on)")
+    p.add_argument("--tencrop", action="store_true", help="average the softmax over the paper's 10 crops")
+    p.add_argument("--device", default=None, help="cpu or cuda:N (default: cuda:0 when a GPU is visible)")
+    args = p.parse_args(sys.argv[1:] if argv is None else list(argv))
+    try:
+        files = image_files(args.images)
+        checkpoint = args.checkpoint or default_checkpoint()
+        trained = weights.load(checkpoint, records=args.records, device=args.device or weights.default_device())
+        for start in range(0, len(files), BATCH):
+            chunk = files[start:start + BATCH]
+            probs = probabilities(trained, [load_image(f) for f in chunk], args.tencrop)
+            for path, row in zip(chunk, probs):
+                top = row.topk(min(TOP, row.numel()))
+                print(path)
+                for rank, (prob, index) in enumerate(zip(top.values.tolist(), top.indices.tolist()), 1):
+                    print(f"  {rank}. {prob:7.2%}  {describe(trained, index)}")
+    except (PredictError, weights.WeightsError, RecordsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,178 @@
+"""engine.export (weights-only artefacts, round trip to the same logits) and predict.py (the
+eval path's answer on the records' own images)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from engine import checkpoint as ckpt
+from engine import export, predict, weights
+from engine.voting import vote
+from model import AlexNet, AlexNetConfig
+from pipeline import Loader, LoaderOptions, reference
+from prep.records import read_meta, shard_paths
+
+
+@pytest.fixture(scope="module")
+def run_dir(sample_records, tmp_path_factory):
+    """A run folder with a (randomly initialised, two-tower) checkpoint, as train.py writes it."""
+    folder = tmp_path_factory.mktemp("export") / "run"
+    folder.mkdir()
+    torch.manual_seed(1)
+    net = AlexNet(AlexNetConfig(num_classes=4))
+    config = {"records": str(sample_records), "mean": "channel", "towers": 2, "lrn": True,
+              "overlap_pool": True, "dropout": 0.5, "init": "paper", "lr": 0.01}
+    ckpt.save(folder / "best.pt", {"model": net.state_dict(), "optimizer": {"state": {}}, "epoch": 1,
+                                   "step": 2, "config": config})
+    return folder
+
+
+@pytest.fixture(scope="module")
+def trained(run_dir):
+    return weights.load(run_dir, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def sharp(run_dir, sample_records):
+    """The same net with a new fc8 that reads only how an image's fc7 features differ from the
+    average image's, scaled to logits a few units apart: a random init's outputs barely move
+    between images, which would let a wrong crop or a wrong vote pass unnoticed."""
+    trained = weights.load(run_dir, device="cpu")
+    tar = shard_paths(sample_records, "val")[0][0]
+    views = np.stack([reference.center_view(reference.decode(jpg), trained.mean) for _, jpg, _ in reference.iter_tar(tar)])
+    from engine.figures import fc7
+    feats = fc7(trained.net, torch.from_numpy(views)).double()
+    mean = feats.mean(0)
+    w = torch.randn(4, feats.shape[1], generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    w -= torch.outer(w @ mean / (mean @ mean), mean)               # blind to the average image
+    w *= 3 / (feats @ w.T).std()
+    with torch.no_grad():
+        trained.net.fc8.weight.copy_(w.float()), trained.net.fc8.bias.zero_()
+    return trained
+
+
+@pytest.fixture(scope="module")
+def images():
+    torch.manual_seed(2)
+    return torch.randn(3, 3, 224, 224) * 60           # 0-255 scale minus mean: about photo spread
+
+
+def test_state_dict_export_is_weights_only_and_round_trips_exactly(run_dir, trained, images, tmp_path, sample_records):
+    out = tmp_path / "alexnet.pt"
+    assert export.main([str(run_dir), "--out", str(out)]) == 0
+    raw = torch.load(out, weights_only=True)            # plain containers: no class of this repo needed
+    assert set(raw) >= {"model", "config", "classes", "mean", "format"} and "optimizer" not in raw
+    assert raw["classes"] == read_meta(sample_records)["classes"]
+    assert raw["model"]["towers.0.conv1.weight"].shape == (48, 3, 11, 11)
+    assert raw["model"]["towers.1.fc7.weight"].shape == (2048, 4096)
+    assert raw["model"]["fc8.weight"].shape == (4, 4096)
+    stats = json.loads((sample_records / "stats.json").read_text())
+    assert raw["mean"].tolist() == pytest.approx(stats["mean"])
+    again = weights.load(out, device="cpu")              # no records folder needed any more
+    with torch.no_grad():
+        assert torch.equal(again.net(images), trained.net(images))
+    assert again.classes == trained.classes and np.array_equal(again.mean, trained.mean)
+
+
+def test_torchscript_and_export_give_the_same_logits(run_dir, trained, images, tmp_path):
+    with torch.no_grad():
+        expected = trained.net(images)
+    out = tmp_path / "ts.pt"
+    assert export.main([str(run_dir), "--out", str(out), "--format", "torchscript"]) == 0
+    extra = {"meta.json": ""}
+    module = torch.jit.load(str(out), _extra_files=extra)
+    assert json.loads(extra["meta.json"])["classes"] == trained.classes
+    with torch.no_grad():
+        torch.testing.assert_close(module(images), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(module(images[:1]), expected[:1], rtol=1e-5, atol=1e-5)   # other batch size
+    out = tmp_path / "ep.pt2"
+    assert export.main([str(run_dir), "--out", str(out), "--format", "export"]) == 0
+    extra = {"meta.json": ""}
+    program = torch.export.load(str(out), extra_files=extra)
+    assert json.loads(extra["meta.json"])["mean_kind"] == "channel"
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(images), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_onnx_without_the_package_is_one_line(run_dir, tmp_path, capsys):
+    try:
+        import onnx  # noqa: F401
+        pytest.skip("onnx is installed")
+    except ImportError:
+        pass
+    assert export.main([str(run_dir), "--out", str(tmp_path / "a.onnx"), "--format", "onnx"]) == 2
+    assert capsys.readouterr().err.strip().count("\n") == 0
+    assert not (tmp_path / "a.onnx").exists()
+
+
+def record_pngs(records, folder):
+    """The val records' images, decoded (PIL, libjpeg-turbo like DALI's CPU decoder) and saved
+    as lossless PNGs, so predict.py sees exactly the pixels the Loader decodes."""
+    paths, labels = {}, {}
+    for tar, _ in shard_paths(records, "val"):
+        for key, jpg, label in reference.iter_tar(tar):
+            paths[key] = folder / f"{key}.png"
+            Image.fromarray(reference.decode(jpg)).save(paths[key])
+            labels[key] = label
+    return paths, labels
+
+
+@pytest.mark.parametrize("view", ["center", "tencrop"])
+def test_predict_gives_the_eval_paths_probabilities(view, sharp, sample_records, tmp_path):
+    trained = sharp
+    paths, _ = record_pngs(sample_records, tmp_path)
+    loader = Loader(sample_records, split="val", view=view, batch_size=8, options=LoaderOptions(with_draws=True))
+    expected, keys = [], []
+    with torch.no_grad():
+        for batch, _, draws in loader:
+            if view == "tencrop":
+                expected.append(vote(trained.net(batch.flatten(0, 1)).view(len(batch), 10, -1)))
+            else:
+                expected.append(torch.softmax(trained.net(batch), dim=1))
+            keys += draws.keys
+            break                                        # one batch of 8 images is enough
+    expected = torch.cat(expected)
+    pixels = [predict.load_image(paths[k]) for k in keys]
+    assert np.array_equal(pixels[0], reference.decode(next(reference.iter_tar(shard_paths(sample_records, "val")[0][0]))[1]))
+    got = predict.probabilities(trained, pixels, tencrop=view == "tencrop")
+    assert expected.max(1).values.min() < 0.9       # not saturated: the comparison below means something
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+    assert torch.equal(got.argmax(1), expected.argmax(1))
+
+
+def test_predict_cli_prints_top_classes(run_dir, sample_records, tmp_path, capsys):
+    paths, _ = record_pngs(sample_records, tmp_path)
+    first = sorted(paths.values())[:2]
+    assert predict.main([*map(str, first), "--checkpoint", str(run_dir), "--device", "cpu"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    classes = read_meta(sample_records)["classes"]
+    assert lines[0] == str(first[0]) and len(lines) == 2 * (1 + 4)           # 4 classes: top-4
+    probs = [float(line.split()[1].rstrip("%")) for line in lines[1:5]]
+    assert probs == sorted(probs, reverse=True) and sum(probs) == pytest.approx(100, abs=0.03)
+    assert {line.split()[2] for line in lines[1:5]} == set(classes)
+
+
+def test_predict_errors_are_one_line_exit_2(run_dir, tmp_path, capsys):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    cases = [[str(tmp_path / "missing.jpg"), "--checkpoint", str(run_dir)],
+             [str(bad), "--checkpoint", str(run_dir), "--device", "cpu"],
+             [str(bad), "--checkpoint", str(tmp_path / "none.pt")]]
+    for argv in cases:
+        assert predict.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(line.startswith("error: ") for line in err)
+    assert str(tmp_path / "missing.jpg") in err[0] and str(bad) in err[1] and "none.pt" in err[2]
+
+
+def test_lrn_inference_path_equals_the_training_path():
+    """Without autograd the LRN runs as plain ops (what TorchScript can save): the same numbers."""
+    from model import local_response_norm
+    x = torch.randn(3, 96, 13, 13) * 40
+    with torch.no_grad():
+        plain = local_response_norm(x, groups=2)
+    assert torch.equal(plain, local_response_norm(x.requires_grad_(), groups=2).detach())

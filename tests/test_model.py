@@ -380,12 +380,14 @@ def test_single_tower_net_takes_one_device():
 
 # ---- bench ------------------------------------------------------------------------------
 
-def test_bench_runs_and_writes_json(tmp_path):
+@pytest.mark.parametrize("amp", ["none", "fp16"])
+def test_bench_runs_and_writes_json(tmp_path, amp):
     from model.bench import main
     out = tmp_path / "bench.json"
     assert main(["--batch-size", "1", "--steps", "1", "--repeats", "1", "--warmup", "0",
-                 "--no-progress", "--json", str(out)]) == 0
+                 "--amp", amp, "--no-progress", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
+    assert result["config"]["amp"] == amp
     assert set(result["median_images_per_s"]) == {"ours", "reference"}
     assert result["ratio_ours_over_reference"] > 0
 

@@ -280,6 +280,7 @@ def summarise(runs: dict[str, list[float]], streams: dict[str, Stream], cfg: Ben
     for name, entry in out.items():
         if streams[name].u8 is not None:
             entry["finish_images_per_s"] = time_finish(streams[name])
+            entry["finish_threads"] = torch.get_num_threads()
         for ref_name, key in (("decode", "vs_decode"), ("decode-ffcv", "vs_decode_ffcv"), ("torch", "vs_torch")):
             if ref_name in out:
                 entry[key] = entry["images_per_s"] / out[ref_name]["images_per_s"]
@@ -337,7 +338,7 @@ def render(result: dict, console: Console) -> None:
         console.print(f"  {name}: {e['what']}")
         if "finish_images_per_s" in e:
             console.print(f"  {name}: pipeline.finish on {e['device']}: "
-                          f"{e['finish_images_per_s']:.0f} img/s (one thread of this process)")
+                          f"{e['finish_images_per_s']:.0f} img/s ({e['finish_threads']} torch threads)")
     if any_entry["warmup"] < 2 * any_entry["threads"]:
         console.print(f"[yellow]note:[/] --warmup {any_entry['warmup']} is below the DataLoader's "
                       f"prefetch ({2 * any_entry['threads']} batches): batches prefetched while a "

@@ -91,3 +91,17 @@ def test_finish_rejects_non_float_output(dtype):
     with pytest.raises(LoaderError, match="finish: dtype must be") as err:
         finish(batch, dtype=dtype)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("view,mean", [("train", "channel"), ("train", "pixel"), ("tencrop", "channel")])
+def test_gpu_uint8_view_plus_finish_equals_the_float_view(records, view, mean):
+    """The GPU graph (nvJPEG decode, GPU flip/crop): pixels stay on the GPU, finish runs there."""
+    kwargs = dict(split="train" if view == "train" else "val", view=view, batch_size=8, mean=mean,
+                  seed=5, num_threads=1, device="cuda:0")
+    want, labels = next(iter(Loader(records, **kwargs)))
+    batch, labels8 = next(iter(Loader(records, dtype=torch.uint8, **kwargs)))
+    assert batch.pixels.device.type == "cuda" and torch.equal(labels, labels8)
+    got = finish(batch, "cuda:0")
+    assert got.device.type == "cuda" and (got - want).abs().max().item() < 1e-3
+    assert torch.equal(finish(batch, "cuda:0", channels_last=False), got)

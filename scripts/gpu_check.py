@@ -6,11 +6,12 @@
 
 Steps, in order, each a subprocess with its own time limit (a failing step is recorded and the
 next one still runs; a step that no longer fits the --budget is skipped and says so):
-environment, install, the ``gpu``-marked tests, a sample record set (built small, its train
-shards repeated to ~64k images so epochs are long enough to be steady state), the loader
-bench (dali, dali-u8, torch, decode on cuda:0), the model bench (fp32; bf16 + channels_last;
-fp16 + channels_last), and a >= 1,000-step ``train.py --profile`` on one GPU and, where two
-exist, on ``--gpus 0,1`` (plus ``--amp fp16`` where train.py offers it).
+install, environment, a sample record set (built small, its train shards repeated to ~64k
+images so epochs are long enough to be steady state), the loader bench (dali, dali-u8, torch,
+decode on cuda:0), the model bench (fp32; bf16 + channels_last; fp16 + channels_last), a
+>= 1,000-step ``train.py --profile`` on one GPU and, where two exist, on ``--gpus 0,1`` (plus
+``--amp fp16`` where train.py offers it), and last the ``gpu``-marked tests (the measurements
+are the scarce part of a GPU session; the tests get what is left of the budget).
 
 Writes REPORT_DIR/gpu_check.json (every step: command, exit status, seconds, output tail, the
 parsed results) and REPORT_DIR/gpu_check.md (the summary). Exit status: 0 when every step that
@@ -315,12 +316,10 @@ def main(argv: list[str] | None = None) -> int:
     env = step_environment(check)
     gpu_count = len(env.get("gpus") or [])
     if not args.dry_run and gpu_count == 0:
+        write_report(check, env)
         print("error: no CUDA GPU visible to torch; use --dry-run to check the script on a CPU", file=sys.stderr)
         return 2
     sizes = Sizes.for_run(args.dry_run, gpu_count)
-    # a module that cannot be imported here (FFCV missing) must not hide the other GPU tests
-    check.run("gpu tests", [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
-                            "--continue-on-collection-errors", *sizes.test_paths], 180, need=30)
     records = step_records(check, sizes)
     if records is None:
         check.skip("loader bench", "no records")
@@ -342,15 +341,23 @@ def main(argv: list[str] | None = None) -> int:
                        sizes.gpus_one, amp)
         else:
             check.skip("train fp16", "train.py has no --amp fp16 yet")
-
-    report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "dry_run": args.dry_run, "budget": budget, "seconds": round(time.monotonic() - check.start, 1),
-              "environment": env, "steps": [asdict(s) for s in check.steps]}
-    write_json(report_dir / "gpu_check.json", report)
-    markdown = render_markdown(report)
-    write_text(report_dir / "gpu_check.md", markdown)
+    # a module that cannot be imported here (FFCV missing) must not hide the other GPU tests
+    check.run("gpu tests", [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
+                            "--continue-on-collection-errors", *sizes.test_paths], 180, need=30)
+    markdown = write_report(check, env)
     print(markdown)
     return 1 if any(s.status in ("failed", "timeout") for s in check.steps) else 0
+
+
+def write_report(check: Check, env: dict) -> str:
+    """gpu_check.json and gpu_check.md into the report folder (atomically); returns the Markdown."""
+    report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "dry_run": check.dry, "budget": check.budget, "seconds": round(time.monotonic() - check.start, 1),
+              "environment": env, "steps": [asdict(s) for s in check.steps]}
+    write_json(check.report / "gpu_check.json", report)
+    markdown = render_markdown(report)
+    write_text(check.report / "gpu_check.md", markdown)
+    return markdown
 
 
 if __name__ == "__main__":

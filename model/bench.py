@@ -3,6 +3,7 @@
     python -m model.bench                                   # CPU, batch 128
     python -m model.bench --device cuda:0 --amp bf16 --channels-last --steps 20 --json out.json
     python -m model.bench --device cuda:0,cuda:1            # ours split over two GPUs
+    python -m model.bench --device cuda:0 --amp fp16 --channels-last   # fp16 with a loss scale
 
 The reference is what a user would write: the same layers as one nn.Sequential, grouped
 convolutions (groups=2) for conv2/4/5 and torch.nn.LocalResponseNorm(5, alpha=5e-4, beta=0.75, k=2)
@@ -36,7 +37,8 @@ class BenchConfig:
     steps: int = field(default=1, metadata={"help": "timed forward+backward steps per repeat"})
     repeats: int = field(default=3, metadata={"help": "interleaved timed repeats per net (median taken)"})
     warmup: int = field(default=1, metadata={"help": "untimed steps per net first"})
-    amp: str = field(default="none", metadata={"help": "autocast dtype", "choices": ["none", "bf16"]})
+    amp: str = field(default="none", metadata={"help": "autocast dtype (fp16: with a loss scale)",
+                                               "choices": ["none", "bf16", "fp16"]})
     channels_last: bool = field(default=False, metadata={"help": "channels_last memory format"})
     json: str | None = field(default=None, metadata={"help": "also write the results here"})
     plot: str | None = field(default=None, metadata={"help": "also draw the table as a bar chart (PNG)"})
@@ -72,12 +74,21 @@ def reference_net(num_classes: int = 1000) -> nn.Sequential:
         nn.Linear(4096, num_classes))
 
 
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def make_step(net: nn.Module, x: torch.Tensor, y: torch.Tensor, amp: str):
-    """One forward+backward (no optimiser: both nets would pay the same for it)."""
+    """One forward+backward (no optimiser: both nets would pay the same for it). fp16 scales
+    the loss as training's GradScaler does (the unscale/inf check belongs to the optimiser
+    step, not timed here)."""
+    dtype = AMP_DTYPES.get(amp, torch.bfloat16)
+    scaler = torch.amp.GradScaler(x.device.type) if amp == "fp16" else None
+
     def step() -> None:
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
+        with torch.autocast(x.device.type, dtype=dtype, enabled=amp in AMP_DTYPES):
             logits = net(x)
-        F.cross_entropy(logits.float(), y).backward()
+        loss = F.cross_entropy(logits.float(), y)
+        (scaler.scale(loss) if scaler is not None else loss).backward()
         for p in net.parameters():
             p.grad = None
     return step

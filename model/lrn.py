@@ -22,10 +22,17 @@ def local_response_norm(x: torch.Tensor, size: int = 5, alpha: float = 1e-4, bet
     For an even ``size`` the window is channels i - size//2 .. i + (size-1)//2 (torch's choice).
     Forward and backward are written out by hand (one pow, few passes over memory):
     about 1.8x faster forward+backward on a 2-core CPU than torch.nn.LocalResponseNorm.
+
+    Precision: for a bf16/fp16 input (autocast) the sum ``k + alpha * sum a^2``, the power and
+    the backward are computed in float32 and only the output (and dx) are rounded back to the
+    input's dtype. Must stay so: in bf16, k + alpha*sum ~ 2.006 rounds to 2.0 (spacing 0.0156
+    near 2), which erases most of the normalisation of conv1-scale activations.
     """
     _check(x, size, groups)
     if not torch.is_grad_enabled():   # inference: plain ops, which torch.jit.trace can also save
-        return x * _scale(x, size, float(alpha), float(k), groups).pow(-beta)
+        with _no_autocast(x):
+            x32 = _wide(x)
+            return (x32 * _scale(x32, size, float(alpha), float(k), groups).pow(-beta)).to(x.dtype)
     return _LRN.apply(x, size, float(alpha), float(beta), float(k), groups)
 
 
@@ -44,22 +51,37 @@ class _LRN(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, size, alpha, beta, k, groups):
         front, back = size // 2, (size - 1) // 2
-        scale = _scale(x, size, alpha, k, groups)
-        power = scale.pow(-beta)
+        with _no_autocast(x):
+            x32 = _wide(x)
+            scale = _scale(x32, size, alpha, k, groups)
+            power = scale.pow(-beta)
+            out = (x32 * power).to(x.dtype)
         ctx.save_for_backward(x, scale, power)
         ctx.lrn = (front, back, alpha, beta, groups)
-        return x * power
+        return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         x, scale, power = ctx.saved_tensors
         front, back, alpha, beta, groups = ctx.lrn
-        # g_i * y_i / s_i with y_i = x_i * power_i
-        ratio = (grad * x).mul_(power).div_(scale)
-        spread = _window_sum(ratio, groups, back, front)        # the transposed window
-        dx = spread.mul_(x).mul_(-2.0 * alpha * beta).addcmul_(grad, power)
-        return dx, None, None, None, None, None
+        with _no_autocast(x):
+            x32, g32 = _wide(x), _wide(grad)
+            # g_i * y_i / s_i with y_i = x_i * power_i
+            ratio = (g32 * x32).mul_(power).div_(scale)
+            spread = _window_sum(ratio, groups, back, front)        # the transposed window
+            dx = spread.mul_(x32).mul_(-2.0 * alpha * beta).addcmul_(g32, power)
+        return dx.to(x.dtype), None, None, None, None, None
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """float32 for a half-precision tensor (same memory format), else the tensor itself."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def _no_autocast(x: torch.Tensor):
+    """The LRN maths must run in the dtypes chosen above, whatever autocast is active."""
+    return torch.autocast(x.device.type, enabled=False)
 
 
 def _window_sum(t: torch.Tensor, groups: int, front: int, back: int) -> torch.Tensor:

@@ -5,6 +5,7 @@ See pipeline/loader.py (the API), pipeline/graphs.py (the DALI graphs) and
 pipeline/reference.py (the numpy/PIL oracle of the same views).
 """
 from pipeline import reference
+from pipeline.finish import U8Batch, finish
 from pipeline.loader import Draws, Loader, LoaderError, LoaderOptions
 
-__all__ = ["Loader", "LoaderOptions", "LoaderError", "Draws", "reference"]
+__all__ = ["Loader", "LoaderOptions", "LoaderError", "Draws", "U8Batch", "finish", "reference"]

@@ -3,7 +3,7 @@
     python -m pipeline.cost --records data/records --batch-size 64 --threads 2 --repeats 7
 
 CPU-seconds per image (all threads of this process: time.process_time) are measured next
-to wall-clock images/s, because on a shared machine the wall clock mostly measures the
+to wall-clock images/s ("train-u8": the uint8 train view, without the device-side finish), because on a shared machine the wall clock mostly measures the
 neighbours, while the CPU time a view burns per image does not depend on them. The floor is
 bench's "decode" loader (the same reader, JPEG decode to uint8 HWC, nothing else). Loaders
 are built and warmed up first, then measured in interleaved repeats; numbers are medians.
@@ -23,8 +23,8 @@ from common.atomic import write_json
 from common.config import parse_args
 from prep.records import DEFAULT_RECORDS, RecordsError, shard_paths
 
-VIEWS = {"decode": None, "train": ("train", "train"), "center": ("val", "center"),
-         "tencrop": ("val", "tencrop")}
+VIEWS = {"decode": None, "train": ("train", "train"), "train-u8": ("train", "train"),
+         "center": ("val", "center"), "tencrop": ("val", "tencrop")}
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ def endless(loader):
     """Batches forever, epoch after epoch; yields the number of images in each."""
     while True:
         for batch in loader:
-            yield batch[0].shape[0]
+            yield len(batch[0])       # a tensor, or a U8Batch (train-u8)
 
 
 def make(name: str, cfg: CostConfig):
@@ -54,8 +54,9 @@ def make(name: str, cfg: CostConfig):
     if name == "decode":
         return DaliDecodeLoader(shard_paths(cfg.records, "train"), cfg.batch_size, cfg.threads)
     split, view = VIEWS[name]
+    import torch
     return Loader(cfg.records, split=split, view=view, batch_size=cfg.batch_size,
-                  num_threads=cfg.threads)
+                  num_threads=cfg.threads, dtype=torch.uint8 if name.endswith("-u8") else torch.float32)
 
 
 def measure(streams: dict, cfg: CostConfig) -> dict[str, dict[str, float]]:

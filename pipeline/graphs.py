@@ -31,6 +31,13 @@ Per-pixel mean (the paper's option): the 256×256 mean image is subtracted from 
 decoded image before any window is cut (one elementwise pass over 256² pixels), so it is
 cut and mirrored with exactly the image's window; the channel part of the CMN mean is then
 0. (The train view then decodes the whole image instead of the window.)
+
+uint8 views (``GraphSpec.dtype == torch.uint8``): the graph only decodes, cuts the windows and
+mirrors; the pixels leave it as uint8 HWC and the lighting/mean subtraction is left to
+``pipeline.finish`` on the training device (docs/design.md). The train view then also outputs,
+per sample, the mean to subtract (channel mean minus the lighting shift, float32 (3,), 0–255)
+and its window (y, x, mirror) (int32 (3,)), which ``finish`` needs for the per-pixel mean; the
+per-pixel mean is never applied in the graph, so the train view always decodes only its window.
 """
 from __future__ import annotations
 
@@ -45,7 +52,7 @@ from common.system import usable_cores
 from pipeline import reader, reference as ref
 
 VIEWS = ("train", "center", "tencrop")
-DTYPES = {torch.float32: types.FLOAT, torch.float16: types.FLOAT16}
+DTYPES = {torch.float32: types.FLOAT, torch.float16: types.FLOAT16, torch.uint8: types.UINT8}
 
 
 @dataclass(frozen=True)
@@ -100,7 +107,7 @@ class GraphSpec:
         if self.view not in VIEWS:
             raise ValueError(f"view must be one of {VIEWS}, got {self.view!r}")
         if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be torch.float32 or torch.float16, got {self.dtype}")
+            raise ValueError(f"dtype must be torch.float32, torch.float16 or torch.uint8, got {self.dtype}")
         rank, world = self.shard
         if not (world >= 1 and 0 <= rank < world):
             raise ValueError(f"shard must be (rank, world) with 0 <= rank < world, got {self.shard}")
@@ -113,8 +120,11 @@ def build(spec: GraphSpec, dev: DeviceSettings, feed: reader.Feed | None = None)
 
     images: float (3,224,224) per sample, or (10,3,224,224) for "tencrop", 0–255 scale minus
     the mean; labels: the ASCII bytes of ``<key>.cls``, zero-padded to the batch's longest
-    (one dense uint8 (B, L) batch: ``loader.parse_labels``). With ``spec.extras``: the JPEG
-    bytes, and for "train" also offset y, offset x (int32, 0..32), mirror (0/1), alpha (3,).
+    (one dense uint8 (B, L) batch: ``loader.parse_labels``). A uint8 spec: images are uint8
+    (224,224,3) HWC (or (10,224,224,3)), not centred, and ``u8_outputs(spec)`` more outputs
+    follow the labels (train: mean (3,) float32 and window (y, x, mirror) int32). With
+    ``spec.extras``, last: the JPEG bytes, and for "train" also offset y, offset x (int32,
+    0..32), mirror (0/1), alpha (3,).
     ``feed``: the batches to read (pipeline/reader.py); default: ``spec.files`` in file order,
     each epoch ``ceil(records / batch_size)`` batches, the last one partial.
     """
@@ -123,7 +133,7 @@ def build(spec: GraphSpec, dev: DeviceSettings, feed: reader.Feed | None = None)
         jpegs, labels, *inputs = _reader(spec, feed or default_feed(spec))
         views, draws = _VIEW_BUILDERS[spec.view](jpegs, spec, dev, *inputs)
         extras = (jpegs, *draws) if spec.extras else ()
-        pipe.set_outputs(views, _pad_labels(labels), *extras)
+        pipe.set_outputs(views, _pad_labels(labels), *_u8_extras(spec, draws), *extras)
     pipe.build()
     return pipe
 
@@ -176,6 +186,24 @@ def _reader(spec: GraphSpec, feed: reader.Feed):
     return fn.external_source(source=feed, num_outputs=len(dtypes), batch=True, dtype=dtypes)
 
 
+def u8_outputs(spec: GraphSpec) -> int:
+    """How many outputs ``_u8_extras`` adds after the labels."""
+    return 2 if spec.dtype == torch.uint8 and spec.view == "train" else 0
+
+
+def _u8_extras(spec: GraphSpec, draws) -> tuple:
+    """uint8 train view: the per-sample mean (channel mean minus lighting, float32 (3,)) and
+    window (y, x, mirror) (int32 (3,)) that ``pipeline.finish`` applies on the device."""
+    if not u8_outputs(spec):
+        return ()
+    off_y, off_x, mirror, alpha = draws
+    if spec.lighting_std > 0:
+        mean = _lighting_mean(spec, alpha)   # the same op the float view feeds its CMN
+    else:   # no lighting (alpha is zeros): the channel mean, per sample
+        mean = alpha + types.Constant(np.asarray(spec.channel_mean, np.float32))
+    return mean, fn.stack(off_y, off_x, mirror)
+
+
 def _pad_labels(labels):
     """Zero-pad every ``.cls`` byte string to the batch's longest, so the batch is one dense
     (B, L) array that Python parses in one vectorised pass. Why: reading the labels one sample
@@ -194,7 +222,7 @@ def _decode(jpegs, spec: GraphSpec, dev: DeviceSettings, window=None):
                                       crop_pos_y=window[1], output_type=types.RGB,
                                       **dev.decoder_kwargs())
     images = fn.decoders.image(jpegs, output_type=types.RGB, **dev.decoder_kwargs())
-    if spec.mean_image is None:
+    if spec.mean_image is None or spec.dtype == torch.uint8:   # uint8: finish subtracts it
         return images
     mean_image = types.Constant(np.asarray(spec.mean_image, np.float32),
                                 device="gpu" if dev.on_gpu else "cpu")
@@ -202,9 +230,15 @@ def _decode(jpegs, spec: GraphSpec, dev: DeviceSettings, window=None):
 
 
 def _normalize(images, spec: GraphSpec, mirror, mean, window=None):
-    """The one fused op: [window,] mirror, minus mean (lighting folded in), HWC->CHW, cast."""
+    """The one fused op: [window,] mirror, minus mean (lighting folded in), HWC->CHW, cast.
+    uint8: [window,] mirror only, HWC kept (the mean is ``pipeline.finish``'s job)."""
     crop = {} if window is None else {"crop": (ref.CROP, ref.CROP), "crop_pos_x": window[0],
                                       "crop_pos_y": window[1]}
+    if spec.dtype == torch.uint8:
+        if window is None:   # ROI-decoded already: only the mirror is left
+            return fn.flip(images, horizontal=mirror, vertical=0)
+        return fn.crop_mirror_normalize(images, mirror=mirror, dtype=types.UINT8,
+                                        output_layout="HWC", **crop)
     return fn.crop_mirror_normalize(
         images, mirror=mirror, mean=mean, std=1.0,   # std 1: stay on the 0–255 scale
         dtype=DTYPES[spec.dtype], output_layout="CHW", **crop)
@@ -216,7 +250,7 @@ def _train_view(jpegs, spec: GraphSpec, dev: DeviceSettings, off_y, off_x, mirro
     mean = _lighting_mean(spec, alpha)
     # k / 32 is exact in float32 and DALI rounds it back to exactly k (module docstring).
     window = (off_x / float(ref.MAX_OFFSET), off_y / float(ref.MAX_OFFSET))
-    if spec.mean_image is None:    # decode only the window
+    if spec.mean_image is None or spec.dtype == torch.uint8:   # decode only the window
         view = _normalize(_decode(jpegs, spec, dev, window), spec, mirror, mean)
     else:                          # the mean image needs the full image; cut the window after
         view = _normalize(_decode(jpegs, spec, dev), spec, mirror, mean, window)

@@ -14,6 +14,9 @@ graph is built, so bad input fails with one line: ``LoaderError`` for arguments,
 ``prep.records.RecordsError`` for the records folder (each shard's index is checked against
 its tar). A record that fails to decode during an epoch raises one ``RecordsError`` naming
 its shard and key.
+
+``dtype=torch.uint8``: the loader only cuts and mirrors; it yields ``(U8Batch, labels)`` and
+``pipeline.finish`` makes the float images on the device (pipeline/finish.py has the contract).
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ import torch
 
 from common.system import usable_cores
 from pipeline import graphs, reader, reference as ref
+from pipeline.finish import U8Batch, fixed_windows
 from prep.records import RecordsError, read_mean_image, read_meta, read_stats, shard_paths
 
 SPLITS = ("train", "val")
@@ -116,6 +120,7 @@ class Loader:
         self.settings = graphs.DeviceSettings.for_device(self.device)
         self._pipe = graphs.build(self.spec, self.settings, self._feed)
         self._failed: RecordsError | None = None
+        self._mean_image = _u8_mean_image(self.spec, self.device)
 
     def _plan_epoch(self, total: int, rank: int, world: int, batch: int) -> None:
         """Batches and records per epoch for this rank.
@@ -205,9 +210,26 @@ class Loader:
             raise RecordsError(f"{self._records}: a .cls label is outside 0..{self.num_classes - 1} "
                                f"(meta.json lists {self.num_classes} classes)")
         labels = labels.to(self.device, non_blocking=True)
+        if self.spec.dtype == torch.uint8:
+            images = self._u8_batch(images, outputs, n)
         if self.options.with_draws:
-            return images, labels, _draws(outputs[2:], n, [self._feed.table.key(r) for r in batch.records])
+            return images, labels, _draws(outputs[2 + graphs.u8_outputs(self.spec):], n,
+                                          [self._feed.table.key(r) for r in batch.records])
         return images, labels
+
+    # ---- uint8 views: what pipeline.finish needs besides the pixels ----------------------
+
+    def _u8_batch(self, pixels: torch.Tensor, outputs, n: int) -> U8Batch:
+        """The train view's per-sample mean and window come out of the graph; the val views'
+        are the same for every sample (the channel mean; the fixed crops)."""
+        if graphs.u8_outputs(self.spec):
+            mean = from_dali(outputs[2], self.device)[:n]
+            window = from_dali(outputs[3], self.device)[:n].long()
+        else:
+            mean = torch.tensor(self.spec.channel_mean, dtype=torch.float32).expand(n, 3)
+            fixed = fixed_windows(self.spec.view)
+            window = fixed.expand(n, *fixed.shape)
+        return U8Batch(pixels, mean, window, self._mean_image)
 
     def __repr__(self) -> str:
         s = self.spec
@@ -255,10 +277,18 @@ def _check_args(split, view, mean, dtype, batch_size, num_threads) -> None:
     _check_choice("view", view, graphs.VIEWS)
     _check_choice("mean", mean, MEANS)
     if dtype not in graphs.DTYPES:
-        raise LoaderError(f"dtype must be torch.float32 or torch.float16, got {dtype}")
+        raise LoaderError(f"dtype must be torch.float32, torch.float16 or torch.uint8, got {dtype}")
     for name, value in (("batch_size", batch_size), ("num_threads", num_threads)):
         if value is not None and not (isinstance(value, int) and value >= 1):
             raise LoaderError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _u8_mean_image(spec: graphs.GraphSpec, device: torch.device) -> torch.Tensor | None:
+    """The per-pixel mean image for ``finish`` (uint8 views with mean="pixel"), on the device
+    once, so batches only carry a reference to it."""
+    if spec.dtype != torch.uint8 or spec.mean_image is None:
+        return None
+    return torch.from_numpy(np.ascontiguousarray(spec.mean_image, np.float32)).to(device)
 
 
 def _mean_fields(records: Path, stats, mean: str, options: LoaderOptions) -> dict:

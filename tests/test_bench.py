@@ -18,6 +18,7 @@ from rich.console import Console
 
 from pipeline import baselines as B
 from pipeline import bench
+from pipeline.finish import finish
 from pipeline import reference as ref
 from prep.records import read_meta, read_stats, shard_paths
 
@@ -143,6 +144,9 @@ def test_each_loader_gives_the_contracted_batch(bench_run, ffcv_records, name):
         assert images.shape == (BATCH, 256, 256, 3) and images.dtype == torch.uint8
         assert labels is None
         return
+    if name == "dali-u8":          # the host side: window + mirror, uint8 HWC; finish makes the view
+        assert images.shape == (BATCH, 224, 224, 3) and images.dtype == torch.uint8
+        images = finish(streams[name].u8).contiguous()
     assert images.shape == (BATCH, 3, 224, 224) and images.dtype == torch.float32
     assert images.is_contiguous() and images.device.type == "cpu"
     assert labels.dtype == torch.int64 and labels.shape == (BATCH,)
@@ -171,7 +175,8 @@ def test_bench_table_and_result_are_well_formed(bench_run):
         assert e["vs_torch"] == pytest.approx(e["images_per_s"] / result["loaders"]["torch"]["images_per_s"])
         assert name in printed and f"{e['images_per_s']:.0f}" in printed
     assert result["loaders"]["decode"]["vs_decode"] == 1.0
-    assert "img/s median" in printed and "target dali" in printed
+    assert "img/s median" in printed and "target dali" in printed and "target dali-u8" in printed
+    assert result["loaders"]["dali-u8"]["finish_images_per_s"] > 0 and "pipeline.finish" in printed
 
 
 def test_cli_writes_json_atomically(sample_records, tmp_path, capsys):
@@ -205,7 +210,7 @@ def test_cli_errors_are_one_line(sample_records, tmp_path, capsys):
 def test_auto_leaves_out_ffcv_without_a_beton(tmp_path):
     console = Console(file=io.StringIO())
     names = bench.choose_loaders(bench.BenchConfig(), tmp_path / "train.beton", console)
-    assert names == ["dali", "torch", "decode"] and "train.beton" in console.file.getvalue()
+    assert names == ["dali", "dali-u8", "torch", "decode"] and "train.beton" in console.file.getvalue()
 
 
 def test_table_has_no_column_for_loaders_that_did_not_run_and_cuts_no_header():

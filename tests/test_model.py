@@ -182,6 +182,50 @@ def test_lrn_gradient_and_channels_last(size):
     torch.testing.assert_close(fn(xc), fn(x))
 
 
+def conv1_scale_activations() -> torch.Tensor:
+    """ReLU outputs of conv1's size class: alpha * sum a^2 ~ 0.005, small beside k = 2, which
+    is where a half-precision sum (spacing 0.0156 near 2 in bf16) rounds LRN away."""
+    g = torch.Generator().manual_seed(0)
+    return torch.relu(torch.randn(2, 96, 12, 12, generator=g) * 4)
+
+
+def half_ulp(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Half the spacing of ``dtype`` at each value of the float32 tensor t (the spacing above
+    |t| rounded, so a value rounded onto a power of two gets the wider of its two spacings)."""
+    low = t.abs().to(dtype)
+    up = torch.nextafter(low, torch.full_like(low, float("inf"))).float()
+    return (up - low.float()).abs() / 2
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_lrn_half_precision_computes_the_normalisation_in_float32(dtype, channels_last, device):
+    """Under autocast the output is the float32 LRN of the same input, rounded once to the
+    input's dtype: never more than half a unit in the last place off, for both the forward
+    and the hand-written backward (so fp16 is within 1e-3 relative everywhere; bf16's own
+    rounding is 2^-8, and its error has no bias)."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = conv1_scale_activations().to(device, dtype).contiguous(memory_format=fmt).requires_grad_()
+    x32 = x.detach().float().requires_grad_()
+    assert 1e-3 < 1e-4 * 5 * x32.square().mean().item() < 1e-2     # the regime the docstring names
+    want = local_response_norm(x32, groups=2)
+    with torch.autocast(device, dtype=dtype):
+        got = local_response_norm(x, groups=2)
+    assert got.dtype == dtype
+    assert ((got.float() - want).abs() <= half_ulp(want.detach(), dtype)).all().item()
+    rel = ((got.float() - want) / want)[want != 0]
+    assert abs(rel.mean().item()) < 1e-4
+    if dtype == torch.float16:
+        assert rel.abs().max().item() < 1e-3
+    # backward: the same g (representable in dtype) through both; dx rounded once
+    g = torch.randn(want.shape, generator=torch.Generator().manual_seed(2)).to(device, dtype)
+    want.backward(g.float())
+    got.backward(g)
+    assert x.grad.dtype == dtype
+    assert ((x.grad.float() - x32.grad).abs() <= half_ulp(x32.grad, dtype)).all().item()
+
+
 def test_lrn_bad_input():
     with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
         local_response_norm(torch.zeros(2, 3, 4))
@@ -336,12 +380,14 @@ def test_single_tower_net_takes_one_device():
 
 # ---- bench ------------------------------------------------------------------------------
 
-def test_bench_runs_and_writes_json(tmp_path):
+@pytest.mark.parametrize("amp", ["none", "fp16"])
+def test_bench_runs_and_writes_json(tmp_path, amp):
     from model.bench import main
     out = tmp_path / "bench.json"
     assert main(["--batch-size", "1", "--steps", "1", "--repeats", "1", "--warmup", "0",
-                 "--no-progress", "--json", str(out)]) == 0
+                 "--amp", amp, "--no-progress", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
+    assert result["config"]["amp"] == amp
     assert set(result["median_images_per_s"]) == {"ours", "reference"}
     assert result["ratio_ours_over_reference"] > 0
 

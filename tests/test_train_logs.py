@@ -195,3 +195,24 @@ def test_duration_and_steps_left():
     assert logs.steps_left(state, 100, 4, None) == (95 + 200, 3)
     assert logs.steps_left(state, 100, 4, 150) == (45, 0)      # --max-steps ends it mid-epoch 2
     assert logs.steps_left(state, 100, 4, 250) == (145, 1)
+
+
+def test_line_numbers_on_two_ranks(monkeypatch, capsys):
+    """Rates and ETAs from a fixed clock: 50 steps of 128 images on each of 2 ranks in 10 s."""
+    clock = [100.0]
+    monkeypatch.setattr(logs, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: clock[0])}))
+    log = logs.RunLog(Reporter(True, False), epochs=90, max_steps=None, world=2, lines_every=50, scalars_every=0)
+    log.epoch_end_seconds = 5.0                      # validation + checkpoint of the last epoch
+    state = R.new_state(config(), 2)
+    state.epoch, state.step = 3, 300                 # epoch 4 of 90, 100 batches an epoch
+    on_step = log.epoch_steps(state, 100, 128, lambda: 0.001)
+    for _ in range(50):
+        clock[0] += 0.2
+        state.count_step()
+        if state.step % 10 == 0:                     # the loop's read-back: losses of 2.0 each
+            state.sums.loss, state.sums.images = state.sums.loss + 10 * 2.0, state.sums.images + 10 * 128
+        on_step(state)
+    (line,) = [x for x in capsys.readouterr().out.splitlines() if x.startswith("epoch")]
+    # 50 x 128 x 2 images / 10 s; epoch: 50 steps x 0.2 s; run: (50 + 86 x 100) x 0.2 s + 87 x 5 s = 2165 s
+    assert line == ("epoch 4/90  batch  50/100 ( 50.0%)  step 350  loss 2.0000  1280.0 img/s (640.0/rank)  "
+                    "lr 0.001  eta epoch 0:00:10  run 0:36:05")

@@ -95,7 +95,8 @@ class TrainConfig:
     log_every: int | None = field(default=None, metadata=_h(
         "a plain line every N steps: epoch and batch position, step, mean loss, img/s, lr, ETA of the epoch "
         "and the run (rank 0). Default: every 50 steps when no progress bar shows (stdout not a terminal: "
-        "nohup, SLURM, CI; or --no-progress), none under a bar; 0 = never"))
+        "nohup, SLURM, CI; or --no-progress), none under a bar; 0 = never. N < 10 also reads the loss back "
+        "every N steps instead of every 10 (a host sync)"))
     tensorboard: bool = field(default=False, metadata=_h(
         "write TensorBoard scalars (loss, errors, lr, img/s, profile phases) and the conv1 kernels per epoch to "
         "RUN_DIR/tensorboard (rank 0; needs the tensorboard package)"))

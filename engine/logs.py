@@ -7,7 +7,8 @@ Step lines: every ``--log-every N`` steps one line, e.g.
 printed by default whenever no progress bar is shown (stdout not a terminal, or --no-progress).
 The loss is the mean of the batch losses of the steps read back since the previous line: the
 loop reads its losses back once every ``check_every`` steps (one host sync), and this module
-adds no other read, so with N a multiple of ``check_every`` it is exactly the last N steps.
+adds no other read, so with N a multiple of ``check_every`` it is exactly the last N steps
+(``read_back_every``: for N < ``check_every`` the loop reads back every N steps instead).
 img/s counts all ranks (rank 0's rate x world: the ranks step in lockstep); the ETAs come from
 the seconds per step since the previous line, the run's adding the last measured end-of-epoch
 time (validation, checkpoint) once per epoch still to end.
@@ -23,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from .loop import LoopSettings
 from .profiling import PHASES, Phases
 from .report import Reporter
 from .state import TrainState
@@ -38,6 +40,13 @@ def summary_writer_class():
     ImportError when the package is missing."""
     from torch.utils.tensorboard import SummaryWriter
     return SummaryWriter
+
+
+def read_back_every(log_every: int | None) -> int:
+    """How often the loop reads its losses back (a host sync): every 10 steps, or every N steps
+    for --log-every N < 10, so that no line falls between read-backs with nothing to show."""
+    default = LoopSettings.check_every
+    return log_every if log_every and log_every < default else default
 
 
 def tensorboard_available() -> bool:

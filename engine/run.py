@@ -158,7 +158,8 @@ def build_session(cfg: TrainConfig, info: D.DistInfo, say: Reporter, out: Path) 
                    data=RecordsData(records, cfg, info, devices[0]), net=net,
                    model=torch.compile(model) if cfg.compile else model,
                    optimizer=make_optimizer(net, cfg),
-                   settings=LoopSettings(input_device=net.input_device, amp=cfg.amp, channels_last=cfg.channels_last),
+                   settings=LoopSettings(input_device=net.input_device, amp=cfg.amp, channels_last=cfg.channels_last,
+                                         check_every=logs.read_back_every(cfg.log_every)),
                    precision=Precision(cfg.amp, net.input_device))
 
 

@@ -59,7 +59,8 @@ def session(out: Path, cfg, say: Reporter | None = None) -> R.Session:
     out.mkdir(parents=True, exist_ok=True)
     return R.Session(cfg=cfg, info=DistInfo(), devices=["cpu"], out=out, say=say or Reporter(True, True),
                      data=Data(cfg), classes=5, net=net, model=net, optimizer=make_optimizer(net, cfg),
-                     settings=LoopSettings(CPU), precision=Precision("none", CPU))
+                     settings=LoopSettings(CPU, check_every=logs.read_back_every(cfg.log_every)),
+                     precision=Precision("none", CPU))
 
 
 def resume(out: Path, cfg) -> int:
@@ -91,6 +92,15 @@ def test_step_lines_without_a_terminal(tmp_path, capsys):
         halves = [float(x[7]) for x in lines[2 * epoch: 2 * epoch + 2]]
         assert sum(halves) / 2 == pytest.approx(m["train_loss"], abs=1e-4)
     assert len(re.findall(r"^  val center: 6 images in [\d.]+ s", text, re.M)) == 2
+
+
+def test_fewer_than_10_steps_a_line_reads_back_that_often(tmp_path, capsys):
+    assert [logs.read_back_every(n) for n in (None, 0, 1, 7, 10, 25, 50)] == [10, 10, 1, 7, 10, 10, 10]
+    assert R.run_session(session(tmp_path, cfg := config(epochs=1, log_every=4)), R.new_state(cfg, 1)) == 0
+    lines = step_lines(capsys.readouterr().out)       # LINE needs a number after "loss": none is "-"
+    assert [int(m[6]) for m in lines] == [4, 8, 12, 16, 20]
+    history = json.loads((tmp_path / "metrics.jsonl").read_text())
+    assert sum(float(m[7]) for m in lines) / 5 == pytest.approx(history["train_loss"], abs=1e-4)
 
 
 def test_default_is_every_50_steps_and_0_is_never(tmp_path, capsys):

@@ -91,7 +91,15 @@ class TrainConfig:
     checkpoint: str | None = field(default=None, metadata=_h("checkpoint for --eval-only (last.pt or best.pt)"))
     final_eval: bool = field(default=True, metadata=_h(
         "finish with the single-crop vs 10-crop error table on the validation set"))
-    progress: bool = field(default=True, metadata=_h("rich progress bars"))
+    progress: bool = field(default=True, metadata=_h("rich progress bars (only when stdout is a terminal)"))
+    log_every: int | None = field(default=None, metadata=_h(
+        "a plain line every N steps: epoch and batch position, step, mean loss, img/s, lr, ETA of the epoch "
+        "and the run (rank 0). Default: every 50 steps when no progress bar shows (stdout not a terminal: "
+        "nohup, SLURM, CI; or --no-progress), none under a bar; 0 = never. N < 10 also reads the loss back "
+        "every N steps instead of every 10 (a host sync)"))
+    tensorboard: bool = field(default=False, metadata=_h(
+        "write TensorBoard scalars (loss, errors, lr, img/s, profile phases) and the conv1 kernels per epoch to "
+        "RUN_DIR/tensorboard (rank 0; needs the tensorboard package)"))
     demo: bool = field(default=False, metadata=_h(
         "a short CPU run on the built-in sample set that visibly learns (see README); explicit flags override it"))
 
@@ -106,6 +114,8 @@ class TrainConfig:
         _check_range(self, "plateau_threshold", 0.0, 1.0)
         if self.warmup_steps < 0 or self.max_lr_drops < 0:
             raise ValueError("--warmup-steps and --max-lr-drops must be >= 0")
+        if self.log_every is not None and self.log_every < 0:
+            raise ValueError(f"--log-every must be >= 0 (0 = no step lines), got {self.log_every}")
         try:
             self.model_config(num_classes=1)   # the model's own checks of its switches
         except ValueError as exc:
@@ -191,7 +201,7 @@ HELP_GROUPS: dict[str, tuple[str, ...]] = {
                                     "plateau_patience", "plateau_threshold", "max_lr_drops", "warmup_steps", "seed"),
     "speed": ("workers", "amp", "channels_last", "compile", "profile"),
     "run folder, resume, evaluation": ("out", "resume", "eval_only", "checkpoint", "final_eval",
-                                       "max_steps", "epoch_steps", "progress", "demo"),
+                                       "max_steps", "epoch_steps", "progress", "log_every", "tensorboard", "demo"),
     "devices and ranks (torchrun)": ("gpus", "gpus_per_replica"),
 }
 

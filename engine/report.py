@@ -8,6 +8,8 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
 from rich.table import Table
 
+from common.console import make_console
+
 from .profiling import PHASES
 
 
@@ -16,12 +18,16 @@ def pct(x: float) -> str:
 
 
 class Reporter:
-    """Console output of one process; silent on ranks other than 0."""
+    """Console output of one process; silent on ranks other than 0.
+
+    Progress bars only in a terminal: anywhere else (nohup, SLURM, CI, a pipe) a bar's
+    control characters would garble the log, and plain lines (engine/logs.py) take its place.
+    """
 
     def __init__(self, enabled: bool, progress: bool):
         self.enabled = enabled
-        self.show_progress = enabled and progress
-        self.console = Console(highlight=False)
+        self.console = make_console(highlight=False)
+        self.show_progress = enabled and progress and self.console.is_terminal
 
     def line(self, text: str) -> None:
         if self.enabled:
@@ -34,7 +40,19 @@ class Reporter:
         return _Bar(self.console, description, total, completed)
 
     def table(self, table: Table) -> None:
-        if self.enabled:
+        """Print ``table``; a title wider than the table goes on its own line above it (rich
+        would wrap it to the table's width, mid-phrase)."""
+        if not self.enabled:
+            return
+        title = table.title
+        if isinstance(title, str) and len(title) > self.console.measure(table).maximum:
+            self.console.print(title, soft_wrap=True)
+            table.title = None
+            try:
+                self.console.print(table)
+            finally:
+                table.title = title
+        else:
             self.console.print(table)
 
 

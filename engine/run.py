@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,6 +29,7 @@ from prep.records import DEFAULT_RECORDS, RecordsError, read_meta
 
 from . import checkpoint as ckpt
 from . import distributed as D
+from . import logs
 from .config import MODEL_FIELDS, TrainConfig, explicit_flags, merge_explicit, parse_train_args
 from .loop import (LoopSettings, NonFiniteLoss, Precision, StepHooks, StepPlan, eval_metrics, evaluate,
                    to_device, train_steps)
@@ -156,7 +158,8 @@ def build_session(cfg: TrainConfig, info: D.DistInfo, say: Reporter, out: Path) 
                    data=RecordsData(records, cfg, info, devices[0]), net=net,
                    model=torch.compile(model) if cfg.compile else model,
                    optimizer=make_optimizer(net, cfg),
-                   settings=LoopSettings(input_device=net.input_device, amp=cfg.amp, channels_last=cfg.channels_last),
+                   settings=LoopSettings(input_device=net.input_device, amp=cfg.amp, channels_last=cfg.channels_last,
+                                         check_every=logs.read_back_every(cfg.log_every)),
                    precision=Precision(cfg.amp, net.input_device))
 
 
@@ -257,6 +260,8 @@ def train(cfg: TrainConfig, argv: list[str], info: D.DistInfo, say: Reporter) ->
         raise RunError(f"{cfg.out}: already holds a run (last.pt); continue it with --resume {cfg.out} "
                        "or pick another --out")
     out = run_folder(cfg)
+    if cfg.tensorboard and not logs.tensorboard_available():     # before any device or file is touched
+        raise RunError(logs.TENSORBOARD_MISSING)
     s = build_session(cfg, info, say, out)
     state = new_state(cfg, info.world)
     if saved is not None:
@@ -273,28 +278,32 @@ def run_session(s: Session, state: TrainState) -> int:
                                            "world": s.info.world, "classes": s.classes})
         # metrics.jsonl = the checkpoint's history: no epoch twice, none the checkpoint lacks
         write_text(s.out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in state.history))
+    log = logs.RunLog.open(s.cfg, s.say, s.out, s.info.world, s.info.is_main, state.step)
     stop = StopFlag().install()       # from here on a signal means: finish the step, save, exit
     s.say.line(f"train: run folder {s.out}; {s.classes} classes; devices {', '.join(s.devices)}; "
                f"world {s.info.world}")
     try:
-        return fit(s, state, stop)
+        return fit(s, state, stop, log)
     finally:
         stop.restore()
+        log.close()
 
 
-def fit(s: Session, state: TrainState, stop: StopFlag) -> int:
+def fit(s: Session, state: TrainState, stop: StopFlag, log: logs.RunLog) -> int:
     """The epochs: train -> validate -> schedule -> save, until --epochs, --max-steps or a stop."""
     cfg = s.cfg
     phases = Phases(cfg.profile, s.devices)
     try:
         while state.epoch < cfg.epochs and not steps_spent(cfg, state):
-            reason = train_epoch(s, state, stop, phases)
+            reason = train_epoch(s, state, stop, phases, log)
             if reason == "stopped":
                 return paused(s, state, f"{stop.name or 'stop'} received", stop.exit_code)
             if reason == "max_steps":          # mid-epoch: no validation, the epoch is not over
                 paused(s, state, f"--max-steps {cfg.max_steps} reached", 0)
                 break
+            start = time.perf_counter()
             end_epoch(s, state)
+            log.epoch_ended(state.history[-1], state.step, time.perf_counter() - start, s.net, phases)
     except (NonFiniteLoss, ckpt.NonFiniteState) as exc:
         print(f"error: {exc}; stopped without saving it ({last_finite(s.out)}); try a lower --lr", file=sys.stderr)
         return 3
@@ -317,7 +326,7 @@ def steps_spent(cfg: TrainConfig, state: TrainState) -> bool:
     return cfg.max_steps is not None and state.step >= cfg.max_steps
 
 
-def train_epoch(s: Session, state: TrainState, stop: StopFlag, phases: Phases) -> str:
+def train_epoch(s: Session, state: TrainState, stop: StopFlag, phases: Phases, log: logs.RunLog) -> str:
     """The epoch's steps from state's position on (a resumed epoch skips its trained batches)."""
     cfg = s.cfg
     loader = s.data.train(state.epoch)
@@ -325,9 +334,11 @@ def train_epoch(s: Session, state: TrainState, stop: StopFlag, phases: Phases) -
     plan = StepPlan(epoch_batches=min(len(loader), cfg.epoch_steps or len(loader)),
                     max_steps=cfg.max_steps, warmup_steps=cfg.warmup_steps)
     profiler = trace_profiler(cfg.profile and s.info.is_main and state.epoch == 0, s.out)
+    step_log = log.epoch_steps(state, plan.epoch_batches, cfg.batch_size, lambda: s.optimizer.param_groups[0]["lr"])
     with s.say.bar(f"epoch {state.epoch + 1}/{cfg.epochs}", plan.epoch_batches, state.batch) as advance, profiler:
         def on_step(st: TrainState) -> None:
             advance(1, info=f"{st.sums.images / st.sums.seconds:.1f} img/s" if st.sums.seconds else "")
+            step_log(st)
         hooks = StepHooks(prepare=lambda batch: to_device(batch, s.settings), precision=s.precision,
                           phases=phases, should_stop=stop_poll(s, stop), on_step=on_step, profiler=profiler)
         return train_steps(s.model, s.optimizer, batches, state, plan, s.settings, hooks)
@@ -374,11 +385,14 @@ def end_epoch(s: Session, state: TrainState) -> None:
 
 def validate(s: Session, view: str) -> dict:
     loader = s.data.val(view)
+    start = time.perf_counter()
     with s.say.bar(f"  val {view}", loader.epoch_size) as advance:
         sums = evaluate(s.net, loader, s.settings, on_batch=advance)
     keys = ("images", "top1", "top5", "loss_sum")
     totals = D.all_reduce_sum([sums[k] for k in keys], s.devices[0])
-    return eval_metrics(dict(zip(keys, totals)))
+    metrics = eval_metrics(dict(zip(keys, totals)))
+    logs.validated(s.say, view, metrics["images"], time.perf_counter() - start)
+    return metrics
 
 
 def save_checkpoint(s: Session, state: TrainState, best: bool = False) -> None:

@@ -146,8 +146,9 @@ def run(cfg: BenchConfig) -> dict:
 
 
 def print_table(result: dict) -> None:
-    from rich.console import Console
     from rich.table import Table
+
+    from common.console import make_console
     cfg = result["config"]
     table = Table(title=f"AlexNet forward+backward, batch {cfg['batch_size']}, {cfg['device']}, "
                         f"amp {cfg['amp']}, channels_last {cfg['channels_last']}")
@@ -157,7 +158,7 @@ def print_table(result: dict) -> None:
     for name, values in result["images_per_s"].items():
         med = result["median_images_per_s"][name]
         table.add_row(name, f"{med:.2f}", f"{min(values):.2f}", f"{max(values):.2f}", f"{med / ref:.3f}x")
-    Console().print(table)
+    make_console().print(table)
 
 
 def main(argv: list[str] | None = None) -> int:

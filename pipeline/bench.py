@@ -45,6 +45,7 @@ from rich.table import Table
 from common.atomic import write_json
 from common.charts import bar_chart
 from common.config import parse_args
+from common.console import make_console
 from common.system import usable_cores
 from pipeline.finish import U8Batch, finish
 from pipeline.loader import LoaderError
@@ -390,7 +391,7 @@ def bench(cfg: BenchConfig, console: Console) -> tuple[dict, dict[str, Stream]]:
 
 def run(cfg: BenchConfig, console: Console | None = None) -> dict:
     """The bench as the CLI runs it: print the table and (with --json) write the file atomically."""
-    console = console or Console()
+    console = console or make_console()
     result, _ = bench(cfg, console)
     if cfg.json:
         write_json(cfg.json, result)

@@ -16,11 +16,11 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from rich.console import Console
 from rich.table import Table
 
 from common.atomic import write_json
 from common.config import parse_args
+from common.console import make_console
 from prep.records import DEFAULT_RECORDS, RecordsError, shard_paths
 
 VIEWS = {"decode": None, "train": ("train", "train"), "train-u8": ("train", "train"),
@@ -78,7 +78,7 @@ def measure(streams: dict, cfg: CostConfig) -> dict[str, dict[str, float]]:
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(CostConfig, sys.argv[1:] if argv is None else argv, prog="pipeline.cost",
                      description=__doc__.splitlines()[0])
-    console = Console()
+    console = make_console()
     try:
         streams = {name: endless(make(name, cfg)) for name in VIEWS}
     except (RecordsError, ValueError) as err:

@@ -435,9 +435,10 @@ def _summary(out: Path, *, reused: bool, written: int,
 
 def print_summary(summary: dict) -> None:
     """Counts, skips, throughput and the eigen-colours as rich tables."""
-    from rich.console import Console
     from rich.table import Table
-    console = Console()
+
+    from common.console import make_console
+    console = make_console()
     t = Table(title=f"records in {summary['out']}" + (" (already complete, reused)" if summary["reused"] else ""))
     t.add_column("item")
     t.add_column("value", justify="right")

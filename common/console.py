@@ -1,0 +1,21 @@
+"""The rich Console every command prints through, with a width that suits logs.
+
+In a terminal rich follows the terminal's width. Anywhere else (nohup, SLURM, CI, a pipe, a
+file) rich assumes 80 columns and breaks table headers and titles mid-phrase; there the
+width is 100 columns, or $COLUMNS when it is set (rich reads it itself).
+"""
+from __future__ import annotations
+
+import os
+
+from rich.console import Console
+
+NON_TERMINAL_WIDTH = 100       # columns, when stdout is not a terminal and $COLUMNS is unset
+
+
+def make_console(**kwargs) -> Console:
+    """A rich Console (``kwargs`` as for Console), 100 columns wide when not a terminal."""
+    console = Console(**kwargs)
+    if not console.is_terminal and "width" not in kwargs and not os.environ.get("COLUMNS", "").isdigit():
+        console.width = NON_TERMINAL_WIDTH
+    return console

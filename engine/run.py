@@ -367,9 +367,9 @@ def stop_poll(s: Session, stop: StopFlag):
     """What the loop asks after each step: has a signal asked us to stop?
 
     One process: the flag itself, every step. Distributed: every rank must stop after the
-    same step, which takes a collective (an all-reduce and a device->host read), so it is
-    polled every ``check_every`` steps (the loop's own read-back cadence) on a count every
-    rank shares; a signal waits at most that many steps.
+    same step, which takes a collective: an all-reduce over the host group (gloo, CPU
+    tensors: the host waits for the other ranks' hosts, never for the GPU), polled every
+    ``check_every`` steps on a count every rank shares; a signal waits at most that many steps.
     """
     if not s.info.enabled:
         return lambda: bool(stop)
@@ -377,7 +377,7 @@ def stop_poll(s: Session, stop: StopFlag):
 
     def poll() -> bool:
         calls[0] += 1
-        return calls[0] % every == 0 and D.any_rank(bool(stop), s.devices[0])
+        return calls[0] % every == 0 and D.max_over_ranks(int(bool(stop)), s.host_group) > 0
     return poll
 
 

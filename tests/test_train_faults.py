@@ -52,21 +52,22 @@ class _Net(nn.Module):
         return _InfGrad.apply(self.fc(x.flatten(1)))
 
 
-def test_fp16_steps_with_inf_gradients_are_skipped_counted_and_do_not_stop(monkeypatch):
+def _fp16_run_with_two_inf_steps(device: str):
+    """Six fp16 steps of a linear model on ``device``; steps 2 and 4 get inf gradients."""
     torch.manual_seed(0)
-    net = _Net()
+    net = _Net().to(device)
     opt = make_optimizer(net, TrainConfig(lr=0.1))
     g = torch.Generator().manual_seed(1)
     batches = [(torch.randn(4, 3, 2, 2, generator=g), torch.randint(0, 3, (4,), generator=g)) for _ in range(6)]
-    precision = Precision("fp16", "cpu")
+    precision = Precision("fp16", torch.device(device).type)
     weights = []
 
     def on_step(state):
-        weights.append(net.fc.weight.detach().clone())
-        _InfGrad.armed = state.step in (1, 3)        # steps 2 and 4 get inf gradients
+        weights.append(net.fc.weight.detach().cpu().clone())
+        _InfGrad.armed = state.step in (1, 3)
 
     state = TrainState(schedule=PlateauSchedule(lr=0.1), seed=0, batch_size=4, world=1)
-    settings = LoopSettings(CPU, check_every=4)
+    settings = LoopSettings(torch.device(device), check_every=4)
     hooks = StepHooks(prepare=lambda b: to_device(b, settings), precision=precision, on_step=on_step)
     try:
         reason = train_steps(net, opt, iter(batches), state, StepPlan(epoch_batches=6), settings, hooks)
@@ -77,6 +78,15 @@ def test_fp16_steps_with_inf_gradients_are_skipped_counted_and_do_not_stop(monke
     assert torch.equal(weights[1], weights[0]) and torch.equal(weights[3], weights[2])   # untouched
     assert not torch.equal(weights[2], weights[1])                                      # step 3 updated
     assert precision.scale == 2.0 ** 16 / 4                                             # halved twice
+
+
+def test_fp16_steps_with_inf_gradients_are_skipped_counted_and_do_not_stop():
+    _fp16_run_with_two_inf_steps("cpu")
+
+
+@pytest.mark.gpu
+def test_fp16_steps_with_inf_gradients_on_cuda_are_skipped_counted_and_do_not_stop():
+    _fp16_run_with_two_inf_steps("cuda:0")
 
 
 # --- distributed: every rank stops after the same step ----------------------------------------

@@ -39,6 +39,18 @@ def test_prepare_of_a_uint8_train_batch_equals_the_float_loaders(sample_records,
     assert got.is_contiguous(memory_format=torch.channels_last) == channels_last
 
 
+@pytest.mark.gpu
+def test_cpu_loader_uint8_finished_on_the_gpu_equals_the_float_view(sample_records):
+    """--loader-device cpu for a GPU model: pinned uint8 pixels cross, finish runs on the GPU."""
+    settings = LoopSettings(torch.device("cuda:0"), channels_last=True)
+    floats, u8 = _pair(sample_records, "train")
+    want, labels = to_device(floats, settings)
+    got, labels8 = to_device(u8, settings)
+    assert got.device == want.device == torch.device("cuda:0") and labels8.device == got.device
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(got, want) and torch.equal(labels8, labels)
+
+
 def test_evaluate_on_uint8_views_equals_the_float_views(sample_records):
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 4, 8, stride=8), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 4))

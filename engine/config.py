@@ -76,7 +76,16 @@ class TrainConfig:
     init: str = field(default="paper", metadata=_h(
         "paper = weights N(0, 0.01²) and the paper's 0/1 biases; kaiming = He-normal", choices=list(INITS)))
     # --- speed ------------------------------------------------------------------
-    amp: str = field(default="none", metadata=_h("autocast precision for forward/backward", choices=["bf16", "none"]))
+    amp: str = field(default="none", metadata=_h(
+        "mixed precision: bf16 = autocast (A100/H100-class GPUs); fp16 = autocast plus a gradient "
+        "scaler (V100/T4-class GPUs: a step with inf/nan gradients is skipped and the scale halved, "
+        "counted as amp_skipped; a NaN/inf loss still stops the run)", choices=["none", "bf16", "fp16"]))
+    loader_device: str = field(default="auto", metadata=_h(
+        "where DALI decodes and crops for a GPU run: gpu = on the first GPU (nvJPEG, the fastest "
+        "when the GPU has room to spare); cpu = on the CPU threads, yielding uint8 crops that cross "
+        "to the GPU at 1 byte per value and get their mean subtracted there (frees the GPU for the "
+        "model; for many-core hosts or GPUs that the model saturates); auto = gpu when the model "
+        "is on a GPU, else the CPU", choices=["auto", "gpu", "cpu"]))
     channels_last: bool = field(default=False, metadata=_h("NHWC memory format for the model and its inputs (GPU speed)"))
     compile: bool = field(default=False, metadata=_h("torch.compile the model"))
     profile: bool = field(default=False, metadata=_h(
@@ -127,6 +136,8 @@ class TrainConfig:
             raise ValueError(f"--gpus names a GPU twice: {self.gpus!r}")
         if self.gpus_per_replica not in (None, 1, 2):
             raise ValueError(f"--gpus-per-replica must be 1 or 2, got {self.gpus_per_replica}")
+        if self.loader_device == "gpu" and self.gpus == "":
+            raise ValueError("--loader-device gpu needs a GPU; --gpus '' trains on the CPU")
         if self.eval_only and not self.checkpoint:
             raise ValueError("--eval-only needs --checkpoint PATH")
         if self.checkpoint and not self.eval_only:
@@ -199,7 +210,7 @@ HELP_GROUPS: dict[str, tuple[str, ...]] = {
     "model (the paper's ablation switches)": ("towers", "lrn", "overlap_pool", "dropout", "init"),
     "recipe (the paper's values)": ("batch_size", "lr", "momentum", "weight_decay", "decay_biases", "epochs",
                                     "plateau_patience", "plateau_threshold", "max_lr_drops", "warmup_steps", "seed"),
-    "speed": ("workers", "amp", "channels_last", "compile", "profile"),
+    "speed": ("workers", "loader_device", "amp", "channels_last", "compile", "profile"),
     "run folder, resume, evaluation": ("out", "resume", "eval_only", "checkpoint", "final_eval",
                                        "max_steps", "epoch_steps", "progress", "log_every", "tensorboard", "demo"),
     "devices and ranks (torchrun)": ("gpus", "gpus_per_replica"),

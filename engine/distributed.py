@@ -139,6 +139,24 @@ def any_rank(flag: bool, device: str) -> bool:
     return all_reduce_sum([float(flag)], device)[0] > 0
 
 
+def host_group(info: DistInfo):
+    """A gloo group over all ranks for agreeing on host-side facts (did every rank get its
+    batch?) without a device collective, which would make the host wait for the GPU; None
+    in one process. Every rank must call this, once, after ``init_process_group``."""
+    if not (info.enabled and dist.is_initialized()):
+        return None
+    return dist.new_group(backend="gloo")
+
+
+def max_over_ranks(value: int, group) -> int:
+    """The largest ``value`` over the ranks of ``group`` (a host all-reduce; ``value`` when None)."""
+    if group is None:
+        return value
+    t = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return int(t)
+
+
 def gather_objects(obj, info: DistInfo) -> list:
     """Every rank's ``obj`` on every rank (used for per-rank RNG states in checkpoints)."""
     if not info.enabled:

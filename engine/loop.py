@@ -9,17 +9,18 @@ plain tensors.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
 
+from pipeline.finish import U8Batch, finish
 from prep.records import RecordsError
 
+from .precision import Precision
 from .profiling import Phases, NullProfiler
 from .recipe import loss_fn
 from .schedule import lr_at
@@ -28,17 +29,23 @@ from .voting import topk_counts, vote
 
 
 class NonFiniteLoss(Exception):
-    """The loss became NaN or inf; ``step`` is the global optimiser step that produced it."""
+    """The loss became NaN or inf; ``step`` is the global optimiser step that produced it (on
+    another rank: the last step of the checked span, ``value`` None)."""
 
-    def __init__(self, step: int, value: float):
-        super().__init__(f"loss became {value} at step {step}")
+    def __init__(self, step: int, value: float | None):
+        super().__init__(f"loss became {value} at step {step}" if value is not None
+                         else f"loss became NaN/inf on another rank by step {step}")
         self.step = step
+
+
+# What a rank tells the others (the maximum over ranks wins): the status codes of ``StepHooks.agree``.
+OK, END, BAD_RECORD, NONFINITE = 0, 1, 2, 3
 
 
 @dataclass(frozen=True)
 class LoopSettings:
     input_device: torch.device              # where tower 0 (and so the input) lives
-    amp: str = "none"                       # "bf16" or "none"
+    amp: str = "none"                       # "none", "bf16" or "fp16" (engine.precision.AMPS)
     channels_last: bool = False
     check_every: int = 10                   # losses are read back (one host sync) every this many steps
 
@@ -51,34 +58,34 @@ class StepPlan:
     warmup_steps: int = 0
 
 
-class Precision:
-    """The numeric format of forward, backward and update. bf16 needs no loss scaling; an fp16
-    GradScaler plugs in here (``backward`` scales the loss, ``step`` unscales, skips inf steps
-    and updates the scale) without touching the loop."""
-
-    def __init__(self, amp: str, device: torch.device):
-        self.amp, self.device = amp, device
-
-    def autocast(self):
-        if self.amp != "bf16":
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
-
-    def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
-
-    def step(self, optimizer: torch.optim.Optimizer) -> None:
-        optimizer.step()
-
-
 def to_device(batch, settings: LoopSettings) -> tuple[torch.Tensor, torch.Tensor]:
-    """Move a loader batch to the input device (a no-op when DALI already produced it there)."""
+    """Move a loader batch to the input device (a no-op when DALI already produced it there).
+    A uint8 batch (``U8Batch``) is finished there by ``finish_u8``."""
     images, labels = batch
+    if isinstance(images, U8Batch):
+        return finish_u8(batch, settings)
     images = images.to(settings.input_device, non_blocking=True)
     labels = labels.to(settings.input_device, non_blocking=True)
     if settings.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     return images, labels
+
+
+def finish_u8(batch, settings: LoopSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U8Batch, labels) -> the float input on the input device: the uint8 pixels cross to the
+    device (1 byte per value instead of 4), then ``pipeline.finish`` subtracts the mean there,
+    in float32, bit-for-bit the float view. channels_last: the NCHW view of the NHWC result,
+    which is already the channels_last layout, so no copy follows.
+
+    From a CPU loader to a GPU the pixels are first copied into page-locked memory (one host
+    copy per batch, ~19 MB at batch 128) so the host->device copy is asynchronous and overlaps
+    the previous step's kernels; a pageable source would block the host for the transfer."""
+    u8, labels = batch
+    device = settings.input_device
+    if device.type == "cuda" and u8.pixels.device.type == "cpu":
+        u8 = replace(u8, pixels=u8.pixels.pin_memory())
+    images = finish(u8, device, torch.float32, channels_last=settings.channels_last)
+    return images, labels.to(device, non_blocking=True)
 
 
 @dataclass(frozen=True)
@@ -91,6 +98,9 @@ class StepHooks:
     should_stop: Callable[[], bool] = lambda: False                   # asked after every step (signals)
     on_step: Callable[[TrainState], None] = lambda state: None        # progress bar, periodic log lines
     profiler: object = field(default_factory=NullProfiler)           # a torch.profiler.profile to .step()
+    # the largest status code over all ranks (a host-side collective; identity in one process):
+    # every rank must leave the loop after the same step, or the next collective hangs
+    agree: Callable[[int], int] = lambda status: status
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -100,7 +110,8 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
                labels: torch.Tensor, precision: Precision, phases: Phases):
-    """Forward, backward, update. Returns (loss, (top-1, top-5) correct) as device tensors."""
+    """Forward, backward, update. Returns (loss, (top-1, top-5) correct, skipped) as device
+    tensors; ``skipped`` is True when the fp16 scaler skipped the update (inf/nan gradients)."""
     with phases("forward"), precision.autocast():
         logits = model(images)
         loss = loss_fn(logits, labels)
@@ -108,19 +119,29 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch
         optimizer.zero_grad(set_to_none=True)
         precision.backward(loss)
     with phases("optimizer"):
-        precision.step(optimizer)
+        skipped = precision.step(optimizer)
     with torch.no_grad():
         correct = topk_counts(logits.detach(), labels)
-    return loss.detach(), correct
+    return loss.detach(), correct, skipped
 
 
 def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterator,
                 state: TrainState, plan: StepPlan, settings: LoopSettings, hooks: StepHooks) -> str:
     """Train from ``state``'s position until the epoch ends ("epoch_end"), the run's step budget
     is spent ("max_steps") or ``hooks.should_stop()`` ("stopped"). ``state`` is advanced in place;
-    on return its sums hold every step done. NaN/inf loss raises NonFiniteLoss (losses are read
-    back every ``settings.check_every`` global steps and before returning); a bad record met by
-    the loader raises its RecordsError after the sums are brought up to date."""
+    on return its sums hold every step done. NaN/inf loss raises NonFiniteLoss; a bad record met
+    by the loader raises its RecordsError after the sums are brought up to date. Under several
+    ranks both are agreed on (``hooks.agree``), so every rank raises after the same step.
+
+    Host synchronisation (the host waits for the device's queued work) happens only in
+    ``settle``: every ``settings.check_every`` steps and on return, the losses, correct counts
+    and fp16 skip flags are read back, one read for the whole span. Nothing else here reads a
+    device value: the skip flag stays a device tensor, ``state.sums`` holds host numbers only
+    (so ``hooks.on_step``'s progress costs no sync), and the loader's batch and the data status
+    agreed per step are host facts (``hooks.agree`` is a host-side collective, not a device
+    one). Outside this loop, ``stop_poll`` all-reduces the stop flag every ``check_every`` steps
+    in distributed runs. A fp16 GradScaler.step itself reads its inf flag (torch's, per step)
+    unless the optimiser can skip on the device."""
     model.train()
     pending = _Pending(first_step=state.step + 1)
     reason = "epoch_end"
@@ -131,16 +152,23 @@ def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Ite
         set_lr(optimizer, lr_at(state.schedule.lr, state.step, plan.warmup_steps))
         start = time.perf_counter()
         with hooks.phases("data"):
-            batch = next_batch(batches, pending, state)
-        if batch is None:                    # the loader ran out before the planned count
+            batch, failure = next_batch(batches)
+        # every rank must run this step or none: DDP's backward is a collective, so a rank
+        # without a batch (bad record, loader ran out) would leave the others waiting forever
+        status = hooks.agree(OK if batch is not None else BAD_RECORD if failure is not None else END)
+        if status == END:                    # the loader ran out before the planned count
             break
+        if status == BAD_RECORD:             # save every step before it (the caller does)
+            settle(pending, state, hooks)
+            raise failure or RecordsError(f"another rank met a bad record at step {state.step + 1} "
+                                          "(its own error line names it)")
         with hooks.phases("h2d"):
             images, labels = hooks.prepare(batch)
-        loss, correct = train_step(model, optimizer, images, labels, hooks.precision, hooks.phases)
+        loss, correct, skipped = train_step(model, optimizer, images, labels, hooks.precision, hooks.phases)
         state.count_step()
-        pending.add(loss, correct, labels.shape[0])
+        pending.add(loss, correct, skipped if hooks.precision.scaler is not None else None, labels.shape[0])
         if state.step % settings.check_every == 0:
-            pending.flush_into(state.sums)
+            settle(pending, state, hooks)
         state.sums.seconds += time.perf_counter() - start
         hooks.phases.count(labels.shape[0])
         hooks.profiler.step()
@@ -148,17 +176,25 @@ def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Ite
         if hooks.should_stop():
             reason = "stopped"
             break
-    pending.flush_into(state.sums)
+    settle(pending, state, hooks)
     return reason
 
 
-def next_batch(batches: Iterator, pending: "_Pending", state: TrainState):
-    """The next batch, or None at the end; a bad record first settles the sums (the caller saves)."""
+def next_batch(batches: Iterator):
+    """(the next batch, None), (None, None) at the end, or (None, the RecordsError) when the
+    loader met a bad record (the loader is unusable afterwards: nothing more is fetched)."""
     try:
-        return next(batches, None)
-    except RecordsError:
-        pending.flush_into(state.sums)
-        raise
+        return next(batches, None), None
+    except RecordsError as exc:
+        return None, exc
+
+
+def settle(pending: "_Pending", state: TrainState, hooks: StepHooks) -> None:
+    """Read the pending steps back into ``state.sums`` (the one host sync), then agree with the
+    other ranks: a NaN/inf loss on any rank raises NonFiniteLoss on all of them."""
+    bad = pending.flush_into(state.sums)
+    if hooks.agree(NONFINITE if bad is not None else OK) == NONFINITE:
+        raise NonFiniteLoss(*(bad or (state.step, None)))
 
 
 @dataclass
@@ -167,27 +203,33 @@ class _Pending:
     first_step: int                     # global step number of the first pending loss
     losses: list = field(default_factory=list)
     correct: list = field(default_factory=list)
+    skipped: list = field(default_factory=list)   # fp16 only: 0-dim bool, True = update skipped
     images: int = 0
 
-    def add(self, loss: torch.Tensor, correct: torch.Tensor, images: int) -> None:
+    def add(self, loss: torch.Tensor, correct: torch.Tensor, skipped: torch.Tensor | None, images: int) -> None:
         self.losses.append(loss), self.correct.append(correct)
+        if skipped is not None:
+            self.skipped.append(skipped)
         self.images += images
 
-    def flush_into(self, sums: EpochSums) -> None:
-        """Read the losses back, raise NonFiniteLoss at the first bad one, add them to ``sums``."""
+    def flush_into(self, sums: EpochSums) -> tuple[int, float] | None:
+        """Read the losses back and add them to ``sums``; (step, value) of the first NaN/inf
+        loss instead (nothing added). A skipped fp16 step is the scaler's business, not a stop."""
         if not self.losses:
-            return
+            return None
         losses = torch.stack(self.losses).float().cpu().tolist()
         for i, value in enumerate(losses):
             if not math.isfinite(value):
-                raise NonFiniteLoss(self.first_step + i, value)
+                return self.first_step + i, value
         correct = torch.stack(self.correct).sum(0).cpu().tolist()
+        if self.skipped:
+            sums.amp_skipped += int(torch.stack(self.skipped).sum().cpu())
         sums.loss += sum(losses)
         sums.top1 += int(correct[0])
         sums.top5 += int(correct[1])
         sums.images += self.images
         self.first_step += len(losses)
-        self.losses, self.correct, self.images = [], [], 0
+        self.losses, self.correct, self.skipped, self.images = [], [], [], 0
 
 
 @torch.no_grad()
@@ -198,12 +240,16 @@ def evaluate(model: nn.Module, batches: Iterable, settings: LoopSettings,
     Returns {"images", "top1", "top5", "loss_sum"} (sums, so ranks can add them up).
     """
     model.eval()
-    precision = Precision(settings.amp, settings.input_device)
+    precision = Precision(settings.amp, settings.input_device.type)
     # images, top-1, top-5, summed NLL; kept on the input device and read back once at the
     # end, so a GPU evaluation never waits for the device between batches
     totals = torch.zeros(4, dtype=torch.float64, device=settings.input_device)
     for images, labels in batches:
-        images, labels = to_device((images.flatten(0, 1) if images.ndim == 5 else images, labels), settings)
+        if not isinstance(images, U8Batch) and images.ndim == 5:     # 10 crops: one batch of B x 10
+            images = images.flatten(0, 1)
+        images, labels = to_device((images, labels), settings)
+        if images.ndim == 5:                 # finished uint8 crops (channels_last per crop stays so)
+            images = images.flatten(0, 1)
         views = images.shape[0] // labels.shape[0]
         with precision.autocast():
             logits = model(images).float()

@@ -26,7 +26,9 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 class Precision:
     """``amp``: "none" | "bf16" | "fp16"; ``device_type``: "cpu" or "cuda" (where the model runs)."""
 
-    def __init__(self, amp: str = "none", device_type: str = "cpu"):
+    def __init__(self, amp: str = "none", device_type: str | torch.device = "cpu"):
+        if isinstance(device_type, torch.device):
+            device_type = device_type.type
         if amp not in AMPS:
             raise ValueError(f"amp must be one of {', '.join(AMPS)}; got {amp!r}")
         if device_type not in ("cpu", "cuda"):

@@ -31,8 +31,8 @@ from . import checkpoint as ckpt
 from . import distributed as D
 from . import logs
 from .config import MODEL_FIELDS, TrainConfig, explicit_flags, merge_explicit, parse_train_args
-from .loop import (LoopSettings, NonFiniteLoss, Precision, StepHooks, StepPlan, eval_metrics, evaluate,
-                   to_device, train_steps)
+from .loop import LoopSettings, NonFiniteLoss, StepHooks, StepPlan, eval_metrics, evaluate, to_device, train_steps
+from .precision import Precision
 from .profiling import Phases, trace_profiler
 from .recipe import make_optimizer
 from .report import Reporter, crops_table, epoch_line, epochs_table, profile_table
@@ -77,23 +77,44 @@ def os_error(exc: OSError) -> str:
 @dataclass(frozen=True)
 class RecordsData:
     """The run's loaders: epoch e's training batches (order and augmentation fixed by
-    (seed, e)) and the validation views."""
+    (seed, e): the Loader derives both from the pair) and the validation views. ``device``
+    is where DALI runs, ``dtype`` what it yields (uint8: the engine finishes the batch on the
+    model's device, see ``loader_placement``)."""
     records: Path
     cfg: TrainConfig
     info: D.DistInfo
     device: str
+    dtype: torch.dtype = torch.float32
 
     def train(self, epoch: int) -> Loader:
-        return self._loader("train", "train", self.cfg.batch_size, epoch_seed(self.cfg.seed, epoch))
+        return self._loader("train", "train", self.cfg.batch_size, epoch)
 
     def val(self, view: str) -> Loader:
         batch = max(1, self.cfg.batch_size // 10) if view == "tencrop" else self.cfg.batch_size  # ~batch_size views
-        return self._loader("val", view, batch, epoch_seed(self.cfg.seed, 0))
+        return self._loader("val", view, batch, 0)
 
-    def _loader(self, split: str, view: str, batch: int, seed: int) -> Loader:
+    def _loader(self, split: str, view: str, batch: int, epoch: int) -> Loader:
         return Loader(self.records, split=split, view=view, batch_size=batch, device=self.device,
-                      shard=(self.info.rank, self.info.world), seed=seed,
+                      shard=(self.info.rank, self.info.world), seed=self.cfg.seed, epoch=epoch, dtype=self.dtype,
                       mean=self.cfg.mean, num_threads=D.dali_threads(self.cfg.workers, self.info, usable_cores()))
+
+
+def loader_placement(cfg: TrainConfig, model_device: str) -> tuple[str, torch.dtype]:
+    """(where DALI runs, what it yields) for --loader-device and the model's input device.
+
+    uint8 whenever the batch must still cross to the model's device (DALI on the CPU: 1 byte
+    per value over PCIe instead of 4) or when the model wants channels_last (``finish`` writes
+    NHWC directly; the float view would need a copy per batch). ``finish`` gives exactly the
+    float view's values. A CPU model keeps the float view under auto: on the CPU, finishing
+    is an extra pass over the batch."""
+    on_gpu = model_device.startswith("cuda")
+    if cfg.loader_device == "gpu" and not on_gpu:
+        raise RunError("--loader-device gpu: the model trains on the CPU here (no GPU visible or --gpus '')")
+    if cfg.loader_device == "cpu":
+        return "cpu", torch.uint8
+    if on_gpu:
+        return model_device, torch.uint8 if cfg.channels_last else torch.float32
+    return "cpu", torch.float32
 
 
 @dataclass(frozen=True)
@@ -111,6 +132,7 @@ class Session:
     optimizer: torch.optim.Optimizer
     settings: LoopSettings
     precision: Precision
+    host_group: object = None      # gloo group for per-step agreement between ranks (None: one process)
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -151,16 +173,22 @@ def build_net(cfg: TrainConfig, classes: int, devices: list[str]) -> AlexNet:
 def build_session(cfg: TrainConfig, info: D.DistInfo, say: Reporter, out: Path) -> Session:
     records, classes = resolve_records(cfg)
     devices = setup_devices(cfg, info, say)
+    if devices[0].startswith("cuda"):
+        # let cuDNN time its convolution algorithms for our fixed shapes once and keep the
+        # fastest (every step has the same shapes); torchvision's, timm's, FFCV's and DALI's
+        # training scripts and our model bench all do this, so bench and run measure the same
+        torch.backends.cudnn.benchmark = True
     net = build_net(cfg, classes, devices)
     torch.manual_seed(cfg.seed + 1 + info.rank)   # dropout masks: different per rank
     model = D.wrap_ddp(net, info)
+    loader_device, dtype = loader_placement(cfg, str(net.input_device))
     return Session(cfg=cfg, info=info, devices=devices, out=out, say=say, classes=classes,
-                   data=RecordsData(records, cfg, info, devices[0]), net=net,
+                   data=RecordsData(records, cfg, info, loader_device, dtype), net=net,
                    model=torch.compile(model) if cfg.compile else model,
                    optimizer=make_optimizer(net, cfg),
                    settings=LoopSettings(input_device=net.input_device, amp=cfg.amp, channels_last=cfg.channels_last,
                                          check_every=logs.read_back_every(cfg.log_every)),
-                   precision=Precision(cfg.amp, net.input_device))
+                   precision=Precision(cfg.amp, net.input_device.type), host_group=D.host_group(info))
 
 
 def new_state(cfg: TrainConfig, world: int) -> TrainState:
@@ -223,6 +251,7 @@ def restore(s: Session, state: TrainState, saved: dict, path: Path, lr_given: bo
         s.net.load_state_dict(saved["model"])
         s.optimizer.load_state_dict(saved["optimizer"])
         state.load_state_dict(saved)
+        s.precision.load_state_dict(saved.get("precision") or {})   # fp16: the loss scale goes on
     except (RuntimeError, KeyError, ValueError, TypeError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise ckpt.CheckpointError(f"{path}: does not fit this model or run ({first})") from None
@@ -340,7 +369,8 @@ def train_epoch(s: Session, state: TrainState, stop: StopFlag, phases: Phases, l
             advance(1, info=f"{st.sums.images / st.sums.seconds:.1f} img/s" if st.sums.seconds else "")
             step_log(st)
         hooks = StepHooks(prepare=lambda batch: to_device(batch, s.settings), precision=s.precision,
-                          phases=phases, should_stop=stop_poll(s, stop), on_step=on_step, profiler=profiler)
+                          phases=phases, should_stop=stop_poll(s, stop), on_step=on_step, profiler=profiler,
+                          agree=lambda status: D.max_over_ranks(status, s.host_group))
         return train_steps(s.model, s.optimizer, batches, state, plan, s.settings, hooks)
 
 
@@ -348,9 +378,9 @@ def stop_poll(s: Session, stop: StopFlag):
     """What the loop asks after each step: has a signal asked us to stop?
 
     One process: the flag itself, every step. Distributed: every rank must stop after the
-    same step, which takes a collective (an all-reduce and a device->host read), so it is
-    polled every ``check_every`` steps (the loop's own read-back cadence) on a count every
-    rank shares; a signal waits at most that many steps.
+    same step, which takes a collective: an all-reduce over the host group (gloo, CPU
+    tensors: the host waits for the other ranks' hosts, never for the GPU), polled every
+    ``check_every`` steps on a count every rank shares; a signal waits at most that many steps.
     """
     if not s.info.enabled:
         return lambda: bool(stop)
@@ -358,7 +388,7 @@ def stop_poll(s: Session, stop: StopFlag):
 
     def poll() -> bool:
         calls[0] += 1
-        return calls[0] % every == 0 and D.any_rank(bool(stop), s.devices[0])
+        return calls[0] % every == 0 and D.max_over_ranks(int(bool(stop)), s.host_group) > 0
     return poll
 
 
@@ -368,7 +398,8 @@ def end_epoch(s: Session, state: TrainState) -> None:
     m = {"epoch": state.epoch + 1, "step": state.step, "lr": state.schedule.lr, **state.sums.metrics(state.batch),
          "val_top1_err": val["top1_err"], "val_top5_err": val["top5_err"], "val_loss": val["loss"],
          "epoch_seconds": state.sums.seconds, "train_images": state.sums.images * s.info.world}
-    s.say.line(epoch_line(m, s.cfg.epochs))
+    skipped = f"  ({m['amp_skipped']} fp16 steps skipped by the loss scaler)" if m["amp_skipped"] else ""
+    s.say.line(epoch_line(m, s.cfg.epochs) + skipped)
     is_best = val["top1_err"] < min((h["val_top1_err"] for h in state.history), default=float("inf"))
     if state.schedule.step(val["top1_err"]):   # the next step's lr_at puts it in the optimizer
         s.say.line(f"train: validation top-1 error stopped improving for {s.cfg.plateau_patience} epoch(s): "
@@ -403,7 +434,8 @@ def save_checkpoint(s: Session, state: TrainState, best: bool = False) -> None:
         last = s.out / "last.pt"
         try:
             ckpt.save(last, {"model": s.net.state_dict(), "optimizer": s.optimizer.state_dict(),
-                             "config": to_dict(s.cfg), **state.state_dict()})
+                             "config": to_dict(s.cfg), "precision": s.precision.state_dict(),
+                             **state.state_dict()})
             if best:
                 ckpt.link(last, s.out / "best.pt")
         except OSError as exc:       # ENOSPC, EROFS, EDQUOT ...: the temp file is gone, last.pt untouched

@@ -25,18 +25,20 @@ class EpochSums:
     top1: int = 0            # correct counts
     top5: int = 0
     seconds: float = 0.0     # wall time spent in steps (data wait included)
+    amp_skipped: int = 0     # fp16 steps whose update the gradient scaler skipped (inf/nan gradients)
 
     def metrics(self, batches: int) -> dict:
         n = max(self.images, 1)
         return {"train_loss": self.loss / max(batches, 1),
                 "train_top1_err": 1 - self.top1 / n, "train_top5_err": 1 - self.top5 / n,
-                "images_per_s": self.images / self.seconds if self.seconds else 0.0}
+                "images_per_s": self.images / self.seconds if self.seconds else 0.0,
+                "amp_skipped": self.amp_skipped}
 
 
 @dataclass
 class TrainState:
     schedule: PlateauSchedule
-    seed: int                # epoch e's data order and augmentation: engine.run.epoch_seed(seed, e)
+    seed: int                # with the epoch number, fixes epoch e's data order and augmentation (the Loader)
     batch_size: int          # per replica; with world, what ``batch`` counts in
     world: int               # number of ranks (replicas)
     epoch: int = 0           # completed epochs

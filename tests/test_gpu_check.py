@@ -22,13 +22,15 @@ def test_dry_run_runs_every_cpu_step_and_writes_the_report(tmp_path):
     steps = {s["name"]: s for s in report["steps"]}
     assert done.returncode == 0, [(n, s["status"], s["output_tail"][-500:]) for n, s in steps.items()]
     ran = {"environment", "gpu tests", "sample set", "records", "loader bench", "model bench fp32",
-           "model bench bf16 channels_last", "model bench fp16 channels_last", "train cpu"}
+           "model bench bf16 channels_last", "model bench fp16 channels_last", "train cpu", "train cpu fp16", "train cpu u8-loader"}
     assert {n for n, s in steps.items() if s["status"] == "passed"} >= ran
     assert steps["records"]["results"]["train_images"] == 4 * 12 * 2
     assert set(steps["loader bench"]["results"]) == {"dali", "dali-u8", "torch", "decode"}
     assert steps["loader bench"]["results"]["dali-u8"]["finish_images_per_s"] > 0
     assert steps["model bench fp16 channels_last"]["results"]["ours"] > 0
     assert steps["train cpu"]["results"]["steps"] == 2
+    assert "--amp fp16" in " ".join(steps["train cpu fp16"]["command"])
+    assert "--loader-device cpu" in " ".join(steps["train cpu u8-loader"]["command"])
     markdown = (tmp_path / "report" / "gpu_check.md").read_text()
     assert "| loader bench | passed |" in markdown and "dry run" in markdown
 

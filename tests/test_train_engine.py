@@ -18,7 +18,8 @@ from engine import checkpoint as ckpt
 from engine import run as R
 from engine.config import TrainConfig
 from engine.distributed import DistInfo
-from engine.loop import LoopSettings, Precision
+from engine.loop import LoopSettings
+from engine.precision import Precision
 from engine.recipe import make_optimizer
 from engine.report import Reporter
 from prep.records import RecordsError
@@ -80,7 +81,7 @@ def session(out: Path, cfg: TrainConfig, hooks: dict | None = None) -> R.Session
     out.mkdir(parents=True, exist_ok=True)
     return R.Session(cfg=cfg, info=DistInfo(), devices=["cpu"], out=out, say=Reporter(True, False),
                      data=FakeData(cfg, hooks), classes=5, net=net, model=net,
-                     optimizer=make_optimizer(net, cfg), settings=LoopSettings(CPU), precision=Precision("none", CPU))
+                     optimizer=make_optimizer(net, cfg), settings=LoopSettings(CPU), precision=Precision(cfg.amp, "cpu"))
 
 
 def start(out: Path, cfg: TrainConfig, hooks: dict | None = None) -> int:
@@ -132,6 +133,22 @@ def test_sigterm_mid_epoch_then_resume_is_bitwise_the_uninterrupted_run(full, tm
     assert resume(tmp_path, config()) == 0
     assert_same_tensors(full / "last.pt", tmp_path / "last.pt")
     assert metrics(tmp_path) == metrics(full)
+
+
+def test_fp16_stop_mid_epoch_then_resume_is_bitwise_and_carries_the_loss_scale(tmp_path):
+    """fp16 with its gradient scaler (which runs on the CPU too): the scale and its growth
+    counter are saved and restored, so the resumed run scales (and would skip) exactly like
+    the uninterrupted one."""
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert start(full, config(amp="fp16")) == 0
+    assert start(part, config(amp="fp16", max_steps=BATCHES + 2)) == 0
+    assert resume(part, config(amp="fp16", max_steps=None)) == 0
+    assert_same_tensors(full / "last.pt", part / "last.pt")
+    assert metrics(part) == metrics(full)
+    a, b = ckpt.load(full / "last.pt")["precision"], ckpt.load(part / "last.pt")["precision"]
+    assert a == b and a["amp"] == "fp16"
+    assert a["scaler"]["_growth_tracker"] == 2 * BATCHES      # every step counted, none lost at the resume
+    assert [m["amp_skipped"] for m in metrics(full)] == [0, 0]
 
 
 def test_max_steps_mid_epoch_neither_validates_nor_counts_the_epoch(full, tmp_path):

@@ -25,7 +25,7 @@ def test_overfits_a_fixed_batch(sample_records):
     precision, phases = Precision("none", torch.device("cpu")), Phases(False, [])
     losses = []
     for _ in range(60):
-        loss, _ = train_step(net, opt, images, labels, precision, phases)
+        loss, _, _ = train_step(net, opt, images, labels, precision, phases)
         losses.append(loss.item())
         if losses[-1] < 0.02:
             break

@@ -398,10 +398,10 @@ def test_stop_poll_waits_for_a_shared_step_only_when_distributed():
     check_every steps, so all of them stop after the same step."""
     from types import SimpleNamespace as NS
     flag = type("Flag", (), {"__bool__": lambda self: True})()
-    single = NS(info=NS(enabled=False), settings=NS(check_every=3), devices=["cpu"])
+    single = NS(info=NS(enabled=False), settings=NS(check_every=3), devices=["cpu"], host_group=None)
     assert stop_poll(single, flag)() is True
-    ranks = NS(info=NS(enabled=True), settings=NS(check_every=3), devices=["cpu"])
-    poll = stop_poll(ranks, flag)          # no process group here: any_rank is the local flag
+    ranks = NS(info=NS(enabled=True), settings=NS(check_every=3), devices=["cpu"], host_group=None)
+    poll = stop_poll(ranks, flag)          # no process group here: the local flag
     assert [poll() for _ in range(6)] == [False, False, True, False, False, True]
 
 

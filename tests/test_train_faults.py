@@ -1,0 +1,176 @@
+"""Faults that must not kill or hang a run: fp16 steps the gradient scaler skips are counted,
+not treated as divergence; a bad record or a NaN loss on ONE rank of a distributed run stops
+every rank after the same step (saved together, exit 2; or exit 3 together), never a hang."""
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+from engine import checkpoint as ckpt
+from engine import distributed as D
+from engine import run as R
+from engine.config import TrainConfig
+from engine.loop import LoopSettings, StepHooks, StepPlan, to_device, train_steps
+from engine.precision import Precision
+from engine.recipe import make_optimizer
+from engine.report import Reporter
+from engine.schedule import PlateauSchedule
+from engine.state import TrainState
+from prep.records import RecordsError
+
+CPU = torch.device("cpu")
+
+
+# --- fp16: a skipped step is the scaler's business --------------------------------------------
+
+class _InfGrad(torch.autograd.Function):
+    """Identity forward; backward hands back inf gradients while ``armed`` (the loss stays finite)."""
+    armed = False
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf") if _InfGrad.armed else grad
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(12, 3)
+
+    def forward(self, x):
+        return _InfGrad.apply(self.fc(x.flatten(1)))
+
+
+def _fp16_run_with_two_inf_steps(device: str):
+    """Six fp16 steps of a linear model on ``device``; steps 2 and 4 get inf gradients."""
+    torch.manual_seed(0)
+    net = _Net().to(device)
+    opt = make_optimizer(net, TrainConfig(lr=0.1))
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(4, 3, 2, 2, generator=g), torch.randint(0, 3, (4,), generator=g)) for _ in range(6)]
+    precision = Precision("fp16", torch.device(device).type)
+    weights = []
+
+    def on_step(state):
+        weights.append(net.fc.weight.detach().cpu().clone())
+        _InfGrad.armed = state.step in (1, 3)
+
+    state = TrainState(schedule=PlateauSchedule(lr=0.1), seed=0, batch_size=4, world=1)
+    settings = LoopSettings(torch.device(device), check_every=4)
+    hooks = StepHooks(prepare=lambda b: to_device(b, settings), precision=precision, on_step=on_step)
+    try:
+        reason = train_steps(net, opt, iter(batches), state, StepPlan(epoch_batches=6), settings, hooks)
+    finally:
+        _InfGrad.armed = False
+    assert reason == "epoch_end" and state.step == 6 and state.sums.images == 24
+    assert state.sums.amp_skipped == 2 and state.sums.metrics(6)["amp_skipped"] == 2
+    assert torch.equal(weights[1], weights[0]) and torch.equal(weights[3], weights[2])   # untouched
+    assert not torch.equal(weights[2], weights[1])                                      # step 3 updated
+    assert precision.scale == 2.0 ** 16 / 4                                             # halved twice
+
+
+def test_fp16_steps_with_inf_gradients_are_skipped_counted_and_do_not_stop():
+    _fp16_run_with_two_inf_steps("cpu")
+
+
+@pytest.mark.gpu
+def test_fp16_steps_with_inf_gradients_on_cuda_are_skipped_counted_and_do_not_stop():
+    _fp16_run_with_two_inf_steps("cuda:0")
+
+
+# --- distributed: every rank stops after the same step ----------------------------------------
+
+BATCHES, BATCH, FAULT_AT = 6, 2, 3      # rank 1's loader fails while fetching batch 3 (0-based)
+
+
+class _Loader:
+    epoch = 0
+
+    def __init__(self, seed: int, rank: int, fault: str | None):
+        self.seed, self.rank, self.fault = seed, rank, fault
+        self.epoch_size = BATCHES * BATCH
+
+    def __len__(self):
+        return BATCHES
+
+    def iter_epoch(self, epoch, start=0):
+        g = torch.Generator().manual_seed(self.seed * 10 + self.rank)
+        for i in range(BATCHES):
+            x, y = torch.randn(BATCH, 3, 2, 2, generator=g), torch.randint(0, 5, (BATCH,), generator=g)
+            if i >= start:
+                if self.rank == 1 and i == FAULT_AT and self.fault == "record":
+                    raise RecordsError("shard-00003.tar: record k17: cannot decode")
+                if self.rank == 1 and i == FAULT_AT and self.fault == "nan":
+                    x = x * float("inf")
+                yield x, y
+
+    __iter__ = lambda self: self.iter_epoch(0)
+
+
+class _Data:
+    def __init__(self, rank, fault):
+        self.rank, self.fault = rank, fault
+
+    def train(self, epoch):
+        return _Loader(epoch, self.rank, self.fault)
+
+    def val(self, view):
+        return _Loader(99, self.rank, None)
+
+
+def _rank(rank: int, world: int, port: int, out: str, fault: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    info = D.dist_info_from_env()
+    D.init_process_group(info, ["cpu"])
+    cfg = TrainConfig(gpus="", batch_size=BATCH, epochs=1, lr=0.05, seed=3, final_eval=False, progress=False)
+    torch.manual_seed(cfg.seed)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(12, 5))
+    s = R.Session(cfg=cfg, info=info, devices=["cpu"], out=Path(out), say=Reporter(info.is_main, False),
+                  data=_Data(rank, fault), classes=5, net=net, model=D.wrap_ddp(net, info),
+                  optimizer=make_optimizer(net, cfg), settings=LoopSettings(CPU, check_every=2),
+                  precision=Precision("none", "cpu"), host_group=D.host_group(info))
+    code = R.run_session(s, R.new_state(cfg, world))
+    Path(out, f"rank{rank}.code").write_text(str(code))
+    D.shutdown(info)
+
+
+def _spawn(out: Path, fault: str, timeout: float = 90.0) -> list[int]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = mp.start_processes(_rank, args=(2, port, str(out), fault), nprocs=2, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    try:
+        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
+            if time.monotonic() > deadline:
+                pytest.fail(f"ranks still running after {timeout:.0f} s: a hang")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+    return [int((out / f"rank{r}.code").read_text()) for r in (0, 1)]
+
+
+def test_a_bad_record_on_one_rank_stops_both_after_the_same_step_and_saves(tmp_path):
+    assert _spawn(tmp_path, "record") == [2, 2]
+    saved = ckpt.load(tmp_path / "last.pt")
+    assert (saved["epoch"], saved["step"], saved["batch"]) == (0, FAULT_AT, FAULT_AT)
+    assert len(saved["rng"]) == 2                    # both ranks joined the save
+
+
+def test_a_nan_loss_on_one_rank_stops_both_with_exit_3(tmp_path):
+    assert _spawn(tmp_path, "nan") == [3, 3]
+    assert not (tmp_path / "last.pt").exists()

@@ -26,6 +26,7 @@ from common.charts import bar_chart
 from common.config import check_at_least, parse_args, to_dict
 from common.devices import parse_device, sync
 from common.errors import UserError, error_line
+from common.system import machine
 from common.timing import interleaved
 from model import AlexNet, AlexNetConfig
 
@@ -129,8 +130,8 @@ def run(cfg: BenchConfig) -> dict:
                               on_turn=lambda r, name: bar.advance(task, cfg.steps))
     rates = {name: [s.rate for s in runs] for name, runs in samples.items()}
     medians = {name: statistics.median(v) for name, v in rates.items()}
-    return {"config": to_dict(cfg), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "images_per_s": rates, "median_images_per_s": medians,
+    return {"config": to_dict(cfg), "machine": machine(cfg.devices), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "images_per_s": rates, "median_images_per_s": medians,
             "ratio_ours_over_reference": medians["ours"] / medians["reference"]}
 
 

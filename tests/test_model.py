@@ -398,6 +398,7 @@ def test_bench_runs_and_writes_json(tmp_path, amp):
     assert main(["--batch-size", "1", "--steps", "1", "--repeats", "1", "--warmup", "0",
                  "--amp", amp, "--no-progress", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
+    assert result["machine"]["cores"] >= 1 and result["machine"]["versions"]["torch"] == torch.__version__
     assert result["config"]["amp"] == amp
     assert set(result["median_images_per_s"]) == {"ours", "reference"}
     assert result["ratio_ours_over_reference"] > 0

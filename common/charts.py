@@ -1,6 +1,6 @@
 """Charts as PNG files, with matplotlib imported lazily on its non-interactive Agg backend.
 
-matplotlib is imported only when a chart is drawn (it costs ~0.5 s and is not needed to train),
+matplotlib is imported only when a chart is drawn (its import is slow and not needed to train),
 and always on Agg, so drawing works on a headless node, under SLURM or in CI, with no display.
 Sizes are fixed (inches x dpi, no tight bounding box), so a chart's pixel size is known.
 """

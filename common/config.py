@@ -11,8 +11,7 @@ and no 48-parameter functions.
     class PrepConfig:
         workers: int = field(default=2, metadata={"help": "processes"})
         def __post_init__(self):
-            if self.workers < 1:
-                raise ValueError("--workers must be >= 1")
+            check_at_least(self, ["workers"])     # "--workers must be an integer >= 1, got 0"
 
     cfg = parse_args(PrepConfig, sys.argv[1:], prog="build_records.py")
 """
@@ -20,19 +19,39 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import numbers
 import types
 import typing
 from typing import Any, Sequence, TypeVar
 
+from common.errors import UserError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config value or key is wrong; the message is one line meant for the user."""
 
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+def at_least(name: str, value: Any, minimum: int = 1) -> None:
+    """The one integer-range check: ``value`` is an integer (not a bool) >= ``minimum``, or
+    ConfigError "NAME must be an integer >= MIN, got VALUE". ``name`` is what the user typed:
+    a flag ("--batch-size") or a keyword argument ("batch_size")."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def check_at_least(cfg: Any, names: Sequence[str], minimum: int = 1) -> None:
+    """``at_least`` on each named field of a config, named as its flag; a None field (meaning
+    "the default" or "no limit") is skipped."""
+    for name in names:
+        value = getattr(cfg, name)
+        if value is not None:
+            at_least(_flag(name), value, minimum)
 
 
 def _unwrap_optional(tp: Any) -> tuple[Any, bool]:

@@ -24,11 +24,12 @@ from typing import Any
 import torch
 
 from common.atomic import write_bytes
+from common.errors import UserError
 
 FORMAT = "dali-alexnet-checkpoint/1"
 
 
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     """A checkpoint is missing, truncated, foreign or from an incompatible run; one line."""
 
 

@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from common.config import build_parser
+from common.config import build_parser, check_at_least
 from model.config import INITS, AlexNetConfig
 
 _GPU_LIST = re.compile(r"^\d+(,\d+)*$")
@@ -113,18 +113,14 @@ class TrainConfig:
         "a short CPU run on the built-in sample set that visibly learns (see README); explicit flags override it"))
 
     def __post_init__(self) -> None:
-        _check_positive(self, ("batch_size", "epochs", "plateau_patience"))
-        _check_positive_or_none(self, ("max_steps", "epoch_steps", "workers"))
+        check_at_least(self, ("batch_size", "epochs", "plateau_patience", "max_steps", "epoch_steps", "workers"))
+        check_at_least(self, ("warmup_steps", "max_lr_drops", "log_every"), minimum=0)
         # every float flag: finite and in its range (nan fails no comparison, so test it first)
         _check_range(self, "lr", 0.0, math.inf, low_open=True)
         _check_range(self, "momentum", 0.0, 1.0, high_open=True)
         _check_range(self, "weight_decay", 0.0, math.inf)
         _check_range(self, "dropout", 0.0, 1.0, high_open=True)
         _check_range(self, "plateau_threshold", 0.0, 1.0)
-        if self.warmup_steps < 0 or self.max_lr_drops < 0:
-            raise ValueError("--warmup-steps and --max-lr-drops must be >= 0")
-        if self.log_every is not None and self.log_every < 0:
-            raise ValueError(f"--log-every must be >= 0 (0 = no step lines), got {self.log_every}")
         try:
             self.model_config(num_classes=1)   # the model's own checks of its switches
         except ValueError as exc:
@@ -167,19 +163,6 @@ def _check_range(cfg: TrainConfig, name: str, low: float, high: float,
         raise ValueError(f"--{name.replace('_', '-')} must be a finite number {span}, got {value}")
 
 
-def _check_positive(cfg: TrainConfig, names: Sequence[str]) -> None:
-    for name in names:
-        if getattr(cfg, name) <= 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}")
-
-
-def _check_positive_or_none(cfg: TrainConfig, names: Sequence[str]) -> None:
-    for name in names:
-        value = getattr(cfg, name)
-        if value is not None and value <= 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {value}")
-
-
 # The model's switches, mirrored one-to-one as train.py flags (everything but num_classes,
 # which comes from the records); build_net and --eval-only take exactly these.
 MODEL_FIELDS = tuple(f for f in AlexNetConfig.__dataclass_fields__ if f != "num_classes")
@@ -194,8 +177,7 @@ DEMO: dict[str, Any] = {
     "towers": 1,           # the paper's single-GPU comparison net: ~3x fewer FLOPs than two towers
     "batch_size": 32,      # ~31 steps per epoch from ~1,000 images, instead of 7 at the paper's 128
     "lr": 0.001,           # batches of 32 at the paper's 0.01 take 4x the paper's step per image;
-                           # 0.001 with the warm-up learns the set in 3 epochs (val top-1 error
-                           # 90% -> 27% -> 0%: measured on 2 cores, README)
+                           # 0.001 with the warm-up learns the set within the 3 epochs
     "warmup_steps": 30,    # and a linear warm-up tames the first steps' huge fc updates
                            # (the paper's fc biases of 1 make |h|^2 ~ the layer width)
     "dropout": 0.0,        # dropout fights overfitting over 90 epochs; in 3 it only slows learning

@@ -16,11 +16,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from common.errors import DeviceError
+
 from .config import TrainConfig
-
-
-class DeviceError(Exception):
-    """--gpus / --gpus-per-replica ask for devices that are not there; one line."""
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from common.atomic import write_bytes
-from prep.records import RecordsError
+from common.errors import UserError, error_line
 
 from . import weights
 
@@ -42,7 +42,7 @@ FORMATS = ("state_dict", "torchscript", "export", "onnx")
 ONNX_OPSET = 17
 
 
-class ExportError(Exception):
+class ExportError(UserError):
     """An export that cannot be made here (a missing optional package); one line."""
 
 
@@ -132,8 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(sys.argv[1:] if argv is None else list(argv))
     try:
         source = export(args.source, args.out, args.format, args.records)
-    except (weights.WeightsError, RecordsError, ExportError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (UserError, OSError) as exc:
+        print(f"error: {error_line(exc)}", file=sys.stderr)
         return 2
     size = Path(args.out).stat().st_size / 2 ** 20
     print(f"export: {source} -> {args.out} ({args.format}, {size:.1f} MiB)")

@@ -30,8 +30,10 @@ from PIL import Image
 
 from common.atomic import atomic_open, write_json
 from common.charts import pyplot, save_figure
-from pipeline import Loader, LoaderError, LoaderOptions, reference
-from prep.records import RecordsError, shard_paths
+from common.config import ConfigError, check_at_least
+from common.errors import UserError, error_line
+from pipeline import Loader, LoaderOptions, reference
+from prep.records import shard_paths
 
 from . import weights
 from .report import Reporter
@@ -53,7 +55,7 @@ FRAME = 4                    # the class frame drawn inside each neighbour's cel
 BACKGROUND = 255             # white
 
 
-class FiguresError(Exception):
+class FiguresError(UserError):
     """A run folder or option problem; one line."""
 
 
@@ -352,10 +354,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     bad = [s for s in only if s not in FIGURES]
     if bad or not only:
         p.error(f"--only takes a subset of {', '.join(FIGURES)}; got {args.only!r}")
-    for name in ("queries", "neighbours", "batch_size", "train_limit"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    try:
+        check_at_least(args, ("queries", "neighbours", "batch_size", "train_limit"))
+    except ConfigError as exc:
+        p.error(str(exc))
     args.only = only
     return args
 
@@ -412,8 +414,8 @@ def main(argv: list[str] | None = None) -> int:
     say = Reporter(enabled=True, progress=sys.stdout.isatty())
     try:
         written = make_figures(args, say)
-    except (FiguresError, weights.WeightsError, RecordsError, LoaderError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (UserError, OSError) as exc:
+        print(f"error: {error_line(exc)}", file=sys.stderr)
         return 2
     say.line("figures: wrote " + (", ".join(str(p) for p in written) or "nothing"))
     return 0

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.errors import UserError, error_line
 from pipeline import reference
-from prep.records import RecordsError
 from prep.transform import ImageError, decode_record
 
 from . import weights
@@ -29,7 +29,7 @@ TOP = 5
 BATCH = 32           # images per forward (x10 views with --tencrop)
 
 
-class PredictError(Exception):
+class PredictError(UserError):
     """A missing or unreadable image, or no checkpoint to use; one line."""
 
 
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(path)
                 for rank, (prob, index) in enumerate(zip(top.values.tolist(), top.indices.tolist()), 1):
                     print(f"  {rank}. {prob:7.2%}  {describe(trained, index)}")
-    except (PredictError, weights.WeightsError, RecordsError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (UserError, OSError) as exc:
+        print(f"error: {error_line(exc)}", file=sys.stderr)
         return 2
     return 0

@@ -18,6 +18,8 @@ from typing import Iterator
 
 import torch
 
+from common.devices import sync
+
 PHASES = ("data", "h2d", "forward", "backward", "optimizer")
 
 
@@ -30,8 +32,7 @@ class Phases:
         self.images = 0
 
     def _sync(self) -> None:
-        for dev in self.cuda:
-            torch.cuda.synchronize(dev)
+        sync(self.cuda)
 
     @contextlib.contextmanager
     def __call__(self, name: str) -> Iterator[None]:

@@ -21,10 +21,11 @@ import torch
 from torch import nn
 
 from common.atomic import append_line, write_json, write_text
-from common.config import ConfigError, from_dict, to_dict
+from common.config import from_dict, to_dict
 from common.system import usable_cores
+from common.errors import UserError, error_line
 from model import AlexNet
-from pipeline import Loader, LoaderError
+from pipeline import Loader
 from prep.records import DEFAULT_RECORDS, RecordsError, read_meta
 
 from . import checkpoint as ckpt
@@ -45,7 +46,7 @@ REAL_THING = ("The real thing, on ImageNet with two GPUs:\n"
               "  python train.py --gpus 0,1 --records /data/records --out runs/alexnet")
 
 
-class RunError(Exception):
+class RunError(UserError):
     """A run folder or resume problem; one line."""
 
 
@@ -58,18 +59,11 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.eval_only:
             return eval_only(cfg, info, say)
         return train(cfg, argv, info, say)
-    except (RecordsError, LoaderError, ckpt.CheckpointError, D.DeviceError, RunError, ConfigError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:              # disk full, read-only, a file where a folder should be ...
-        print(f"error: {os_error(exc)}", file=sys.stderr)
+    except (UserError, OSError) as exc:   # OSError: disk full, read-only, a file where a folder should be ...
+        print(f"error: {error_line(exc)}", file=sys.stderr)
         return 2
     finally:
         D.shutdown(info)
-
-
-def os_error(exc: OSError) -> str:
-    return f"{exc.filename}: {exc.strerror}" if exc.filename and exc.strerror else str(exc)
 
 
 # --- setup ------------------------------------------------------------------------------

@@ -19,12 +19,13 @@ from model import AlexNet, AlexNetConfig
 from prep.records import DEFAULT_RECORDS, read_mean_image, read_meta, read_stats
 
 from . import checkpoint as ckpt
+from common.errors import UserError
 
 WEIGHTS_FORMAT = "dali-alexnet-weights/1"
 MODEL_KEYS = tuple(f.name for f in fields(AlexNetConfig) if f.name != "num_classes")
 
 
-class WeightsError(Exception):
+class WeightsError(UserError):
     """A weights file is missing, unreadable or does not fit the model; one line naming it."""
 
 

@@ -222,9 +222,9 @@ class AlexNet(nn.Module):
 
     def _fc(self, name: str, lane: int, a: torch.Tensor) -> torch.Tensor:
         # Fused lane: one GEMM per tower on the shared input, outputs concatenated in tower
-        # order. The same maths as one GEMM with the towers' weights stacked, without copying
-        # fc6/fc7's 218 MB of fp32 weights (and splitting their gradients) on every step
-        # (measured on the 2-core CPU: fc6+fc7 fwd+bwd at batch 128, 548 vs 688 ms).
+        # order. The same maths as one GEMM with the towers' weights stacked; do not stack
+        # them: that copies fc6/fc7's 218 MB of fp32 weights (and splits their gradients
+        # back) on every step, which costs more than the second GEMM saves.
         outs = [F.linear(a, m.weight, m.bias) for m in self._layers(lane, name)]
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
         # Dropout on each tower's own outputs, before they are sent: both towers' next

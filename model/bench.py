@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import statistics
 import sys
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -24,9 +23,12 @@ import torch.nn.functional as F
 
 from common.atomic import write_json
 from common.charts import bar_chart
-from common.config import parse_args, to_dict
+from common.config import check_at_least, parse_args, to_dict
+from common.devices import parse_device, sync
+from common.errors import UserError, error_line
+from common.system import machine
+from common.timing import interleaved
 from model import AlexNet, AlexNetConfig
-from model.placement import check_device
 
 
 @dataclass(frozen=True)
@@ -45,11 +47,8 @@ class BenchConfig:
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "steps", "repeats"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
-        if self.warmup < 0:
-            raise ValueError("--warmup must be >= 0")
+        check_at_least(self, ("batch_size", "steps", "repeats"))
+        check_at_least(self, ("warmup",), minimum=0)
         if not 1 <= len(self.devices) <= 2:
             raise ValueError(f"--device takes one or two devices, got {self.device!r}")
 
@@ -94,24 +93,17 @@ def make_step(net: nn.Module, x: torch.Tensor, y: torch.Tensor, amp: str):
     return step
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_steps(step, steps: int, devices: list[torch.device]) -> float:
-    for d in devices:
-        sync(d)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    for d in devices:
-        sync(d)
-    return time.perf_counter() - start
+def images(step, steps: int, batch_size: int):
+    """``steps`` calls of ``step`` as one timed turn; returns the images they processed."""
+    def run() -> int:
+        for _ in range(steps):
+            step()
+        return steps * batch_size
+    return run
 
 
 def build(cfg: BenchConfig):
-    devices = [check_device(d) for d in cfg.devices]
+    devices = [parse_device(d) for d in cfg.devices]
     torch.backends.cudnn.benchmark = True   # fixed input size: let cuDNN pick, for both nets
     torch.manual_seed(0)
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
@@ -126,22 +118,20 @@ def build(cfg: BenchConfig):
 def run(cfg: BenchConfig) -> dict:
     from rich.progress import Progress
     devices, steps = build(cfg)
-    rates: dict[str, list[float]] = {name: [] for name in steps}
     total = len(steps) * (cfg.warmup + cfg.repeats * cfg.steps)
     with Progress(disable=not cfg.progress, transient=True) as bar:
         task = bar.add_task("forward+backward", total=total)
-        for name, step in steps.items():
-            time_steps(step, cfg.warmup, devices)
+        for name, step in steps.items():       # untimed: cuDNN's algorithm search, allocator
+            images(step, cfg.warmup, cfg.batch_size)()
+            sync(devices)
             bar.advance(task, cfg.warmup)
-        for r in range(cfg.repeats):
-            order = list(steps) if r % 2 == 0 else list(steps)[::-1]   # interleave, alternate order
-            for name in order:
-                seconds = time_steps(steps[name], cfg.steps, devices)
-                rates[name].append(cfg.batch_size * cfg.steps / seconds)
-                bar.advance(task, cfg.steps)
+        samples = interleaved({name: images(step, cfg.steps, cfg.batch_size) for name, step in steps.items()},
+                              cfg.repeats, devices=devices, alternate=True,
+                              on_turn=lambda r, name: bar.advance(task, cfg.steps))
+    rates = {name: [s.rate for s in runs] for name, runs in samples.items()}
     medians = {name: statistics.median(v) for name, v in rates.items()}
-    return {"config": to_dict(cfg), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "images_per_s": rates, "median_images_per_s": medians,
+    return {"config": to_dict(cfg), "machine": machine(cfg.devices), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "images_per_s": rates, "median_images_per_s": medians,
             "ratio_ours_over_reference": medians["ours"] / medians["reference"]}
 
 
@@ -165,8 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(BenchConfig, argv, prog="python -m model.bench", description=__doc__.split("\n")[0])
     try:
         result = run(cfg)
-    except ValueError as exc:   # e.g. a device that does not exist
-        print(f"error: {exc}", file=sys.stderr)
+    except (UserError, OSError) as exc:   # e.g. a device that does not exist
+        print(f"error: {error_line(exc)}", file=sys.stderr)
         return 2
     print_table(result)
     if cfg.json:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from common.config import at_least
+
 INITS = ("paper", "kaiming")
 
 
@@ -36,8 +38,7 @@ class AlexNetConfig:
         _check_type("dropout", self.dropout, (int, float))
         _check_type("towers", self.towers, int)
         _check_type("init", self.init, str)
-        if self.num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
+        at_least("num_classes", self.num_classes)
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.towers not in (1, 2):

@@ -21,6 +21,8 @@ from typing import Sequence
 
 import torch
 
+from common.devices import parse_device
+
 DeviceLike = str | torch.device
 
 
@@ -33,7 +35,7 @@ class Placement:
     def parse(devices: Sequence[DeviceLike] | DeviceLike, towers: int) -> "Placement":
         if isinstance(devices, (str, torch.device)):
             devices = [devices]
-        checked = tuple(check_device(d) for d in devices)
+        checked = tuple(parse_device(d) for d in devices)
         if len(checked) == 1:
             return Placement(checked * towers, fused=True)
         if len(checked) != towers:
@@ -61,23 +63,3 @@ class Placement:
 def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     # non_blocking: a GPU-to-GPU copy is queued on the streams, the host does not wait.
     return t if t.device == device else t.to(device, non_blocking=True)
-
-
-def check_device(device: DeviceLike) -> torch.device:
-    """A torch.device with an explicit index for CUDA; clear error if it does not exist here."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"not a device: {device!r} ({exc})") from None
-    if dev.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        index = torch.cuda.current_device() if dev.index is None and count else dev.index or 0
-        if index >= count:
-            raise ValueError(f"device {device!r} does not exist: this machine has {count} CUDA device(s)")
-        return torch.device("cuda", index)
-    if dev.type != "cpu":
-        try:
-            torch.empty(0, device=dev)
-        except (RuntimeError, AssertionError) as exc:
-            raise ValueError(f"device {device!r} is not available here ({exc})") from None
-    return dev

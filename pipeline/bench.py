@@ -27,14 +27,11 @@ device, over the last batch ("finish img/s" in the JSON and below the table).
 """
 from __future__ import annotations
 
-import datetime
 import os
-import platform
 import statistics
 import sys
 import time
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -44,12 +41,13 @@ from rich.table import Table
 
 from common.atomic import write_json
 from common.charts import bar_chart
-from common.config import parse_args
+from common.config import check_at_least, parse_args
 from common.console import make_console
-from common.system import usable_cores
+from common.errors import UserError, error_line
+from common.system import machine, usable_cores
+from common.timing import interleaved, timed
 from pipeline.finish import U8Batch, finish
-from pipeline.loader import LoaderError
-from prep.records import DEFAULT_RECORDS, RecordsError, read_stats, shard_paths
+from prep.records import DEFAULT_RECORDS, read_stats, shard_paths
 
 ALL_LOADERS = ("dali", "dali-u8", "ffcv", "torch", "decode", "decode-ffcv")
 NEEDS_BETON = ("ffcv", "decode-ffcv")
@@ -64,7 +62,7 @@ WHAT = {   # one line per loader for the table: what it computes
 }
 
 
-class BenchError(ValueError):
+class BenchError(UserError, ValueError):
     """A bench argument cannot be honoured; one line for the user."""
 
 
@@ -87,13 +85,8 @@ class BenchConfig:
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
     def __post_init__(self):
-        for name in ("batch_size", "batches", "repeats"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
-        if self.warmup < 0:
-            raise ValueError("--warmup must be >= 0")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError("--threads must be >= 1")
+        check_at_least(self, ("batch_size", "batches", "repeats", "threads"))
+        check_at_least(self, ("warmup",), minimum=0)
         if self.device != "cpu" and not self.device.startswith("cuda"):
             raise ValueError(f"--device must be cpu or cuda:N, got {self.device!r}")
         if self.loaders != "auto":
@@ -105,10 +98,6 @@ class BenchConfig:
 
     def loader_names(self) -> list[str]:
         return [n.strip() for n in self.loaders.split(",") if n.strip()]
-
-
-def cores() -> int:
-    return usable_cores()
 
 
 # ----------------------------------------------------------------------------- loaders
@@ -189,11 +178,6 @@ def build_streams(cfg: BenchConfig, records: Path, names: list[str], threads: in
 
 # ----------------------------------------------------------------------------- measuring
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _cpu_ticks() -> int:
     """CPU time (clock ticks) used so far by this process (all threads) and its children
     (the DataLoader's workers), from /proc; 0 where there is no /proc."""
@@ -225,52 +209,43 @@ def settle(quiet: float = 0.1, window: float = 0.2, limit: float = 20.0) -> None
         before = now
 
 
-def time_batches(stream: Stream, batches: int, warmup: int) -> float:
-    """Images per second over ``batches`` batches after ``warmup`` untimed ones, started
-    once the other loaders are quiet."""
-    settle()
-    for _ in range(warmup):
-        stream.next()
-    _sync(stream.device)
-    images = 0
-    start = time.perf_counter()
-    for _ in range(batches):
-        images += stream.next()[0].shape[0]
-    _sync(stream.device)
-    return images / (time.perf_counter() - start)
-
-
 def measure(streams: dict[str, Stream], cfg: BenchConfig, progress: bool = True) -> dict[str, list[float]]:
-    """K interleaved repeats: every loader once per round, so drift hits all of them alike."""
-    runs: dict[str, list[float]] = {n: [] for n in streams}
+    """Images/s of each loader per repeat (common.timing: interleaved rounds, one clock). Before
+    each loader's turn: wait until the others are quiet, then ``cfg.warmup`` untimed batches;
+    the turn is ``cfg.batches`` batches."""
+    def batches(stream: Stream):
+        return lambda: sum(stream.next()[0].shape[0] for _ in range(cfg.batches))
+
+    def prepare(name: str) -> None:
+        settle()
+        for _ in range(cfg.warmup):
+            streams[name].next()
+
     with Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task("loader bench", total=cfg.repeats * len(streams))
-        for r in range(cfg.repeats):
-            for name, stream in streams.items():
-                bar.update(task, description=f"repeat {r + 1}/{cfg.repeats}: {name}")
-                runs[name].append(time_batches(stream, cfg.batches, cfg.warmup))
-                bar.advance(task)
-    return runs
+        turns = iter(range(cfg.repeats * len(streams)))
+
+        def on_turn(r: int, name: str) -> None:
+            bar.update(task, completed=next(turns), description=f"repeat {r + 1}/{cfg.repeats}: {name}")
+
+        samples = interleaved({n: batches(s) for n, s in streams.items()}, cfg.repeats,
+                              devices=[torch.device(cfg.device)], prepare=prepare, on_turn=on_turn)
+    return {name: [s.rate for s in runs] for name, runs in samples.items()}
 
 
 def time_finish(stream: Stream, repeats: int = 5) -> float:
     """Images per second of ``pipeline.finish`` (float32, channels_last) on the stream's device,
     over its last uint8 batch: the median of ``repeats`` calls after one untimed call."""
-    rates = []
-    for i in range(repeats + 1):
-        _sync(stream.device)
-        start = time.perf_counter()
-        out = finish(stream.u8, stream.device)
-        _sync(stream.device)
-        if i:
-            rates.append(out.shape[0] / (time.perf_counter() - start))
-    return statistics.median(rates)
+    def once() -> int:
+        return finish(stream.u8, stream.device).shape[0]
+    once()
+    return statistics.median(timed(once, [stream.device]).rate for _ in range(repeats))
 
 
 def summarise(runs: dict[str, list[float]], streams: dict[str, Stream], cfg: BenchConfig,
               threads: int) -> dict[str, dict]:
     """Per loader: median/min/max images/s, per-core rate, ratios to the floors and torch."""
-    used = min(threads, cores())
+    used = min(threads, usable_cores())
     out = {}
     for name, rates in runs.items():
         images, labels = streams[name].last
@@ -291,29 +266,9 @@ def summarise(runs: dict[str, list[float]], streams: dict[str, Stream], cfg: Ben
     return out
 
 
-def _version(dist: str) -> str | None:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
-
-
 def machine_info(device: str) -> dict:
     """CPU model, cores, GPU, library versions and the date (UTC) of this run."""
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else None
-    dists = ("torch", "nvidia-dali-cuda120", "ffcv", "numba", "numpy", "pillow", "opencv-python")
-    return {"cpu": model, "cores": cores(), "gpu": gpu, "device": device,
-            "python": platform.python_version(),
-            "versions": {d: _version(d) for d in dists},
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    return {**machine([device]), "device": device}
 
 
 # ----------------------------------------------------------------------------- report
@@ -323,7 +278,7 @@ def _ratio(entry: dict, key: str) -> str:
 
 
 def render(result: dict, console: Console) -> None:
-    """The rich summary table, then the issue's targets for the DALI train view."""
+    """The rich summary table, then the CPU targets for the DALI train views."""
     m = result["machine"]
     any_entry = next(iter(result["loaders"].values()))
     table = Table(title=f"Loader bench: {m['cpu']}, {m['cores']} cores, device {m['device']}, "
@@ -381,7 +336,7 @@ def bench(cfg: BenchConfig, console: Console) -> tuple[dict, dict[str, Stream]]:
     shard_paths(records, "train")                # fail early, naming the missing file
     read_stats(records)
     names = choose_loaders(cfg, records / "train.beton", console)
-    threads = cfg.threads or cores()
+    threads = cfg.threads or usable_cores()
     streams = build_streams(cfg, records, names, threads)
     runs = measure(streams, cfg, progress=cfg.progress)
     result = {"machine": machine_info(cfg.device), "loaders": summarise(runs, streams, cfg, threads)}
@@ -407,8 +362,8 @@ def main(argv: list[str] | None = None) -> int:
                      description=__doc__.split("\n\n")[0])
     try:
         run(cfg)
-    except (RecordsError, LoaderError, BenchError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (UserError, OSError) as err:
+        print(f"error: {error_line(err)}", file=sys.stderr)
         return 2
     return 0
 

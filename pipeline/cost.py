@@ -2,9 +2,10 @@
 
     python -m pipeline.cost --records data/records --batch-size 64 --threads 2 --repeats 7
 
-CPU-seconds per image (all threads of this process: time.process_time) are measured next
-to wall-clock images/s ("train-u8": the uint8 train view, without the device-side finish), because on a shared machine the wall clock mostly measures the
-neighbours, while the CPU time a view burns per image does not depend on them. The floor is
+CPU-seconds per image (all threads of this process: common.timing's CPU clock) are measured
+next to wall-clock images/s ("train-u8": the uint8 train view, without the device-side
+finish), because on a shared machine the wall clock mostly measures the neighbours, while
+the CPU time a view burns per image does not depend on them. The floor is
 bench's "decode" loader (the same reader, JPEG decode to uint8 HWC, nothing else). Loaders
 are built and warmed up first, then measured in interleaved repeats; numbers are medians.
 The side-by-side loader bench (FFCV, DataLoader) is pipeline/bench.py.
@@ -13,15 +14,16 @@ from __future__ import annotations
 
 import statistics
 import sys
-import time
 from dataclasses import dataclass, field
 
 from rich.table import Table
 
 from common.atomic import write_json
-from common.config import parse_args
+from common.config import check_at_least, parse_args
 from common.console import make_console
-from prep.records import DEFAULT_RECORDS, RecordsError, shard_paths
+from common.errors import UserError, error_line
+from common.timing import interleaved
+from prep.records import DEFAULT_RECORDS, shard_paths
 
 VIEWS = {"decode": None, "train": ("train", "train"), "train-u8": ("train", "train"),
          "center": ("val", "center"), "tencrop": ("val", "tencrop")}
@@ -37,8 +39,7 @@ class CostConfig:
     json: str | None = field(default=None, metadata={"help": "also write the results here"})
 
     def __post_init__(self):
-        if min(self.batch_size, self.threads, self.batches, self.repeats) < 1:
-            raise ValueError("--batch-size, --threads, --batches and --repeats must be >= 1")
+        check_at_least(self, ("batch_size", "threads", "batches", "repeats"))
 
 
 def endless(loader):
@@ -60,19 +61,17 @@ def make(name: str, cfg: CostConfig):
 
 
 def measure(streams: dict, cfg: CostConfig) -> dict[str, dict[str, float]]:
-    """Interleaved repeats; per view the medians of ms CPU per image and images/s."""
-    cpu_ms, per_s = {n: [] for n in streams}, {n: [] for n in streams}
-    for _ in range(cfg.repeats):
-        for name, stream in streams.items():
-            for _ in range(2):                   # batches prefetched while it waited
-                next(stream)
-            wall, cpu, images = time.perf_counter(), time.process_time(), 0
-            for _ in range(cfg.batches):
-                images += next(stream)
-            cpu_ms[name].append(1e3 * (time.process_time() - cpu) / images)
-            per_s[name].append(images / (time.perf_counter() - wall))
-    return {n: {"cpu_ms_per_image": statistics.median(cpu_ms[n]),
-                "images_per_s": statistics.median(per_s[n])} for n in streams}
+    """Interleaved repeats (common.timing); per view the medians of ms CPU per image and images/s."""
+    def prepare(name: str) -> None:
+        for _ in range(2):                       # batches prefetched while it waited
+            next(streams[name])
+
+    def batches(stream):
+        return lambda: sum(next(stream) for _ in range(cfg.batches))
+
+    samples = interleaved({n: batches(s) for n, s in streams.items()}, cfg.repeats, prepare=prepare)
+    return {n: {"cpu_ms_per_image": statistics.median(s.cpu_ms_per_item for s in runs),
+                "images_per_s": statistics.median(s.rate for s in runs)} for n, runs in samples.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,8 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     console = make_console()
     try:
         streams = {name: endless(make(name, cfg)) for name in VIEWS}
-    except (RecordsError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (UserError, OSError) as err:
+        print(f"error: {error_line(err)}", file=sys.stderr)
         return 2
     for stream in streams.values():
         next(stream)                             # start-up is not measured

@@ -76,7 +76,7 @@ def _subtract(pixels: torch.Tensor, subtract: torch.Tensor, out: torch.Tensor) -
 
     On a GPU one kernel reads the uint8 and writes the result (5 bytes per value in float32).
     On the CPU torch's mixed-dtype broadcast kernel is not vectorised: widening first and
-    subtracting in place is about 2x faster there, so the CPU takes two passes."""
+    subtracting in place runs vectorised kernels only, so the CPU takes two passes."""
     if out.device.type == "cuda":
         torch.sub(pixels, subtract, out=out)
     else:

@@ -28,6 +28,9 @@ import numpy as np
 import torch
 
 from common.system import usable_cores
+from common.config import ConfigError, at_least
+from common.devices import parse_device
+from common.errors import DeviceError, UserError
 from pipeline import graphs, reader, reference as ref
 from pipeline.finish import U8Batch, fixed_windows
 from prep.records import RecordsError, read_mean_image, read_meta, read_stats, shard_paths
@@ -36,7 +39,7 @@ SPLITS = ("train", "val")
 MEANS = ("channel", "pixel")
 
 
-class LoaderError(ValueError):
+class LoaderError(UserError, ValueError):
     """A Loader argument is wrong; the message is one line naming it."""
 
 
@@ -90,9 +93,11 @@ class Loader:
                  options: LoaderOptions = LoaderOptions(), epoch: int = 0):
         _check_args(split, view, mean, dtype, batch_size, num_threads)
         rank, world = _check_shard(shard)
-        for name, value in (("epoch", epoch), ("seed", seed)):
-            if not (isinstance(value, (int, np.integer)) and value >= 0):
-                raise LoaderError(f"{name} must be an integer >= 0, got {value!r}")
+        try:
+            at_least("epoch", epoch, 0)
+            at_least("seed", seed, 0)
+        except ConfigError as exc:
+            raise LoaderError(str(exc)) from None
         self.device = _parse_device(device)
         self.drop_last = (view == "train") if drop_last is None else bool(drop_last)
         self.options = options
@@ -278,9 +283,12 @@ def _check_args(split, view, mean, dtype, batch_size, num_threads) -> None:
     _check_choice("mean", mean, MEANS)
     if dtype not in graphs.DTYPES:
         raise LoaderError(f"dtype must be torch.float32, torch.float16 or torch.uint8, got {dtype}")
-    for name, value in (("batch_size", batch_size), ("num_threads", num_threads)):
-        if value is not None and not (isinstance(value, int) and value >= 1):
-            raise LoaderError(f"{name} must be a positive integer, got {value!r}")
+    try:
+        at_least("batch_size", batch_size)
+        if num_threads is not None:
+            at_least("num_threads", num_threads)
+    except ConfigError as exc:
+        raise LoaderError(str(exc)) from None
 
 
 def _u8_mean_image(spec: graphs.GraphSpec, device: torch.device) -> torch.Tensor | None:
@@ -316,20 +324,14 @@ def _check_shard(shard) -> tuple[int, int]:
 
 
 def _parse_device(device) -> torch.device:
+    """common.devices.parse_device, as a LoaderError; DALI hands batches to the CPU or CUDA only."""
     try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise LoaderError(f"device={device!r} is not a device; use 'cpu' or 'cuda:N'") from None
-    if dev.type == "cpu":
-        return dev
-    if dev.type != "cuda":
-        raise LoaderError(f"device={device!r}: only 'cpu' and 'cuda:N' are supported")
-    if not torch.cuda.is_available():
-        raise LoaderError(f"device={device!r} but no CUDA GPU is visible; use device='cpu'")
-    index = dev.index or 0
-    if index >= torch.cuda.device_count():
-        raise LoaderError(f"device={device!r} but only {torch.cuda.device_count()} GPU(s) are visible")
-    return torch.device("cuda", index)
+        dev = parse_device(device)
+    except DeviceError as exc:
+        raise LoaderError(str(exc)) from None
+    if dev.type not in ("cpu", "cuda"):
+        raise LoaderError(f"device {device!r}: only 'cpu' and 'cuda:N' are supported")
+    return dev
 
 
 def _split_count(records: Path, meta: dict, split: str) -> int:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from common.config import parse_args
+from common.config import check_at_least, parse_args
 from pipeline import reader
 from prep.records import RecordsError, shard_paths
 
@@ -35,8 +35,8 @@ class MixingConfig:
     def __post_init__(self):
         if (self.records is None) == (self.total is None):
             raise ValueError("give exactly one of --records and --total")
-        if min(self.batch_size, self.world, self.epochs - 1, self.total or 1) < 1:
-            raise ValueError("--batch-size, --world, --total must be >= 1 and --epochs >= 2")
+        check_at_least(self, ("batch_size", "world", "total"))
+        check_at_least(self, ("epochs",), minimum=2)
 
 
 def rank_batches(plan: reader.Plan, epoch: int) -> np.ndarray:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common.errors import UserError
 from prep.shards import INDEX_VERSION, TAR_BLOCK
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -26,7 +27,7 @@ FORMAT = "dali-alexnet-records/1"
 SPLITS = ("train", "val")
 
 
-class RecordsError(Exception):
+class RecordsError(UserError):
     """The records folder is missing or malformed; the message is one line naming the file."""
 
 

@@ -1,4 +1,5 @@
-"""The shared foundation: atomic writes and the typed config (unknown keys rejected)."""
+"""The shared foundation: atomic writes, the typed config (unknown keys rejected), the one
+user-error base, the one integer check, device parsing and the one timing harness."""
 from __future__ import annotations
 
 import os
@@ -8,7 +9,10 @@ from dataclasses import dataclass, field
 import pytest
 
 from common.atomic import append_line, atomic_open, write_json
-from common.config import ConfigError, from_dict, parse_args, to_dict
+from common.config import ConfigError, at_least, check_at_least, from_dict, parse_args, to_dict
+from common.errors import DeviceError, UserError, error_line
+from common.system import versions
+from common.timing import Sample, interleaved, timed
 
 
 def test_atomic_write_replaces_whole_file_with_normal_permissions(tmp_path):
@@ -47,8 +51,7 @@ class _Cfg:
     fast: bool = field(default=False, metadata={"help": "go fast"})
 
     def __post_init__(self):
-        if self.workers < 1:
-            raise ValueError("--workers must be >= 1")
+        check_at_least(self, ["workers"])
 
 
 def test_config_round_trip_and_unknown_keys():
@@ -59,7 +62,7 @@ def test_config_round_trip_and_unknown_keys():
         from_dict(_Cfg, {"wrokers": 3})
 
 
-@pytest.mark.parametrize("argv,says", [(["--workers", "0"], "--workers must be >= 1"),
+@pytest.mark.parametrize("argv,says", [(["--workers", "0"], "--workers must be an integer >= 1, got 0"),
                                        (["--workers", "two"], "--workers"),
                                        (["--nope"], "unrecognized arguments: --nope")])
 def test_config_bad_values_exit_2_with_one_line(capsys, argv, says):
@@ -68,3 +71,124 @@ def test_config_bad_values_exit_2_with_one_line(capsys, argv, says):
     assert err.value.code == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert "error:" in last and says in last
+
+
+# ---------------------------------------------------------------- one home each
+
+@pytest.mark.parametrize("value,ok", [(1, True), (7, True), (0, False), (-3, False), (True, False),
+                                      (2.0, False), ("2", False), (None, False)])
+def test_at_least_takes_integers_only(value, ok):
+    if ok:
+        at_least("--batch-size", value)
+        return
+    with pytest.raises(ConfigError) as err:
+        at_least("--batch-size", value)
+    assert str(err.value) == f"--batch-size must be an integer >= 1, got {value!r}"
+
+
+def test_check_at_least_names_the_flag_and_skips_none():
+    @dataclass(frozen=True)
+    class C:
+        warmup_steps: int = 0
+        max_steps: int | None = None
+    check_at_least(C(), ["warmup_steps", "max_steps"], minimum=0)
+    with pytest.raises(ConfigError, match=r"^--warmup-steps must be an integer >= 0, got -1$"):
+        check_at_least(C(warmup_steps=-1), ["warmup_steps"], minimum=0)
+
+
+def test_every_one_line_error_is_a_user_error():
+    """Entry points catch UserError: every class whose message is a user's one line must be one."""
+    from engine.checkpoint import CheckpointError
+    from engine.distributed import DeviceError as EngineDeviceError
+    from engine.export import ExportError
+    from engine.figures import FiguresError
+    from engine.predict import PredictError
+    from engine.run import RunError
+    from engine.weights import WeightsError
+    from pipeline.bench import BenchError
+    from pipeline.loader import LoaderError
+    from prep.records import RecordsError
+    for cls in (CheckpointError, EngineDeviceError, ExportError, FiguresError, PredictError, RunError,
+                WeightsError, BenchError, LoaderError, RecordsError, ConfigError, DeviceError):
+        assert issubclass(cls, UserError), cls
+    assert EngineDeviceError is DeviceError
+    # the ValueError ones stay ValueErrors (dataclass validation raises ValueError)
+    assert issubclass(ConfigError, ValueError) and issubclass(LoaderError, ValueError)
+
+
+def test_error_line_names_the_file_of_an_os_error(tmp_path):
+    try:
+        open(tmp_path / "nope.json")
+    except OSError as exc:
+        assert error_line(exc) == f"{tmp_path / 'nope.json'}: No such file or directory"
+    assert error_line(UserError("x.json: bad")) == "x.json: bad"
+
+
+def test_parse_device():
+    import torch
+    from common.devices import parse_device, sync
+    assert parse_device("cpu") == torch.device("cpu")
+    with pytest.raises(DeviceError, match="is not a device"):
+        parse_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceError, match="no CUDA GPU is visible"):
+            parse_device("cuda:0")
+    else:
+        count = torch.cuda.device_count()
+        assert parse_device("cuda:0") == torch.device("cuda", 0)
+        with pytest.raises(DeviceError, match=f"{count} GPU"):
+            parse_device(f"cuda:{count}")
+    sync(["cpu", torch.device("cpu")])          # the CPU: nothing to wait for
+
+
+def test_versions():
+    v = versions(("pytest", "no-such-distribution-here", "nvidia-dali*"))
+    assert v["pytest"] == pytest.__version__ and v["no-such-distribution-here"] is None
+    assert v["python"].count(".") == 2
+    assert any(name.startswith("nvidia-dali") and v[name] for name in v)   # the installed build
+
+
+def test_sample_arithmetic():
+    s = Sample(items=128, wall=0.5, cpu=0.064)
+    assert s.rate == 256.0 and s.cpu_ms_per_item == 0.5
+
+
+def test_interleaved_order_prepare_and_counts():
+    calls = []
+
+    def run(name, items):
+        def go():
+            calls.append(name)
+            return items
+        return go
+
+    samples = interleaved({"a": run("a", 3), "b": run("b", 5), "c": run("c", 7)}, repeats=3,
+                          prepare=lambda name: calls.append("prep " + name), alternate=True)
+    assert calls == ["prep a", "a", "prep b", "b", "prep c", "c",
+                     "prep c", "c", "prep b", "b", "prep a", "a",
+                     "prep a", "a", "prep b", "b", "prep c", "c"]
+    assert [s.items for s in samples["b"]] == [5, 5, 5] and list(samples) == ["a", "b", "c"]
+    assert all(s.wall > 0 for runs in samples.values() for s in runs)
+
+
+def test_timed_clocks():
+    """Wall: a sleep is wall time but (almost) no CPU; CPU: a busy loop is CPU time, and so is
+    the work of a child process reaped inside the span."""
+    import subprocess
+    import sys
+    import time
+    slept = timed(lambda: (time.sleep(0.2), 1)[1])
+    assert 0.19 < slept.wall < 2 and slept.cpu < 0.05
+
+    def busy():
+        end = time.process_time() + 0.2
+        while time.process_time() < end:
+            pass
+        return 1
+    assert timed(busy).cpu >= 0.19
+
+    def child():
+        subprocess.run([sys.executable, "-c", "import time\nend = time.process_time() + 0.3\n"
+                        "while time.process_time() < end: pass"], check=True)
+        return 1
+    assert timed(child).cpu >= 0.29

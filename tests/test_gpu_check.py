@@ -14,6 +14,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import gpu_check  # noqa: E402
 
 
+@pytest.mark.slow
 def test_dry_run_runs_every_cpu_step_and_writes_the_report(tmp_path):
     done = subprocess.run([sys.executable, "scripts/gpu_check.py", str(tmp_path / "report"), "--dry-run",
                            "--no-install", "--budget", "300"], cwd=ROOT, capture_output=True, text=True,

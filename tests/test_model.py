@@ -254,22 +254,33 @@ def test_kaiming_init():
 
 # ---- towers ------------------------------------------------------------------------------
 
+def _poke_tower0(at: str):
+    """An edit for ``trace``: add positive noise to tower 0's output of stage ``at``."""
+    def perturb(name, parts):
+        if name == at:
+            parts = [parts[0] + 5.0 * torch.rand_like(parts[0]), *parts[1:]]
+        return parts
+    return perturb
+
+
 @pytest.mark.parametrize("devices", [["cpu"], ["cpu", "cpu"]])
 def test_tower_isolation(devices, net10):
+    """The paper's connectivity: conv2, conv4 and conv5 read only their own tower; conv3, fc6
+    and fc7 read both. Noise in tower 0 must reach tower 1 exactly where the paper says."""
     net = net10.place(devices).eval()
     x = images(1)
-
-    def perturb(name, parts):
-        if name == "conv1":
-            parts = [parts[0] + 5.0 * torch.rand_like(parts[0]), parts[1]]
-        return parts
-
     with torch.no_grad():
-        base, poked = net.trace(x), net.trace(x, edit=perturb)
-    assert not torch.equal(base["conv2"][0], poked["conv2"][0])   # tower 0 sees it
-    assert torch.equal(base["conv2"][1], poked["conv2"][1])       # tower 1: untouched through LRN, pool, conv2
-    assert torch.equal(base["pool2"][1], poked["pool2"][1])
-    assert not torch.equal(base["conv3"][1], poked["conv3"][1])   # conv3 reads both towers
+        base = net.trace(x)
+        early, late = net.trace(x, edit=_poke_tower0("conv1")), net.trace(x, edit=_poke_tower0("conv3"))
+    assert not torch.equal(base["conv2"][0], early["conv2"][0])   # tower 0 sees it
+    assert torch.equal(base["conv2"][1], early["conv2"][1])       # tower 1: untouched through LRN, pool, conv2
+    assert torch.equal(base["pool2"][1], early["pool2"][1])
+    assert not torch.equal(base["conv3"][1], early["conv3"][1])   # conv3 reads both towers
+    # after conv3 the towers part again: conv4, conv5 and pool5 of tower 1 never see tower 0
+    for name in ("conv4", "conv5", "pool5"):
+        assert not torch.equal(base[name][0], late[name][0]), name
+        assert torch.equal(base[name][1], late[name][1]), name
+    assert not torch.equal(base["fc6"][1], late["fc6"][1])         # fc6 reads both towers
 
 
 def test_two_devices_equal_one(dropout=0.0):
@@ -387,6 +398,7 @@ def test_bench_runs_and_writes_json(tmp_path, amp):
     assert main(["--batch-size", "1", "--steps", "1", "--repeats", "1", "--warmup", "0",
                  "--amp", amp, "--no-progress", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
+    assert result["machine"]["cores"] >= 1 and result["machine"]["versions"]["torch"] == torch.__version__
     assert result["config"]["amp"] == amp
     assert set(result["median_images_per_s"]) == {"ours", "reference"}
     assert result["ratio_ours_over_reference"] > 0

@@ -5,6 +5,7 @@ Records come from the session's ``sample_records`` (48 train, 20 val images, sha
 """
 from __future__ import annotations
 
+import json
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -150,13 +151,39 @@ def test_train_crops_are_windows_and_uniform(records, samples):
         assert chi2 < 80, f"offsets not uniform over 0..32: chi2={chi2:.0f} (dof 32)"
 
 
-def test_lighting_is_one_pca_shift_per_image(records, samples, stats):
-    """Output - window = one RGB shift per image, eigvec @ (alpha * eigval/255), alpha ~ N(0, 0.1).
+# Colour statistics chosen by hand: eigenvectors p_i = the columns of a rotation about R
+# (cos 0.6, sin 0.8: exact in binary), and eigenvalues of the 0–1 pixel covariance
+# lambda = 0.08, 0.02, 0.004 (0.08: the paper's scale for photos). stats.json stores the
+# covariance of 0–255 pixels, 255² times larger: 5202, 1300.5, 260.1 levels².
+LIGHT_EIGVEC = np.array([[1.0, 0.0, 0.0], [0.0, 0.6, -0.8], [0.0, 0.8, 0.6]])
+LIGHT_EIGVAL_255SQ = [5202.0, 1300.5, 260.1]
+# The paper adds sum_i alpha_i lambda_i p_i to each 0–1 pixel; in 0–255 levels that is 255 x
+# larger: coordinate i = alpha_i * lambda_i * 255 = alpha_i * (20.4, 5.1, 1.02) levels.
+LIGHT_LEVELS_PER_ALPHA = np.array([20.4, 5.1, 1.02])
 
-    eigval is stats.json's (0–255²); /255 is the paper's formula on 0–1 pixels in 0–255 units."""
-    lam = np.asarray(stats.eigval) / 255.0
+
+@pytest.fixture(scope="module")
+def hand_stats_records(records, tmp_path_factory) -> Path:
+    """The sample records (linked, not copied) with the hand-made colour statistics above."""
+    out = tmp_path_factory.mktemp("hand_stats")
+    for item in records.iterdir():
+        if item.name != "stats.json":
+            (out / item.name).symlink_to(item)
+    cov = LIGHT_EIGVEC @ np.diag(LIGHT_EIGVAL_255SQ) @ LIGHT_EIGVEC.T
+    (out / "stats.json").write_text(json.dumps({
+        "pixels": 65536, "mean": [120.0, 110.0, 100.0], "std": np.sqrt(np.diag(cov)).tolist(),
+        "cov": cov.tolist(), "eigval": LIGHT_EIGVAL_255SQ, "eigvec": LIGHT_EIGVEC.tolist()}))
+    return out
+
+
+def test_lighting_is_one_pca_shift_per_image(hand_stats_records, samples):
+    """Output - window = one RGB shift per image along the eigenvectors, with coordinates
+    alpha * (20.4, 5.1, 1.02) levels (hand-computed from the 0–1 eigenvalues above), alpha ~ N(0, 0.1)."""
+    lam = LIGHT_LEVELS_PER_ALPHA
+    eigvec = LIGHT_EIGVEC
     options = LoaderOptions(subtract_mean=False, with_draws=True)
-    loader = Loader(records, split="train", view="train", batch_size=16, num_threads=2, options=options)
+    loader = Loader(hand_stats_records, split="train", view="train", batch_size=16, num_threads=2,
+                    options=options)
     coeffs = []
     for images, _, d in batches(loader, epochs=11):
         for patch, key, y, x, flip, alpha in zip(images, d.keys, d.y, d.x, d.mirror, d.alpha):
@@ -164,8 +191,7 @@ def test_lighting_is_one_pca_shift_per_image(records, samples, stats):
             shift = patch.transpose(1, 2, 0) - (window[:, ::-1] if flip else window)
             s = shift.reshape(-1, 3).mean(0)
             assert np.abs(shift - s).max() < 1e-3          # the same for every pixel
-            c = stats.eigvec.T @ s                          # coordinates in the eigenbasis
-            assert np.allclose(stats.eigvec @ c, s, atol=1e-4)       # in the span of eigvecs
+            c = eigvec.T @ s                                # coordinates in the eigenbasis
             assert np.allclose(c, alpha * lam, atol=2e-4)   # = the drawn alpha times lambda
             coeffs.append(c)
     coeffs = np.array(coeffs)
@@ -173,8 +199,9 @@ def test_lighting_is_one_pca_shift_per_image(records, samples, stats):
     ratio = coeffs.std(0) / (0.1 * lam)
     assert np.all(np.abs(ratio - 1) < 0.25), f"coefficient std / (0.1 lambda) = {ratio}"
     assert np.all(np.abs(coeffs.mean(0)) < 0.25 * 0.1 * lam)
-    # On the sample set the top shift is a few grey levels, not hundreds (the 0–255² trap).
-    assert 0.5 < coeffs[:, 0].std() < 20
+    # The top shift's spread is 0.1 * 20.4 = 2 levels: not 255x more (0–255² eigenvalues
+    # used as 0–1 ones) nor 255x less (0–1 eigenvalues on 0–255 pixels).
+    assert 1.5 < coeffs[:, 0].std() < 2.6
 
 
 @pytest.mark.parametrize("mean,dtype", [("channel", torch.float32), ("pixel", torch.float32),
@@ -352,7 +379,7 @@ def _copy(records: Path, tmp_path: Path) -> Path:
     ({"view": "five"}, "view must be one of"),
     ({"split": "test"}, "split must be one of"),
     ({"mean": "median"}, "mean must be one of"),
-    ({"batch_size": 0}, "batch_size must be a positive integer"),
+    ({"batch_size": 0}, "batch_size must be an integer >= 1"),
     ({"shard": (2, 2)}, "shard must be"),
     ({"dtype": torch.int8}, "dtype must be"),
     ({"batch_size": 1000}, "leaves no batch"),

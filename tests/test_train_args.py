@@ -118,7 +118,7 @@ def test_config_file_of_a_demo_run_and_the_preset(tmp_path):
 
 @pytest.mark.parametrize("content, says", [
     ({"lr": 0.1, "lerning_rate": 0.1}, "unknown key(s) lerning_rate"),
-    ({"batch_size": 0}, "--batch-size must be > 0"),
+    ({"batch_size": 0}, "--batch-size must be an integer >= 1"),
     ([1, 2], "expected a JSON object"),
     ("{not json", "Expecting property name"),
 ])

@@ -103,6 +103,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(smoke_run, caps
         assert ckpt.nonfinite_tensor({"m": state["model"], "o": state["optimizer"]}) is None, path
 
 
+@pytest.mark.slow
 def test_plateau_divides_the_optimizers_lr_by_10(sample_records, tmp_path):
     """An improvement threshold no error can beat makes every epoch after the first (which sets
     the best) a bad one: with patience 1 the lr is divided after epochs 2 and 3, and epoch 3's
@@ -118,6 +119,7 @@ def test_plateau_divides_the_optimizers_lr_by_10(sample_records, tmp_path):
     assert state["schedule"]["lr"] == pytest.approx(0.0001) and state["schedule"]["drops"] == 2
 
 
+@pytest.mark.slow
 def test_max_steps_mid_epoch_then_resume_continues_bitwise(sample_records, tmp_path):
     """The real loader and AlexNet: a stop after step 3 of 4 (mid-epoch 2), resumed, gives bitwise
     the weights, momentum and metrics of the uninterrupted run (the loader replays epoch 2's first batch)."""

@@ -59,6 +59,7 @@ def _rank(rank: int, world: int, port: int, records: str, out: str) -> None:
     D.shutdown(info)
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_identical_params_disjoint_data(sample_records, tmp_path):
     port = _free_port()
     mp.spawn(_rank, args=(2, port, str(sample_records), str(tmp_path)), nprocs=2, join=True)

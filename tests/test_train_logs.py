@@ -155,7 +155,7 @@ def test_tensorboard_missing_is_one_error_line(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "run").exists()
     with pytest.raises(SystemExit) as exc:
         R.main(["--log-every", "-1"])
-    assert exc.value.code == 2 and "--log-every must be >= 0" in capsys.readouterr().err
+    assert exc.value.code == 2 and "--log-every must be an integer >= 0" in capsys.readouterr().err
 
 
 def scalars(out: Path) -> dict[str, list[tuple[int, float]]]:

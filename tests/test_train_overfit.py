@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from engine.config import TrainConfig
@@ -14,6 +15,7 @@ from engine.recipe import make_optimizer
 from engine.run import build_net
 
 
+@pytest.mark.slow
 def test_overfits_a_fixed_batch(sample_records):
     from pipeline import Loader
     images, labels = next(iter(Loader(sample_records, split="train", view="center", batch_size=4)))

@@ -154,7 +154,7 @@ def test_demo_preset_and_explicit_flags_win():
     (["--no-such-flag"], "unrecognized arguments"),
     (["--eval-only"], "--eval-only needs --checkpoint"),
     (["--checkpoint", "x.pt"], "--checkpoint is for --eval-only"),
-    (["--batch-size", "0"], "--batch-size must be > 0"),
+    (["--batch-size", "0"], "--batch-size must be an integer >= 1"),
     (["--amp", "fp8"], "invalid choice"),
     (["--lr", "nan"], "--lr must be a finite number > 0, got nan"),
     (["--lr", "inf"], "--lr must be a finite number > 0, got inf"),
@@ -166,7 +166,7 @@ def test_demo_preset_and_explicit_flags_win():
     (["--dropout", "nan"], "--dropout must be a finite number in [0, 1)"),
     (["--plateau-threshold", "nan"], "--plateau-threshold must be a finite number in [0, 1]"),
     (["--plateau-threshold", "-0.1"], "--plateau-threshold must be a finite number in [0, 1]"),
-    (["--max-lr-drops", "-1"], "--max-lr-drops must be >= 0"),
+    (["--max-lr-drops", "-1"], "--max-lr-drops must be an integer >= 0"),
 ])
 def test_cli_rejects(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:

@@ -1,0 +1,29 @@
+"""The one base class of the errors a user can fix: bad input or an OS problem.
+
+Every such error's message is one line that names the file or flag and what is wrong;
+entry points catch ``UserError`` (and ``OSError``), print ``error: MESSAGE`` to stderr and
+exit with status 2. Anything else is a bug and keeps its traceback.
+
+    from common.errors import UserError, error_line
+    try:
+        run(cfg)
+    except (UserError, OSError) as exc:
+        print(f"error: {error_line(exc)}", file=sys.stderr)
+        return 2
+"""
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """Bad input or an OS problem; the message is one line naming the file or flag."""
+
+
+class DeviceError(UserError, ValueError):
+    """A device that is not there or not supported (--device, --gpus); one line."""
+
+
+def error_line(exc: BaseException) -> str:
+    """The one line to print after ``error:``: an OSError as ``PATH: reason``, others as is."""
+    if isinstance(exc, OSError) and exc.filename and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}"
+    return str(exc)

@@ -33,7 +33,9 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import importlib.util
+import json
 import os
+import shutil
 import time
 from typing import Callable
 
@@ -51,17 +53,24 @@ from prep.workers import PARTIAL, run_tasks, shard_done
 
 SAMPLE_MARKER = ".sample-complete.json"
 SAMPLE_PARAMS = {"classes": 10, "train_per_class": 100, "val_per_class": 20, "seed": 0}  # the built-in set
+SAMPLE_VERSION = 2  # bump when prep/sample.py draws different images: an older data/sample is redrawn
 
 
 def ensure_sample(root: Path, progress: bool) -> None:
     """Generate the built-in sample set into ``root`` unless a complete one is there."""
-    if (root / SAMPLE_MARKER).is_file():
-        return
+    marker = {**SAMPLE_PARAMS, "version": SAMPLE_VERSION}
+    try:
+        if json.loads((root / SAMPLE_MARKER).read_text()) == marker:
+            return
+    except (OSError, ValueError):
+        pass
     from prep.sample import make_sample_set
     if progress:
         print(f"generating the built-in sample set into {root} ...", file=sys.stderr)
+    for split in ("train", "val"):  # an older or half-written set: its files must not mix in
+        shutil.rmtree(root / split, ignore_errors=True)
     make_sample_set(root, **SAMPLE_PARAMS)
-    write_json(root / SAMPLE_MARKER, SAMPLE_PARAMS)
+    write_json(root / SAMPLE_MARKER, marker)
 
 
 def build(cfg: PrepConfig, *, on_shard: Callable[[str, int], None] | None = None) -> dict:

@@ -191,7 +191,7 @@ def report(n: int, seconds: dict, args) -> None:
     for k, (wall, _) in seconds.items():
         t.add_row(k, f"{wall:.2f}", f"{rates[k]:.0f}", f"{rates[k] / rates[base]:.2f}",
                   f"{rates[k] / rates[ffcv]:.2f}" if ffcv else "-",
-                  f"{cpu_ms[k]:.2f}", f"{cpu_ms[base] / cpu_ms[k]:.2f}")
+                  f"{cpu_ms[k]:.2f}", f"{cpu_ms[base] / cpu_ms[k]:.2f}" if cpu_ms[k] > 0 else "-")  # os.times ticks: 10 ms
     Console(width=140).print(t)
     if args.json:
         Path(args.json).write_text(json.dumps({"images": n, "workers": args.workers, "images_per_s": rates,

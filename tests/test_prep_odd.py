@@ -139,3 +139,31 @@ def test_stats_png_shows_the_eigen_colours(tiny, tmp_path):
         mean = json.loads((tmp_path / "out" / "stats.json").read_text())["mean"]
         px = img.convert("RGB").getpixel((176 + 3 * 64 + 32, 20 + 32))
         assert all(abs(a - round(b)) <= 1 for a, b in zip(px, mean))
+
+
+def test_records_of_another_resize_filter_are_refused(tiny, tmp_path):
+    from prep.build_records import PrepError
+    out = tmp_path / "out"
+    build(cfg(tiny, out))
+    meta = json.loads((out / "meta.json").read_text())
+    meta["params"]["resample"] = "pillow-box-area"  # what an OUT of the earlier filter records
+    (out / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(PrepError, match="resample: 'pillow-box-area' -> 'cv2-area-shrink"):
+        build(cfg(tiny, out))
+    build(cfg(tiny, out, overwrite=True))
+    assert read_meta_params(out)["resample"] == "cv2-area-shrink+cubic-enlarge"
+
+
+def read_meta_params(out: Path) -> dict:
+    return json.loads((out / "meta.json").read_text())["params"]
+
+
+def test_prep_bench_survives_a_flat_val_and_runs_on_photos(tiny, capsys):
+    from prep import bench
+    _flat_val(tiny)
+    assert bench.main(["--source", str(tiny), "--no-ffcv", "--workers", "1"]) == 0
+    out = capsys.readouterr()
+    assert "train/ only" in out.err and "ours (build_records)" in out.out
+    pytest.importorskip("skimage")
+    assert bench.main(["--photos", "6", "--no-ffcv", "--workers", "1"]) == 0
+    assert "6 images" in capsys.readouterr().out

@@ -93,16 +93,20 @@ def _image(c: int, classes: int, seed: int, split: int, i: int) -> np.ndarray:
     y, x = np.mgrid[0:h, 0:w].astype(np.float32)
     angle = rng.uniform(0, 2 * np.pi)  # background: a gradient between two random colours
     t = ((x / w - 0.5) * np.cos(angle) + (y / h - 0.5) * np.sin(angle) + 0.5)[..., None]
-    img = _random_rgb(rng) * (1 - t) + _random_rgb(rng) * t
-    # the object: the class texture inside a random ellipse (~35-90% of the shorter side across)
+    bg = _random_rgb(rng)
+    img = bg * (1 - t) + _random_rgb(rng) * t
+    # the object: the class texture inside a random ellipse (~60-110% of the shorter side across),
+    # its ink a random hue, darker on a light background and lighter on a dark one (so it shows)
     mask = _pattern(PATTERNS[c % len(PATTERNS)], w, h, rng.uniform(14, 34), rng.uniform(0, 2 * np.pi), rng)
-    ex, ey = rng.uniform(0.35, 0.65) * w, rng.uniform(0.35, 0.65) * h
-    rx, ry = (rng.uniform(0.18, 0.45, 2) * min(w, h))
+    ex, ey = rng.uniform(0.4, 0.6) * w, rng.uniform(0.4, 0.6) * h
+    rx, ry = (rng.uniform(0.3, 0.55, 2) * min(w, h))
     region = (((x - ex) / rx) ** 2 + ((y - ey) / ry) ** 2 <= 1).astype(np.float32)
-    alpha = (mask * region * rng.uniform(0.35, 0.9))[..., None]
-    img = img * (1 - alpha) + _random_rgb(rng) * alpha
-    for _ in range(rng.integers(3, 9)):  # clutter: discs and boxes of random colours on top
-        r = rng.uniform(0.03, 0.12) * min(w, h)
+    alpha = (mask * region * rng.uniform(0.6, 0.95))[..., None]
+    ink = _random_rgb(rng)
+    ink *= (rng.uniform(0.1, 0.4) if bg.mean() > 128 else rng.uniform(0.75, 1.0)) * 255 / max(ink.max(), 1.0)
+    img = img * (1 - alpha) + ink * alpha
+    for _ in range(rng.integers(2, 7)):  # clutter: discs and boxes of random colours on top
+        r = rng.uniform(0.03, 0.09) * min(w, h)
         px, py = rng.uniform(0, w), rng.uniform(0, h)
         if rng.random() < 0.5:
             blob = np.hypot(x - px, y - py) <= r
@@ -111,7 +115,7 @@ def _image(c: int, classes: int, seed: int, split: int, i: int) -> np.ndarray:
         img[blob] = _random_rgb(rng)
     gain = rng.uniform(0.65, 1.25, 3).astype(np.float32)             # colour cast of the light
     ramp = 1 + rng.uniform(-0.3, 0.3) * (x / w - 0.5)[..., None]      # uneven illumination
-    img = img * gain * ramp + rng.standard_normal((h, w, 3), dtype=np.float32) * rng.uniform(3, 12)
+    img = img * gain * ramp + rng.standard_normal((h, w, 3), dtype=np.float32) * rng.uniform(2, 8)
     return np.clip(img, 0, 255).astype(np.uint8)
 
 

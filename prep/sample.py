@@ -6,8 +6,9 @@
 Every image is a JPEG of an ImageNet-like size (500x375, 375x500, 500x333, a few larger and
 smaller, ~10% with a shorter side under 256). The class is a *texture* (horizontal stripes,
 rings, spokes, dots, ...) that fills a random elliptical region (random position and scale) of a
-cluttered scene; nothing about colour belongs to the class: the background is a gradient
-between two random colours, the texture's ink is a random colour at a random contrast, random
+cluttered scene; colour alone does not decide it: the background is a gradient between two
+colours whose hues lie within +-0.15 of the class's hue (classes are 0.1 apart, so hue narrows a
+class down to about three), the texture's ink is a random colour at a random contrast, random
 discs and boxes of random colours lie on top, and a random colour cast (per-channel gain), a
 brightness ramp and pixel noise finish it. Object identity under varying illumination colour is
 what the paper's PCA lighting teaches, so colour must not give the class away here. Every
@@ -44,6 +45,7 @@ SIZES = SIZES + ((240, 180), (180, 240))
 SIZE_WEIGHTS = np.append(SIZE_WEIGHTS, [5.0, 3.0])
 # Textures, all symmetric under a left-right mirror (the paper's flip must not change the class).
 PATTERNS = ("hstripes", "vstripes", "checker", "diamonds", "rings", "spokes", "dots", "grid", "waves", "spots")
+HUE_SPREAD = 0.15    # background hue = class hue +- this (0-1 hue circle; classes are 1/classes apart)
 SOURCE_QUALITY = 90  # JPEG quality of the synthetic "camera" files (0-100)
 
 
@@ -81,9 +83,10 @@ def _pattern(kind: str, w: int, h: int, period: float, phase: float, rng) -> np.
     return (m > 0).astype(np.float32)
 
 
-def _random_rgb(rng) -> np.ndarray:
-    return np.array(colorsys.hsv_to_rgb(rng.uniform(), rng.uniform(0.1, 0.9), rng.uniform(0.25, 1.0)),
-                    dtype=np.float32) * 255
+def _random_rgb(rng, hue: float | None = None) -> np.ndarray:
+    """0-255 RGB of a random colour (of the given hue, 0-1, if any)."""
+    hue = rng.uniform() if hue is None else hue
+    return np.array(colorsys.hsv_to_rgb(hue, rng.uniform(0.1, 0.9), rng.uniform(0.25, 1.0)), dtype=np.float32) * 255
 
 
 def _image(c: int, classes: int, seed: int, split: int, i: int) -> np.ndarray:
@@ -93,8 +96,11 @@ def _image(c: int, classes: int, seed: int, split: int, i: int) -> np.ndarray:
     y, x = np.mgrid[0:h, 0:w].astype(np.float32)
     angle = rng.uniform(0, 2 * np.pi)  # background: a gradient between two random colours
     t = ((x / w - 0.5) * np.cos(angle) + (y / h - 0.5) * np.sin(angle) + 0.5)[..., None]
-    bg = _random_rgb(rng)
-    img = bg * (1 - t) + _random_rgb(rng) * t
+    # background: a gradient between two colours whose hues lie within +-HUE_SPREAD of the
+    # class's hue, so hue narrows the class down to about 3 neighbours but never decides it
+    hue = c / classes
+    bg, bg2 = (_random_rgb(rng, (hue + rng.uniform(-HUE_SPREAD, HUE_SPREAD)) % 1.0) for _ in range(2))
+    img = bg * (1 - t) + bg2 * t
     # the object: the class texture inside a random ellipse (~60-110% of the shorter side across),
     # its ink a random hue, darker on a light background and lighter on a dark one (so it shows)
     mask = _pattern(PATTERNS[c % len(PATTERNS)], w, h, rng.uniform(14, 34), rng.uniform(0, 2 * np.pi), rng)

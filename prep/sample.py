@@ -7,8 +7,8 @@ Every image is a JPEG of an ImageNet-like size (500x375, 375x500, 500x333, a few
 smaller, ~10% with a shorter side under 256). The class is a *texture* (horizontal stripes,
 rings, spokes, dots, ...) that fills a random elliptical region (random position and scale) of a
 cluttered scene; colour alone does not decide it: the background is a gradient between two
-colours whose hues lie within +-0.15 of the class's hue (classes are 0.1 apart, so hue narrows a
-class down to about three), the texture's ink is a random colour at a random contrast, random
+colours whose hues lie within +-0.08 of the class's hue (classes are 0.1 apart, so neighbouring
+classes share hues), the texture's ink is a random colour at a random contrast, random
 discs and boxes of random colours lie on top, and a random colour cast (per-channel gain), a
 brightness ramp and pixel noise finish it. Object identity under varying illumination colour is
 what the paper's PCA lighting teaches, so colour must not give the class away here. Every
@@ -45,7 +45,7 @@ SIZES = SIZES + ((240, 180), (180, 240))
 SIZE_WEIGHTS = np.append(SIZE_WEIGHTS, [5.0, 3.0])
 # Textures, all symmetric under a left-right mirror (the paper's flip must not change the class).
 PATTERNS = ("hstripes", "vstripes", "checker", "diamonds", "rings", "spokes", "dots", "grid", "waves", "spots")
-HUE_SPREAD = 0.15    # background hue = class hue +- this (0-1 hue circle; classes are 1/classes apart)
+HUE_SPREAD = 0.08    # background hue = class hue +- this (0-1 hue circle; classes are 1/classes apart)
 SOURCE_QUALITY = 90  # JPEG quality of the synthetic "camera" files (0-100)
 
 
@@ -84,9 +84,11 @@ def _pattern(kind: str, w: int, h: int, period: float, phase: float, rng) -> np.
 
 
 def _random_rgb(rng, hue: float | None = None) -> np.ndarray:
-    """0-255 RGB of a random colour (of the given hue, 0-1, if any)."""
-    hue = rng.uniform() if hue is None else hue
-    return np.array(colorsys.hsv_to_rgb(hue, rng.uniform(0.1, 0.9), rng.uniform(0.25, 1.0)), dtype=np.float32) * 255
+    """0-255 RGB of a random colour, or of a clearly coloured one of the given hue (0-1)."""
+    if hue is None:
+        return np.array(colorsys.hsv_to_rgb(rng.uniform(), rng.uniform(0.1, 0.9), rng.uniform(0.25, 1.0)),
+                        dtype=np.float32) * 255
+    return np.array(colorsys.hsv_to_rgb(hue, rng.uniform(0.4, 0.9), rng.uniform(0.35, 1.0)), dtype=np.float32) * 255
 
 
 def _image(c: int, classes: int, seed: int, split: int, i: int) -> np.ndarray:
@@ -119,7 +121,7 @@ def _image(c: int, classes: int, seed: int, split: int, i: int) -> np.ndarray:
         else:
             blob = (np.abs(x - px) <= r) & (np.abs(y - py) <= r * rng.uniform(0.4, 1.0))
         img[blob] = _random_rgb(rng)
-    gain = rng.uniform(0.65, 1.25, 3).astype(np.float32)             # colour cast of the light
+    gain = rng.uniform(0.8, 1.2, 3).astype(np.float32)               # colour cast of the light
     ramp = 1 + rng.uniform(-0.3, 0.3) * (x / w - 0.5)[..., None]      # uneven illumination
     img = img * gain * ramp + rng.standard_normal((h, w, 3), dtype=np.float32) * rng.uniform(2, 8)
     return np.clip(img, 0, 255).astype(np.uint8)

@@ -1,7 +1,8 @@
-"""Prep throughput: our records writer vs FFCV's DatasetWriter vs a bare PIL loop (the floor).
+"""Prep throughput: our records writer vs FFCV's DatasetWriter vs the bare decode+resize+encode loop (the floor).
 
     python -m prep.bench                              # on the built-in sample set (data/sample)
     python -m prep.bench --source /data/imagenet-subset --workers 8 --repeat 3 --json prep_bench.json
+    python -m prep.bench --photos 200 --repeat 3     # on N crops of real photographs (scikit-image)
 
 All three process the same source files (train + val of --source), side by side in one run,
 with the same number of worker processes, after one warm-up read so every file is in the page
@@ -15,9 +16,12 @@ the cores.
          dataset returning the PIL-decoded RGB image, ``RGBImageField(write_mode="jpg",
          max_resolution=256, jpeg_quality=90)`` (FFCV resizes with OpenCV INTER_AREA so the
          longer side is <= 256; it does not crop) plus an ``IntField`` label.
-- floor: a bare loop per process: read, PIL decode (no draft), resize shorter side to 256,
-         centre crop, JPEG q90 encode; nothing written. The same work minus everything a usable
-         dataset needs; "1 process" is the same loop without a pool.
+- floor: a bare loop per process: read, decode, resize with the records' own filter (the
+         same ``transform.decode_record_image``: JPEG draft, OpenCV area/bicubic), JPEG q90
+         encode; nothing written. The same work minus everything a usable dataset needs
+         (sums, tar, index, partials); "1 process" is the same loop without a pool.
+
+A flat val/ without --val-labels is left out (train only) instead of stopping the bench.
 """
 from __future__ import annotations
 
@@ -34,27 +38,21 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from prep import transform
 from prep.build_records import PrepConfig, build, ensure_sample
 from prep.records import DEFAULT_SAMPLE
-from prep.source import scan
+from prep.source import SourceError, scan
 
 QUALITY = 90
 
 
 def floor_one(path: str) -> int:
-    """Decode + resize (shorter side 256) + centre crop + encode; returns the JPEG size."""
+    """Decode + the records' resize + encode; returns the JPEG size (0 if undecodable)."""
     try:
-        with Image.open(path) as img:
-            img = img.convert("RGB")
-    except OSError:
+        img = transform.decode_record_image(Path(path).read_bytes())
+    except (transform.ImageError, OSError):
         return 0
-    w, h = img.size
-    scale = 256 / min(w, h)
-    img = img.resize((max(256, round(w * scale)), max(256, round(h * scale))), Image.Resampling.BILINEAR)
-    left, top = (img.width - 256) // 2, (img.height - 256) // 2
-    buf = io.BytesIO()
-    img.crop((left, top, left + 256, top + 256)).save(buf, "JPEG", quality=QUALITY)
-    return buf.tell()
+    return len(transform.encode_jpeg(img, QUALITY))
 
 
 def run_floor(paths: list[str], workers: int) -> None:
@@ -66,8 +64,9 @@ def run_floor(paths: list[str], workers: int) -> None:
             pool.map(floor_one, paths, chunksize=16)
 
 
-def run_ours(source: Path, out: Path, workers: int) -> None:
-    build(PrepConfig(source=str(source), out=str(out), workers=workers, quality=QUALITY, progress=False))
+def run_ours(source: Path, out: Path, workers: int, val_labels: str | None) -> None:
+    build(PrepConfig(source=str(source), out=str(out), workers=workers, quality=QUALITY, progress=False,
+                     val_labels=val_labels))
 
 
 class DecodedImages:
@@ -111,27 +110,61 @@ def timed(fn, *args) -> tuple[float, float]:
     return wall, _cpu() - c0
 
 
+def _source(args, tmp: Path) -> tuple[Path, str | None]:
+    """(source folder, val labels) to bench: --photos N crops, --source, or the sample set. A flat
+    val/ without labels is dropped (a train-only view of the source under ``tmp``)."""
+    if args.photos:
+        from prep.photos import make_photo_set
+        return make_photo_set(tmp / "photos", n=args.photos, seed=0), None
+    source = Path(args.source) if args.source else DEFAULT_SAMPLE
+    if args.source is None:
+        ensure_sample(source, progress=True)
+    try:
+        scan(source, args.val_labels)
+        return source, args.val_labels
+    except SourceError as exc:
+        if "flat layout" not in str(exc):
+            raise
+    print(f"note: {source / 'val'} is flat and no --val-labels given: benching train/ only", file=sys.stderr)
+    view = tmp / "train-only"
+    view.mkdir()
+    (view / "train").symlink_to((source / "train").resolve())
+    return view, None
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m prep.bench", description=__doc__.splitlines()[0])
     ap.add_argument("--source", default=None, help="ImageNet-style folder; default: the built-in sample set")
+    ap.add_argument("--val-labels", default=None, help="labels of a flat SOURCE/val (as build_records.py)")
+    ap.add_argument("--photos", type=int, default=0,
+                    help="bench on N crops of real photographs (scikit-image's) instead of --source")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--no-ffcv", action="store_true", help="skip the FFCV writer")
     ap.add_argument("--repeat", type=int, default=1, help="rounds; each method's fastest round is reported")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = ap.parse_args(argv)
-    source = Path(args.source) if args.source else DEFAULT_SAMPLE
-    if args.source is None:
-        ensure_sample(source, progress=True)
-    src = scan(source)
-    items = [(str(source / it.rel), it.label) for it in src.train + src.val]
+    with tempfile.TemporaryDirectory() as data_tmp:
+        try:
+            source, val_labels = _source(args, Path(data_tmp))
+            src = scan(source, val_labels)
+        except (SourceError, OSError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        items = [(str(source / it.rel), it.label) for it in src.train + src.val]
+        best = _rounds(args, source, val_labels, items)
+        report(len(items), best, args)
+    return 0
+
+
+def _rounds(args, source: Path, val_labels: str | None, items) -> dict[str, tuple[float, float]]:
     paths = [p for p, _ in items]
     for p in paths:  # warm the page cache: every method reads from memory
         Path(p).read_bytes()
     if not args.no_ffcv:
         import ffcv.writer  # noqa: F401  (import cost, ~20 s of numba, is not FFCV's throughput)
-    methods = {"floor (bare PIL loop, 1 process)": lambda tmp: run_floor(paths, 1),
-               f"floor (bare PIL loop, {args.workers} processes)": lambda tmp: run_floor(paths, args.workers),
-               "ours (build_records)": lambda tmp: run_ours(source, tmp / "records", args.workers)}
+    methods = {"floor (decode+resize+encode, 1 process)": lambda tmp: run_floor(paths, 1),
+               f"floor (decode+resize+encode, {args.workers} processes)": lambda tmp: run_floor(paths, args.workers),
+               "ours (build_records)": lambda tmp: run_ours(source, tmp / "records", args.workers, val_labels)}
     if not args.no_ffcv:
         methods["FFCV DatasetWriter"] = lambda tmp: run_ffcv(items, tmp / "bench.beton", args.workers)
     best: dict[str, tuple[float, float]] = {}
@@ -141,8 +174,7 @@ def main(argv=None) -> int:
                 wall, cpu = timed(fn, Path(tmp))
             if name not in best or wall < best[name][0]:
                 best[name] = (wall, cpu)
-    report(len(paths), best, args)
-    return 0
+    return best
 
 
 def report(n: int, seconds: dict, args) -> None:
@@ -151,7 +183,7 @@ def report(n: int, seconds: dict, args) -> None:
     from rich.table import Table
     rates = {k: n / wall for k, (wall, _) in seconds.items()}
     cpu_ms = {k: 1000 * cpu / n for k, (_, cpu) in seconds.items()}
-    base = f"floor (bare PIL loop, {args.workers} processes)"
+    base = f"floor (decode+resize+encode, {args.workers} processes)"
     ffcv = "FFCV DatasetWriter" if "FFCV DatasetWriter" in seconds else None
     t = Table(title=f"prep throughput: {n} images, {args.workers} workers, best of {args.repeat}")
     for col in ("method", "wall s", "img/s", "vs floor", "vs FFCV", "CPU ms/img", "CPU vs floor"):
@@ -159,7 +191,7 @@ def report(n: int, seconds: dict, args) -> None:
     for k, (wall, _) in seconds.items():
         t.add_row(k, f"{wall:.2f}", f"{rates[k]:.0f}", f"{rates[k] / rates[base]:.2f}",
                   f"{rates[k] / rates[ffcv]:.2f}" if ffcv else "-",
-                  f"{cpu_ms[k]:.2f}", f"{cpu_ms[base] / cpu_ms[k]:.2f}")
+                  f"{cpu_ms[k]:.2f}", f"{cpu_ms[base] / cpu_ms[k]:.2f}" if cpu_ms[k] > 0 else "-")  # os.times ticks: 10 ms
     Console(width=140).print(t)
     if args.json:
         Path(args.json).write_text(json.dumps({"images": n, "workers": args.workers, "images_per_s": rates,

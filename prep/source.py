@@ -9,6 +9,11 @@ Layouts:
 Class index = position of the wnid in the sorted list of train class folders (torchvision's
 ImageFolder convention). Every non-hidden regular file is an input, whatever its extension: the
 decoder decides what is an image, and what is not ends up in skipped.json.
+
+Odd entries are never fatal: a name that is not UTF-8, a dangling symlink or symlink loop, a
+folder where an image is expected, a class folder that cannot be listed are left out with a
+reason (``Source.skipped``, merged into skipped.json), and class folders without a single file
+are reported (``Source.empty_classes``): on ImageNet that is almost always a copying mistake.
 """
 from __future__ import annotations
 
@@ -36,6 +41,8 @@ class Source:
     classes: tuple[str, ...]
     train: tuple[Item, ...]   # sorted by (class, file name)
     val: tuple[Item, ...]     # sorted by relative path
+    skipped: tuple[dict, ...] = ()       # {"split", "path", "reason"} of entries left out while listing
+    empty_classes: tuple[str, ...] = ()  # train class folders with no file at all
 
     def digest(self) -> str:
         """A fingerprint of what will be read: names, sizes, labels (not contents, too slow)."""
@@ -46,23 +53,61 @@ class Source:
         return h.hexdigest()
 
 
-def _files(folder: Path) -> list[os.DirEntry]:
-    """Non-hidden regular files of ``folder``, sorted by name."""
-    with os.scandir(folder) as it:
-        return sorted((e for e in it if not e.name.startswith(".") and e.is_file()), key=lambda e: e.name)
+def printable(name: str) -> str:
+    """A file name as it can be written to JSON and a terminal (undecodable bytes shown as U+FFFD)."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
-def _subdirs(folder: Path) -> list[str]:
-    with os.scandir(folder) as it:
-        return sorted(e.name for e in it if not e.name.startswith(".") and e.is_dir())
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+        return True
+    except UnicodeEncodeError:  # os.scandir maps undecodable bytes to lone surrogates
+        return False
 
 
-def _class_items(root: Path, split: str, index: dict[str, int]) -> list[Item]:
+def _entries(root: Path, rel_folder: str, skipped: list[dict]) -> tuple[list[os.DirEntry], list[os.DirEntry]]:
+    """(regular files, folders) among the non-hidden entries of ``folder``, sorted by name; every
+    other entry (non-UTF-8 name, dangling symlink, symlink loop, socket...) goes to ``skipped``."""
+    folder, split = root / rel_folder, rel_folder.split("/")[0]
+    files, dirs = [], []
+    try:
+        with os.scandir(folder) as it:
+            entries = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+    except OSError as exc:
+        skipped.append({"split": split, "path": printable(rel_folder), "reason": f"cannot list folder: {exc.strerror}"})
+        return [], []
+    for e in entries:
+        rel = f"{rel_folder}/{printable(e.name)}"
+        if not _is_utf8(e.name):
+            skipped.append({"split": split, "path": rel, "reason": "name is not valid UTF-8"})
+            continue
+        try:
+            if e.is_dir():
+                dirs.append(e)
+            elif e.is_file():
+                e.stat()
+                files.append(e)
+            elif e.is_symlink():
+                skipped.append({"split": split, "path": rel, "reason": "dangling symlink"})
+            else:
+                skipped.append({"split": split, "path": rel, "reason": "not a regular file"})
+        except OSError as exc:  # ELOOP (symlink loop), EACCES, ...
+            skipped.append({"split": split, "path": rel, "reason": f"cannot stat: {exc.strerror}"})
+    return files, dirs
+
+
+def _class_items(root: Path, split: str, index: dict[str, int], skipped: list[dict]) -> list[Item]:
     items = []
-    for name in _subdirs(root / split):
+    _, dirs = _entries(root, split, skipped)
+    for d in dirs:
+        name = d.name
         if name not in index:
             raise SourceError(f"{root / split / name}: class {name!r} is not among the train class folders")
-        for e in _files(root / split / name):
+        files, subdirs = _entries(root, f"{split}/{name}", skipped)
+        for sub in subdirs:
+            skipped.append({"split": split, "path": f"{split}/{name}/{sub.name}", "reason": "a folder, not an image file"})
+        for e in files:
             items.append(Item(f"{split}/{name}/{e.name}", index[name], e.stat().st_size))
     return items
 
@@ -70,7 +115,7 @@ def _class_items(root: Path, split: str, index: dict[str, int]) -> list[Item]:
 def read_val_labels(path: Path) -> dict[str, str]:
     """{file stem: wnid} from LOC_val_solution.csv or a ``filename wnid`` text file."""
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8-sig")  # a spreadsheet's byte-order mark
     except (OSError, UnicodeDecodeError) as exc:
         raise SourceError(f"--val-labels {path}: cannot read ({exc.__class__.__name__}: {exc})") from None
     lines = [ln for ln in text.splitlines() if ln.strip()]
@@ -81,7 +126,7 @@ def read_val_labels(path: Path) -> dict[str, str]:
         for row in csv.reader(lines[1:]):
             if len(row) < 2 or not row[1].split():
                 raise SourceError(f"--val-labels {path}: bad row {row!r}")
-            labels[Path(row[0]).stem] = row[1].split()[0]
+            labels[Path(row[0].strip()).stem] = row[1].split()[0]
     else:
         for n, line in enumerate(lines, 1):
             parts = line.split()
@@ -91,10 +136,13 @@ def read_val_labels(path: Path) -> dict[str, str]:
     return labels
 
 
-def _flat_val_items(root: Path, labels_path: Path, index: dict[str, int]) -> list[Item]:
+def _flat_val_items(root: Path, labels_path: Path, index: dict[str, int], skipped: list[dict]) -> list[Item]:
     labels = read_val_labels(labels_path)
     items = []
-    for e in _files(root / "val"):
+    files, dirs = _entries(root, "val", skipped)
+    for d in dirs:
+        skipped.append({"split": "val", "path": f"val/{d.name}", "reason": "a folder in a flat val/ (labels come from --val-labels)"})
+    for e in files:
         wnid = labels.get(Path(e.name).stem)
         if wnid is None:
             raise SourceError(f"{root / 'val' / e.name}: no label in --val-labels {labels_path}")
@@ -111,20 +159,24 @@ def scan(root: str | Path, val_labels: str | None = None) -> Source:
         raise SourceError(f"--source {root}: no such folder")
     if not (root / "train").is_dir():
         raise SourceError(f"--source {root}: no train/ folder (expected ImageNet's train/<wnid>/ layout)")
-    classes = _subdirs(root / "train")
+    skipped: list[dict] = []
+    classes = [d.name for d in _entries(root, "train", skipped)[1]]
     if not classes:
         raise SourceError(f"{root / 'train'}: no class folders")
     index = {w: i for i, w in enumerate(classes)}
-    train = _class_items(root, "train", index)
+    train = _class_items(root, "train", index, skipped)
     if not train:
         raise SourceError(f"{root / 'train'}: no files in the class folders")
     val: list[Item] = []
     if val_labels is not None:
         if not (root / "val").is_dir():
             raise SourceError(f"--val-labels given but {root / 'val'} is not a folder")
-        val = _flat_val_items(root, Path(val_labels), index)
+        val = _flat_val_items(root, Path(val_labels), index, skipped)
     elif (root / "val").is_dir():
-        val = _class_items(root, "val", index)
-        if not val and _files(root / "val"):
+        val = _class_items(root, "val", index, skipped)
+        if not val and _entries(root, "val", [])[0]:
             raise SourceError(f"{root / 'val'}: flat layout (no class folders): pass --val-labels")
-    return Source(root, tuple(classes), tuple(train), tuple(sorted(val, key=lambda it: it.rel)))
+    present = {it.label for it in train}
+    empty = tuple(w for i, w in enumerate(classes) if i not in present)
+    return Source(root, tuple(classes), tuple(train), tuple(sorted(val, key=lambda it: it.rel)),
+                  tuple(sorted(skipped, key=lambda s: (s["split"], s["path"]))), empty)

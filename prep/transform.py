@@ -2,16 +2,20 @@
 
 The paper: "we down-sampled the images to a fixed resolution of 256x256. Given a rectangular
 image, we first rescaled the image such that the shorter side was of length 256, and then
-cropped out the central 256x256 patch". We do exactly that geometry in one resampling step:
-the central square of side min(w, h) of the source (in continuous pixel coordinates) is
-resampled to 256x256 by area averaging (Pillow's BOX filter: each output pixel is the mean of
-the source area it covers, what OpenCV's INTER_AREA does and FFCV's writer uses). Why not
-torchvision's antialiased bilinear: on this 2-core VM Pillow's bilinear costs 2.28 ms per
-500x375 photo against 1.75 ms for BOX — as much as the JPEG decode itself — and at these ~1.5x
-downscales both are proper antialiasing filters (mean difference about one grey level; bicubic
-costs 3.4 ms). That is the same map as
-"resize the shorter side to 256, then crop the centre" without rounding the crop offset to a
-whole pixel, and it resamples only the pixels that are kept.
+cropped out the central 256x256 patch". We do that geometry in one resampling step: the central
+square of side min(w, h) (offset rounded down to a whole source pixel, as torchvision's
+CenterCrop rounds) is resampled to 256x256, with the filter chosen by direction:
+
+- shrinking (side > 256, ~90% of ImageNet): OpenCV's INTER_AREA, true area averaging: each
+  output pixel is the mean of the source area it covers, fractional pixels weighted by their
+  covered fraction (what FFCV's writer uses). Pillow's BOX is NOT this at non-integer factors:
+  it gives each source pixel weight 0 or 1, so at ImageNet's usual 1.2-1.5x shrink fine
+  texture aliases.
+- enlarging (side < 256, ~10% of ImageNet): OpenCV's INTER_CUBIC, a smooth interpolation
+  (INTER_AREA and BOX repeat pixels when enlarging: visible blocks).
+
+Do not swap in Pillow's BOX or nearest-neighbour filters: the records' measured quality (README
+"records", BENCHMARKS.md) and the tests against an antialiased reference depend on these two.
 
 Speed without quality loss: a JPEG whose shorter side is at least 4x the target (>= 1024 px)
 is decoded with libjpeg's DCT-domain scaling (PIL ``draft``) by 1/2, 1/4 or 1/8, but never below
@@ -28,13 +32,19 @@ from __future__ import annotations
 import io
 import math
 
+import cv2
 import numpy as np
 from PIL import Image
 
+# OpenCV's own thread pool must stay off: the writer forks one worker process per core, and a
+# child forked after the parent used OpenCV's threads can hang in its first cv2.resize.
+cv2.setNumThreads(1)
+
 SIZE = 256              # record side (pixels)
 DRAFT_FACTOR = 2        # JPEG DCT scaling keeps the shorter side >= DRAFT_FACTOR * SIZE
-RESAMPLE = Image.Resampling.BOX  # area averaging when shrinking (= OpenCV INTER_AREA)
-RESAMPLE_NAME = "pillow-box-area"
+SHRINK = cv2.INTER_AREA      # true area averaging (see the module docstring)
+ENLARGE = cv2.INTER_CUBIC    # smooth interpolation for photos with a shorter side < SIZE
+RESAMPLE_NAME = "cv2-area-shrink+cubic-enlarge"  # recorded in meta.json params: changing it rebuilds
 
 
 class ImageError(Exception):
@@ -58,18 +68,14 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def _draft(img: Image.Image, size: int) -> tuple[float, float]:
+def _draft(img: Image.Image, size: int) -> None:
     """Ask libjpeg to decode big JPEGs scaled down (never below DRAFT_FACTOR * size on the
-    shorter side); returns the (x, y) scale from original to decoded pixel coordinates."""
+    shorter side); the decoded image keeps the aspect ratio to within a pixel."""
     w, h = img.size
     if img.format != "JPEG" or min(w, h) < 2 * DRAFT_FACTOR * size:
-        return 1.0, 1.0
+        return
     keep = DRAFT_FACTOR * size / min(w, h)
-    result = img.draft(None, (math.ceil(w * keep), math.ceil(h * keep)))
-    if result is None:
-        return 1.0, 1.0
-    _, box = result  # the decoded image covers (0, 0, w/scale, h/scale)
-    return box[2] / w, box[3] / h
+    img.draft(None, (math.ceil(w * keep), math.ceil(h * keep)))
 
 
 def resize_center(img: Image.Image, size: int = SIZE) -> np.ndarray:
@@ -77,17 +83,26 @@ def resize_center(img: Image.Image, size: int = SIZE) -> np.ndarray:
 
     ``img`` must be freshly opened (not loaded) for the JPEG draft shortcut to apply.
     """
-    return np.asarray(resize_center_image(img, size), dtype=np.uint8)
+    _draft(img, size)
+    arr = np.asarray(_to_rgb(img), dtype=np.uint8)
+    return resize_center_array(arr, size)
+
+
+def resize_center_array(arr: np.ndarray, size: int = SIZE) -> np.ndarray:
+    """Central square of a uint8 (h, w, 3) array resampled to (size, size, 3), filter by direction."""
+    h, w = arr.shape[:2]
+    side = min(w, h)
+    x0, y0 = (w - side) // 2, (h - side) // 2
+    square = arr[y0:y0 + side, x0:x0 + side]
+    if side == size:
+        return np.ascontiguousarray(square)
+    out = cv2.resize(square, (size, size), interpolation=SHRINK if side > size else ENLARGE)
+    return out
 
 
 def resize_center_image(img: Image.Image, size: int = SIZE) -> Image.Image:
-    """``resize_center`` as a PIL RGB image (the writer encodes it without a numpy round trip)."""
-    w, h = img.size
-    sx, sy = _draft(img, size)
-    side = min(w, h)
-    x0, y0 = (w - side) / 2, (h - side) / 2
-    box = (x0 * sx, y0 * sy, (x0 + side) * sx, (y0 + side) * sy)
-    return _to_rgb(img).resize((size, size), RESAMPLE, box=box)
+    """``resize_center`` as a PIL RGB image (what the writer encodes and sums)."""
+    return Image.fromarray(resize_center(img, size), "RGB")
 
 
 def decode_record(data: bytes, size: int = SIZE) -> np.ndarray:

@@ -44,3 +44,21 @@ def sample_records(sample_source, tmp_path_factory):
     build(PrepConfig(source=str(sample_source), out=str(out), workers=1, shard_size=16,
                      progress=False))
     return out
+
+
+@pytest.fixture(scope="session")
+def photo_source(tmp_path_factory):
+    """A small ImageNet-layout tree of real photographs (crops of scikit-image's photos; some
+    under 256 px, grayscale and one CMYK JPEG); skipped when scikit-image is missing."""
+    pytest.importorskip("skimage")
+    from prep.photos import make_photo_set
+    return make_photo_set(tmp_path_factory.mktemp("photo_src"), n=24, seed=0)
+
+
+@pytest.fixture(scope="session")
+def photo_records(photo_source, tmp_path_factory):
+    """Records built from ``photo_source`` by the real prep code."""
+    from prep.build_records import PrepConfig, build
+    out = tmp_path_factory.mktemp("photo_records")
+    build(PrepConfig(source=str(photo_source), out=str(out), workers=1, shard_size=8, progress=False))
+    return out

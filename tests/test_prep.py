@@ -14,6 +14,7 @@ import tarfile
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 from PIL import Image
@@ -118,8 +119,8 @@ def test_resize_matches_resize_then_crop():
     # 600x300 -> 512x256, crop x 128..384: a whole-pixel offset, so both routes are the same map.
     arr = _textured(600, 300, seed=3)
     ours = transform.resize_center(Image.fromarray(arr)).astype(float)
-    full = Image.fromarray(arr).resize((512, 256), transform.RESAMPLE)
-    ref = np.asarray(full.crop((128, 0, 384, 256))).astype(float)
+    full = cv2.resize(arr, (512, 256), interpolation=cv2.INTER_AREA)
+    ref = full[:, 128:384].astype(float)
     assert np.abs(ours - ref).max() <= 1.0  # rounding only
 
 
@@ -223,7 +224,7 @@ def test_every_record_is_its_source_image_with_its_label(sample_source, sample_r
             arr = np.asarray(img).astype(np.int16)
         err = np.abs(stack - arr).mean(axis=(1, 2, 3))
         best = int(np.argmin(err))
-        assert err[best] < 8.0 and np.sort(err)[1] > 20.0  # one clear match: the JPEG (q90) of that source
+        assert err[best] < 8.0 and np.sort(err)[1] > max(10.0, 4 * err[best])  # one clear match: its JPEG (q90)
         assert label == sources[names[best]][1]
         matched.append(names[best])
     assert sorted(matched) == names  # every decodable source exactly once

@@ -1,0 +1,94 @@
+"""A small ImageNet-layout tree of real photographs, from the photos scikit-image ships offline.
+
+    python -m prep.photos DIR [--n 60]         # also: python -m prep.bench --photos 60
+
+The generated sample set is synthetic; the records' resize has to hold up on real photos (fine
+texture, edges, noise), so tests and the prep benchmark also run on crops of ``skimage.data``'s
+photographs (astronaut, cat, coffee, rocket, Hubble deep field, retina, coins, grass, gravel,
+brick, ...). Each source photo is a class; each image is a random crop of it (random position,
+55-100% of the shorter side, 4:3 or 3:4), saved at an ImageNet-like size: most with a shorter side
+of 256-500 px (shrunk by the records), about one in six under 256 px (enlarged), one in eight
+grayscale, and one CMYK JPEG. Crops are only ever shrunk here (OpenCV INTER_AREA), never enlarged,
+so every file keeps a real photo's detail. Deterministic for a given ``seed``.
+
+scikit-image is a test extra (``pip install .[test]``), imported only here.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry",
+          "retina", "camera", "coins", "moon", "grass", "gravel", "brick", "clock")
+SHORT_SIDES = (180, 224, 300, 333, 375, 375, 400, 500)   # shorter side of a saved crop (pixels)
+QUALITY = 92                                               # JPEG quality of the "camera" files
+
+
+def load_photos(names=PHOTOS) -> dict[str, np.ndarray]:
+    """{name: uint8 (h, w, 3) RGB}; grayscale photos are repeated over 3 channels."""
+    from skimage import data
+    out = {}
+    for name in names:
+        arr = np.asarray(getattr(data, name)())
+        if arr.ndim == 2:
+            arr = np.repeat(arr[..., None], 3, axis=-1)
+        out[name] = np.ascontiguousarray(arr[..., :3].astype(np.uint8))
+    return out
+
+
+def _crop(photo: np.ndarray, rng) -> np.ndarray:
+    import cv2
+    h, w = photo.shape[:2]
+    cs = int(min(h, w) * rng.uniform(0.55, 1.0))         # crop's shorter side, source pixels
+    portrait = rng.random() < 0.3
+    ch, cw = (min(h, cs * 4 // 3), cs) if portrait else (cs, min(w, cs * 4 // 3))
+    y, x = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+    crop = photo[y:y + ch, x:x + cw]
+    target = int(rng.choice(SHORT_SIDES))
+    if target < min(ch, cw):
+        scale = target / min(ch, cw)
+        crop = cv2.resize(crop, (max(1, round(cw * scale)), max(1, round(ch * scale))), interpolation=cv2.INTER_AREA)
+    return np.ascontiguousarray(crop)
+
+
+def _encode(arr: np.ndarray, mode: str) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).convert(mode).save(buf, "JPEG", quality=QUALITY)
+    return buf.getvalue()
+
+
+def make_photo_set(root: str | Path, n: int = 60, seed: int = 0, val_every: int = 5) -> Path:
+    """Write ``n`` crops under ``root``/train/<wnid>/ and (every ``val_every``-th) ``root``/val/<wnid>/."""
+    root = Path(root)
+    photos = load_photos()
+    names = sorted(photos)
+    for i in range(n):
+        rng = np.random.default_rng([seed, i])
+        c = i % len(names)
+        arr = _crop(photos[names[c]], rng)
+        mode = "CMYK" if i == 3 else "L" if i % 8 == 5 else "RGB"
+        # the first round gives every class a train image; val only after that
+        split = "val" if val_every and i >= len(names) and i % val_every == val_every - 1 else "train"
+        folder = root / split / f"n8{c:07d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{names[c]}_{i:05d}.JPEG").write_bytes(_encode(arr, mode))
+    return root
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m prep.photos", description=__doc__.splitlines()[0])
+    ap.add_argument("root")
+    ap.add_argument("--n", type=int, default=60)
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(argv)
+    make_photo_set(a.root, a.n, a.seed)
+    print(f"wrote {a.n} photo crops to {a.root}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -49,7 +49,6 @@ from nvidia.dali import fn, types
 from nvidia.dali.pipeline import Pipeline
 
 from common.config import at_least
-from common.system import usable_cores
 from pipeline import reader, reference as ref
 
 VIEWS = ("train", "center", "tencrop")

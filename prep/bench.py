@@ -26,18 +26,18 @@ A flat val/ without --val-labels is left out (train only) instead of stopping th
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import multiprocessing
-import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from common.errors import UserError, error_line
+from common.system import usable_cores
+from common.timing import interleaved
 from prep import transform
 from prep.build_records import PrepConfig, build, ensure_sample
 from prep.records import DEFAULT_SAMPLE
@@ -95,21 +95,6 @@ def run_ffcv(items: list[tuple[str, int]], out: Path, workers: int) -> None:
     DatasetWriter(str(out), fields, num_workers=workers).from_indexed_dataset(DecodedImages(items))
 
 
-def _cpu() -> float:
-    t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
-
-
-def timed(fn, *args) -> tuple[float, float]:
-    """(wall seconds, CPU seconds of this process and its reaped children) of fn(*args)."""
-    c0, t0 = _cpu(), time.perf_counter()
-    fn(*args)
-    wall = time.perf_counter() - t0
-    for child in multiprocessing.active_children():  # reap this method's workers now, so their
-        child.join(timeout=10)                       # CPU time is not billed to the next method
-    return wall, _cpu() - c0
-
-
 def _source(args, tmp: Path) -> tuple[Path, str | None]:
     """(source folder, val labels) to bench: --photos N crops, --source, or the sample set. A flat
     val/ without labels is dropped (a train-only view of the source under ``tmp``)."""
@@ -138,7 +123,7 @@ def main(argv=None) -> int:
     ap.add_argument("--val-labels", default=None, help="labels of a flat SOURCE/val (as build_records.py)")
     ap.add_argument("--photos", type=int, default=0,
                     help="bench on N crops of real photographs (scikit-image's) instead of --source")
-    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--workers", type=int, default=usable_cores())
     ap.add_argument("--no-ffcv", action="store_true", help="skip the FFCV writer")
     ap.add_argument("--repeat", type=int, default=1, help="rounds; each method's fastest round is reported")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
@@ -147,8 +132,8 @@ def main(argv=None) -> int:
         try:
             source, val_labels = _source(args, Path(data_tmp))
             src = scan(source, val_labels)
-        except (SourceError, OSError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
+        except (UserError, OSError) as exc:
+            print(f"error: {error_line(exc)}", file=sys.stderr)
             return 2
         items = [(str(source / it.rel), it.label) for it in src.train + src.val]
         best = _rounds(args, source, val_labels, items)
@@ -167,14 +152,26 @@ def _rounds(args, source: Path, val_labels: str | None, items) -> dict[str, tupl
                "ours (build_records)": lambda tmp: run_ours(source, tmp / "records", args.workers, val_labels)}
     if not args.no_ffcv:
         methods["FFCV DatasetWriter"] = lambda tmp: run_ffcv(items, tmp / "bench.beton", args.workers)
-    best: dict[str, tuple[float, float]] = {}
-    for _ in range(args.repeat):  # rounds interleave the methods, so load drift hits all alike
-        for name, fn in methods.items():
-            with tempfile.TemporaryDirectory() as tmp:
-                wall, cpu = timed(fn, Path(tmp))
-            if name not in best or wall < best[name][0]:
-                best[name] = (wall, cpu)
-    return best
+    tmp: dict[str, tempfile.TemporaryDirectory] = {}
+
+    def prepare(name: str) -> None:            # a fresh empty output folder per turn, untimed
+        if name in tmp:
+            tmp[name].cleanup()
+        tmp[name] = tempfile.TemporaryDirectory()
+
+    def turn(name: str, fn):
+        def run() -> int:
+            fn(Path(tmp[name].name))
+            for child in multiprocessing.active_children():   # reap the pool inside the span,
+                child.join(timeout=10)                         # so its CPU time is billed here
+            return len(paths)
+        return run
+
+    # rounds interleave the methods, so load drift hits all alike; each method's fastest round counts
+    samples = interleaved({name: turn(name, fn) for name, fn in methods.items()}, args.repeat, prepare=prepare)
+    for t in tmp.values():
+        t.cleanup()
+    return {name: min((s.wall, s.cpu) for s in runs) for name, runs in samples.items()}
 
 
 def report(n: int, seconds: dict, args) -> None:
@@ -191,7 +188,7 @@ def report(n: int, seconds: dict, args) -> None:
     for k, (wall, _) in seconds.items():
         t.add_row(k, f"{wall:.2f}", f"{rates[k]:.0f}", f"{rates[k] / rates[base]:.2f}",
                   f"{rates[k] / rates[ffcv]:.2f}" if ffcv else "-",
-                  f"{cpu_ms[k]:.2f}", f"{cpu_ms[base] / cpu_ms[k]:.2f}" if cpu_ms[k] > 0 else "-")  # os.times ticks: 10 ms
+                  f"{cpu_ms[k]:.2f}", f"{cpu_ms[base] / cpu_ms[k]:.2f}" if cpu_ms[k] > 0 else "-")
     Console(width=140).print(t)
     if args.json:
         Path(args.json).write_text(json.dumps({"images": n, "workers": args.workers, "images_per_s": rates,

@@ -34,7 +34,6 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable
 
 import importlib.util
 import json
-import os
 import shutil
 import time
 from typing import Callable
@@ -43,12 +42,14 @@ import numpy as np
 
 from common.atomic import write_json
 from common.config import parse_args
+from common.errors import UserError, error_line
+from common.system import usable_cores
 from prep.config import PrepConfig, PrepError  # noqa: F401  (re-exported: the public entry point)
 from prep.finish import collect, finish, summary as _summary
 from prep.outdir import clean_stale, locked_out, prepare_out
 from prep.plan import ShardTask, params_of, plan
-from prep.records import DEFAULT_RECORDS, DEFAULT_SAMPLE, RecordsError
-from prep.source import Source, SourceError, scan
+from prep.records import DEFAULT_RECORDS, DEFAULT_SAMPLE
+from prep.source import Source, scan
 from prep.workers import PARTIAL, run_tasks, shard_done
 
 SAMPLE_MARKER = ".sample-complete.json"
@@ -99,7 +100,7 @@ def build(cfg: PrepConfig, *, on_shard: Callable[[str, int], None] | None = None
         write_json(out / PARTIAL / "identity.json", identity)
         clean_stale(out, {f"{t.split}/{t.name}" for t in tasks})
         todo = [t for t in tasks if not shard_done(out, t)]
-        workers = min(cfg.workers or os.cpu_count() or 1, max(len(todo), 1))
+        workers = min(cfg.workers or usable_cores(), max(len(todo), 1))
         t_run = time.perf_counter()
         run_tasks(todo, workers, cfg.progress, on_shard)
         run_s = time.perf_counter() - t_run
@@ -114,7 +115,7 @@ def _maybe_ffcv(cfg: PrepConfig, out: Path, src: Source, tasks: list[ShardTask])
     if not cfg.ffcv:
         return []
     from prep.ffcv_writer import write_betons
-    return write_betons(out, src.root, tasks, cfg.quality, cfg.workers or os.cpu_count() or 1)
+    return write_betons(out, src.root, tasks, cfg.quality, cfg.workers or usable_cores())
 
 
 # ---------------------------------------------------------------- CLI
@@ -161,11 +162,8 @@ def main(argv=None) -> int:
     cfg = parse_args(PrepConfig, argv, prog="build_records.py", description=__doc__.splitlines()[0])
     try:
         summary = build(cfg)
-    except (PrepError, SourceError, RecordsError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:  # a last resort: an OS failure outside OUT's own checks, still one line
-        print(f"error: {exc.filename or cfg.out}: {exc.strerror or exc}", file=sys.stderr)
+    except (UserError, OSError) as exc:   # an OS failure outside OUT's own checks is one line too
+        print(f"error: {error_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: finished shards are kept; rerun the same command to resume", file=sys.stderr)

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from common.errors import UserError
+
 MAX_SHARD = 1_000_000  # mean-image partials are uint32: 255 * MAX_SHARD < 2^32
 DEFAULT_SHARD = 1000   # ~25 MB tars for ImageNet: 1282 train shards
 MIN_SHARDS = 16        # the automatic shard size keeps at least this many train shards
 
 
-class PrepError(Exception):
+class PrepError(UserError):
     """A user-facing error of the records build; one line naming the file or flag."""
 
 

@@ -1,13 +1,12 @@
 """Planning a build: the seeded order of the inputs, the shard tasks, and the build's identity."""
 from __future__ import annotations
 
-import platform
 from dataclasses import dataclass
-from importlib import metadata as importlib_metadata
 from pathlib import Path
 
 import numpy as np
 
+from common.system import versions as system_versions
 from prep import transform
 from prep.config import DEFAULT_SHARD, MIN_SHARDS, PrepConfig
 from prep.source import Item, Source
@@ -61,12 +60,7 @@ def params_of(cfg: PrepConfig, src: Source) -> dict:
 
 
 def versions() -> dict:
-    out = {"python": platform.python_version()}
-    for dist in ("numpy", "pillow", "opencv-python-headless", "opencv-python", "nvidia-dali-cuda120", "ffcv"):
-        try:
-            out[dist] = importlib_metadata.version(dist)
-        except importlib_metadata.PackageNotFoundError:
-            pass
+    """What built the records (meta.json): the imaging libraries and libjpeg's version."""
     from PIL import features
-    out["libjpeg"] = features.version("jpg")
-    return out
+    return {**system_versions(("numpy", "pillow", "opencv-python*", "nvidia-dali*", "ffcv")),
+            "libjpeg": features.version("jpg")}

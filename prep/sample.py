@@ -31,11 +31,12 @@ import colorsys
 import functools
 import io
 import multiprocessing
-import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from common.system import usable_cores
 
 # (width, height) of ImageNet-like photos and how often each appears.
 SIZES = ((500, 375), (375, 500), (500, 333), (333, 500), (500, 400), (640, 480),
@@ -195,7 +196,7 @@ def make_sample_set(root: str | Path, classes: int = 10, train_per_class: int = 
     for folder in sorted({job[0].parent for job in jobs}):
         folder.mkdir(parents=True, exist_ok=True)
     work = functools.partial(_write_one, classes=classes, seed=seed)
-    workers = workers or os.cpu_count() or 1
+    workers = workers or usable_cores()
     if workers == 1 or len(jobs) < 200:  # small sets: a pool costs more than it saves
         for job in jobs:
             work(job)

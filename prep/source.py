@@ -23,8 +23,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.errors import UserError
 
-class SourceError(Exception):
+
+class SourceError(UserError):
     """The source folder or label file is unusable; the message is one line naming it."""
 
 

@@ -14,8 +14,8 @@ Speed (this runs once per image, beside the JPEG work). The records writer uses 
 everything comes from 8-bit histograms that PIL computes in C, with no float copy of the image.
 A band's histogram h gives S_c = sum v h(v) and Q_cc = sum v^2 h(v); for a pair of bands the
 histogram of |x_i - x_j| (ImageChops.difference, exact for 8-bit values) gives
-sum (x_i - x_j)^2 = Q_ii + Q_jj - 2 Q_ij, hence Q_ij. All integer arithmetic: exact. (Measured
-in the writer's loop on 2 cores: 0.68 ms per 256x256 image vs 0.99 ms for ``add_image``.)
+sum (x_i - x_j)^2 = Q_ii + Q_jj - 2 Q_ij, hence Q_ij. All integer arithmetic: exact, and
+cheaper in the writer's loop than ``add_image`` (no float copy of the image).
 ``add_image`` takes a numpy array instead: S and Q come from one float64 BLAS
 product of the (4, pixels) matrix [R; G; B; 1] with its transpose. Every product and partial sum
 is an integer of at most 65536 * 255^2 < 2^53 (for a 256x256 image), so float64 holds all of them

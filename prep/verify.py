@@ -20,7 +20,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import io
-import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -28,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from common.config import check_at_least
+from common.errors import UserError, error_line
 from common.system import usable_cores
 from prep.records import SPLITS, RecordsError, _header_ok, read_index, read_meta, shard_paths
 from prep.shards import TAR_BLOCK
@@ -40,8 +41,7 @@ class VerifyConfig:
     progress: bool = field(default=True, metadata={"help": "progress bar in a terminal (plain lines otherwise)"})
 
     def __post_init__(self):
-        if self.workers is not None and self.workers < 1:
-            raise ValueError("--workers must be >= 1")
+        check_at_least(self, ("workers",))
 
 
 @dataclass(frozen=True)
@@ -199,11 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     try:
         return verify(cfg)
-    except RecordsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"error: {exc.filename or cfg.records}: {exc.strerror}", file=sys.stderr)
+    except (UserError, OSError) as exc:
+        print(f"error: {error_line(exc)}", file=sys.stderr)
         return 2
 
 

@@ -177,7 +177,7 @@ def test_bad_record_saves_the_last_step_and_resumes_exactly(full, tmp_path, caps
 
 
 def test_nonfinite_weights_after_a_finite_loss_are_never_saved(tmp_path, capsys):
-    """The issue's case: a resume with an absurd explicit --lr whose one step has a finite loss
+    """A NaN report from a real run: a resume with an absurd explicit --lr whose one step has a finite loss
     but leaves inf weights (inputs of 1e30: the logits stay finite, lr x gradient does not)."""
     def poison(i, x):
         x = torch.zeros_like(x)

@@ -41,6 +41,16 @@ def param_groups(model: nn.Module, weight_decay: float, decay_biases: bool) -> l
     return groups
 
 
+def set_hyperparameters(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> None:
+    """Momentum and weight decay from the config into every group: the one writer besides
+    construction. Must run after ``optimizer.load_state_dict`` on resume, which brings back the
+    saved run's values (an explicit ``--momentum``/``--weight-decay`` would otherwise be
+    reported as applied and silently ignored). Group 0 is the decayed group (param_groups)."""
+    for i, group in enumerate(optimizer.param_groups):
+        group["momentum"] = cfg.momentum
+        group["weight_decay"] = cfg.weight_decay if i == 0 else 0.0
+
+
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
     groups = param_groups(model, cfg.weight_decay, cfg.decay_biases)
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)

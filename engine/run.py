@@ -35,7 +35,7 @@ from .config import MODEL_FIELDS, TrainConfig, explicit_flags, merge_explicit, p
 from .loop import LoopSettings, NonFiniteLoss, StepHooks, StepPlan, eval_metrics, evaluate, to_device, train_steps
 from .precision import Precision
 from .profiling import Phases, trace_profiler
-from .recipe import make_optimizer
+from .recipe import make_optimizer, set_hyperparameters
 from .report import Reporter, crops_table, epoch_line, epochs_table, profile_table
 from .schedule import PlateauSchedule
 from .signals import StopFlag
@@ -141,7 +141,15 @@ def resolve_records(cfg: TrainConfig) -> tuple[Path, int]:
     if not records.exists():
         hint = "" if cfg.records else " (run prep/build_records.py first, or pass --records DIR)"
         raise RecordsError(f"{records}: records folder does not exist{hint}")
-    return records, len(read_meta(records)["classes"])
+    meta = read_meta(records)
+    try:   # checked now, not when the first epoch's validation starts hours later
+        val = int(meta["counts"]["val"])
+    except (KeyError, TypeError, ValueError):
+        val = 0
+    if val < 1:
+        raise RecordsError(f"{records / 'meta.json'}: no validation records (split 'val'); training "
+                           "validates every epoch: rebuild with SOURCE/val (or --val-labels)")
+    return records, len(meta["classes"])
 
 
 def setup_devices(cfg: TrainConfig, info: D.DistInfo, say: Reporter) -> list[str]:
@@ -244,6 +252,7 @@ def restore(s: Session, state: TrainState, saved: dict, path: Path, lr_given: bo
     try:
         s.net.load_state_dict(saved["model"])
         s.optimizer.load_state_dict(saved["optimizer"])
+        set_hyperparameters(s.optimizer, s.cfg)     # the resumed run's flags, not the saved ones
         state.load_state_dict(saved)
         s.precision.load_state_dict(saved.get("precision") or {})   # fp16: the loss scale goes on
     except (RuntimeError, KeyError, ValueError, TypeError) as exc:
@@ -323,7 +332,9 @@ def fit(s: Session, state: TrainState, stop: StopFlag, log: logs.RunLog) -> int:
                 return paused(s, state, f"{stop.name or 'stop'} received", stop.exit_code)
             if reason == "max_steps":          # mid-epoch: no validation, the epoch is not over
                 paused(s, state, f"--max-steps {cfg.max_steps} reached", 0)
-                break
+                if cfg.profile:
+                    report_profile(s, phases)
+                return 0                        # no final evaluation: the run is not over
             start = time.perf_counter()
             end_epoch(s, state)
             log.epoch_ended(state.history[-1], state.step, time.perf_counter() - start, s.net, phases)

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Set up a virtual environment in .venv with everything the project needs.
 #
-#   bash scripts/setup.sh          # the runtime: torch (CPU build pinned), DALI, numpy, pillow, rich
-#   bash scripts/setup.sh --test   # + pytest and the FFCV baseline (apt: pkg-config libturbojpeg0-dev libopencv-dev)
+#   bash scripts/setup.sh          # the runtime: torch==2.13.0 (the build your pip index serves:
+#                                  #   CUDA from PyPI, or CPU where pip is configured so), DALI,
+#                                  #   numpy, pillow, opencv, rich, matplotlib
+#   bash scripts/setup.sh --test   # + pytest, scikit-image, tensorboard and the FFCV baseline
+#                                  #   (apt, as root or with sudo: pkg-config libturbojpeg0-dev libopencv-dev)
 #
 # Safe to rerun; it only installs what is missing.
 set -euo pipefail

@@ -162,6 +162,25 @@ def test_max_steps_mid_epoch_neither_validates_nor_counts_the_epoch(full, tmp_pa
     assert metrics(tmp_path) == metrics(full)
 
 
+def test_max_steps_stop_skips_the_final_evaluation(tmp_path):
+    """A run cut into scheduler-sized chunks with --max-steps must not pay the whole 10-crop
+    evaluation (nor write eval.json with mid-epoch numbers) at every chunk."""
+    assert start(tmp_path, config(max_steps=BATCHES + 2, final_eval=True)) == 0
+    assert (tmp_path / "last.pt").exists() and not (tmp_path / "eval.json").exists()
+    assert resume(tmp_path, config(max_steps=None, final_eval=True)) == 0
+    assert (tmp_path / "eval.json").exists()
+
+
+def test_resume_applies_explicit_momentum_and_weight_decay(tmp_path):
+    """optimizer.load_state_dict brings back the saved run's momentum and weight decay; the
+    resumed run's flags (reported as overrides) must be the ones it trains with."""
+    assert start(tmp_path, config(max_steps=3)) == 0
+    cfg = config(momentum=0.5, weight_decay=0.002)
+    s = session(tmp_path, cfg)
+    R.restore(s, R.new_state(cfg, 1), ckpt.load(tmp_path / "last.pt", keys=R.RESUME_KEYS), tmp_path / "last.pt", False)
+    assert [(g["momentum"], g["weight_decay"]) for g in s.optimizer.param_groups] == [(0.5, 0.002)]
+
+
 def test_bad_record_saves_the_last_step_and_resumes_exactly(full, tmp_path, capsys):
     def bad(i, x):
         if i == 3:

@@ -1,6 +1,7 @@
 """The training engine's pieces, checked against the paper on hand-made inputs (no DALI, no AlexNet)."""
 from __future__ import annotations
 
+import json
 import math
 import pickle
 import subprocess
@@ -17,10 +18,11 @@ from engine.config import DEMO, TrainConfig, merge_explicit, parse_train_args
 from engine.loop import LoopSettings, NonFiniteLoss, Precision, StepHooks, StepPlan, evaluate, to_device, train_steps
 from engine.profiling import PHASES, Phases
 from engine.recipe import loss_fn, make_optimizer, param_groups
-from engine.run import epoch_seed, stop_poll
+from engine.run import epoch_seed, resolve_records, stop_poll
 from engine.schedule import PlateauSchedule, lr_at
 from engine.state import TrainState
 from engine.voting import topk_counts, vote
+from prep.records import RecordsError
 
 CPU = LoopSettings(input_device=torch.device("cpu"))
 REPO = Path(__file__).resolve().parent.parent
@@ -413,3 +415,14 @@ def test_rng_states_saved_on_gpus_restore_the_cpu_generator_and_say_what_was_not
     torch.manual_seed(6)
     assert ckpt.set_rng_state(saved) == "2 CUDA RNG states saved, 0 GPU(s) visible: restored 0"
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_records_without_a_validation_split_are_refused_before_training(sample_records, tmp_path):
+    """Every epoch ends with a validation pass: records without val must fail at start, not
+    after the first (on ImageNet: hours-long) epoch, and again at every resume."""
+    meta = json.loads((sample_records / "meta.json").read_text())
+    assert resolve_records(TrainConfig(records=str(sample_records)))[1] == len(meta["classes"])
+    meta["counts"]["val"] = 0
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(RecordsError, match="no validation records"):
+        resolve_records(TrainConfig(records=str(tmp_path)))

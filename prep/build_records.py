@@ -17,7 +17,8 @@ Writes (see prep/records.py for the readers and README "records" for the details
 Work is split into shards (one task each, over ``--workers`` processes). A shard's tar and index
 appear only when complete (temp name + rename) and its integer pixel sums are kept in
 OUT/.partial/ until the build finishes, so a rerun after Ctrl-C or a kill redoes only the
-unfinished shards and ends with exactly the output of an uninterrupted run.
+unfinished shards and ends with exactly the output of an uninterrupted run. A worker process
+that dies (out-of-memory killer, a crash) ends the build with one line naming its shard, exit 2.
 
 The stages, each in its own module: prep/config.py (PrepConfig), prep/source.py (listing),
 prep/plan.py (order, shards, identity), prep/outdir.py (lock, reuse/resume/refuse, stale
@@ -32,6 +33,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import contextlib
 import importlib.util
 import json
 import shutil
@@ -46,7 +48,7 @@ from common.errors import UserError, error_line
 from common.system import usable_cores
 from prep.config import PrepConfig, PrepError  # noqa: F401  (re-exported: the public entry point)
 from prep.finish import collect, finish, summary as _summary
-from prep.outdir import clean_stale, locked_out, prepare_out
+from prep.outdir import clean_stale, locked_out, prepare_out, remove_temp_files
 from prep.plan import ShardTask, params_of, plan
 from prep.records import DEFAULT_RECORDS, DEFAULT_SAMPLE
 from prep.source import Source, scan
@@ -102,7 +104,12 @@ def build(cfg: PrepConfig, *, on_shard: Callable[[str, int], None] | None = None
         todo = [t for t in tasks if not shard_done(out, t)]
         workers = min(cfg.workers or usable_cores(), max(len(todo), 1))
         t_run = time.perf_counter()
-        run_tasks(todo, workers, cfg.progress, on_shard)
+        try:
+            run_tasks(todo, workers, cfg.progress, on_shard)
+        except BaseException:  # Ctrl-C, a dead or failing worker: every worker is stopped by now
+            with contextlib.suppress(OSError):  # keep the original error if OUT itself went bad
+                remove_temp_files(out)  # what they were writing; their finished shards stay
+            raise
         run_s = time.perf_counter() - t_run
         finish(out, src, identity, collect(out, tasks, src))
         written = sum(len(t.items) for t in todo)

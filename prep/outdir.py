@@ -124,14 +124,19 @@ def prepare_out(out: Path, identity: dict, overwrite: bool) -> bool:
     return False
 
 
-def clean_stale(out: Path, keep: set[str]) -> None:
-    """Remove what a killed build leaves: hidden temp files of atomic writes (``.NAME.*.tmp``)
-    anywhere in OUT, and partials of shards that are not in this build's plan (``keep``: names
-    like ``train/shard-000003``)."""
+def remove_temp_files(out: Path) -> None:
+    """Remove the hidden temp files of atomic writes (``.NAME.*.tmp``) anywhere in OUT: what a
+    killed writer leaves. Only while no writer of this build is running (OUT's lock is held)."""
     for folder in (out, out / "train", out / "val", out / PARTIAL, out / PARTIAL / "train", out / PARTIAL / "val"):
         if folder.is_dir():
             for tmp in folder.glob(".*.tmp"):
                 tmp.unlink(missing_ok=True)
+
+
+def clean_stale(out: Path, keep: set[str]) -> None:
+    """Remove what a killed build leaves: temp files (``remove_temp_files``), and partials of
+    shards that are not in this build's plan (``keep``: names like ``train/shard-000003``)."""
+    remove_temp_files(out)
     for split in ("train", "val"):
         folder = out / PARTIAL / split
         if folder.is_dir():

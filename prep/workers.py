@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import signal
 import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Callable
 
@@ -17,6 +20,7 @@ import numpy as np
 
 from common.atomic import atomic_open, write_json
 from prep import transform
+from prep.config import PrepError
 from prep.plan import ShardTask
 from prep.shards import ShardWriter
 from prep.stats import PixelSums
@@ -79,12 +83,15 @@ def write_shard(task: ShardTask, tick: Callable[[int], None]) -> int:
     return len(task.items)
 
 
-_SHARED_COUNTER = None  # set in each pool worker by _init_worker: images done, for the progress bar
+# Set in each pool worker by _init_worker: images done (for the progress bar), and per task
+# the pid of the worker writing it (0: not started or finished), to name the shard of a dead worker.
+_SHARED_COUNTER = None
+_RUNNING = None
 
 
-def _init_worker(counter) -> None:
-    global _SHARED_COUNTER
-    _SHARED_COUNTER = counter
+def _init_worker(counter, running) -> None:
+    global _SHARED_COUNTER, _RUNNING
+    _SHARED_COUNTER, _RUNNING = counter, running
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the parent stops the pool, once
 
 
@@ -93,8 +100,10 @@ def _tick_shared(n: int) -> None:
         _SHARED_COUNTER.value += n
 
 
-def _pool_task(task: ShardTask) -> tuple[str, int]:
+def _pool_task(ordinal: int, task: ShardTask) -> tuple[str, int]:
+    _RUNNING[ordinal] = os.getpid()
     write_shard(task, _tick_shared)
+    _RUNNING[ordinal] = 0
     return task.split, task.index
 
 
@@ -122,30 +131,90 @@ def _run_inline(tasks: list[ShardTask], progress: bool, on_shard) -> None:
 
 
 def _run_pool(tasks: list[ShardTask], workers: int, progress: bool, on_shard) -> None:
+    """The tasks over a ProcessPoolExecutor, not multiprocessing.Pool: a Pool silently replaces a
+    worker that dies (out-of-memory killer, a crash in a decoder) and loses its task, so the build
+    would wait forever; the executor fails every pending task with BrokenProcessPool instead.
+    The start method stays the platform default (fork on Linux up to Python 3.13); see the note
+    on forked workers and OpenCV's threads in prep/transform.py."""
     counter = multiprocessing.Value("q", 0)
-    # fork the workers before the progress bar starts its refresh thread
-    with multiprocessing.Pool(workers, initializer=_init_worker, initargs=(counter,)) as pool, \
-            _progress(progress) as bar:
-        job, t0 = bar.add_task("records", total=sum(len(t.items) for t in tasks), rate=0.0), time.perf_counter()
-        results = pool.imap_unordered(_pool_task, tasks, chunksize=1)
-        for _ in tasks:
-            while True:
-                done = counter.value
+    running = multiprocessing.RawArray("q", len(tasks))  # each slot is written by one worker at a time
+    before = {p.pid for p in multiprocessing.active_children()}
+    pool = ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(counter, running))
+    procs: list[multiprocessing.Process] = []
+    try:
+        # every worker is started by the submits, before the progress bar starts its refresh thread
+        futures = [pool.submit(_pool_task, i, task) for i, task in enumerate(tasks)]
+        procs = [p for p in multiprocessing.active_children() if p.pid not in before]
+        with _progress(progress) as bar:
+            job, t0 = bar.add_task("records", total=sum(len(t.items) for t in tasks), rate=0.0), time.perf_counter()
+            pending = set(futures)
+            while pending:
+                finished, pending = wait(pending, timeout=0.25, return_when=FIRST_COMPLETED)
+                done = _images_done(counter)
                 bar.update(job, completed=done, rate=done / max(time.perf_counter() - t0, 1e-9))
-                try:
-                    split, index = results.next(timeout=0.25)
-                    break
-                except multiprocessing.TimeoutError:
-                    continue
-            if on_shard:
-                on_shard(split, index)
-        bar.update(job, completed=counter.value)
+                for future in finished:
+                    split, index = future.result()  # a worker's exception is raised here
+                    if on_shard:
+                        on_shard(split, index)
+            bar.update(job, completed=_images_done(counter))
+    except BrokenProcessPool:
+        _stop(pool, procs)
+        raise PrepError(_death_message(tasks, procs, running)) from None
+    except BaseException:  # Ctrl-C, a worker's exception, on_shard's exception
+        _stop(pool, procs)
+        raise
+    pool.shutdown()
+
+
+def _images_done(counter) -> int:
+    """The progress counter read WITHOUT its lock (``counter.value`` takes it): a worker killed
+    inside _tick_shared dies holding the lock, and this process must still notice the death.
+    An aligned 64-bit read is never torn; the workers' increments keep the lock."""
+    return counter.get_obj().value
+
+
+def _stop(pool: ProcessPoolExecutor, procs: list[multiprocessing.Process]) -> None:
+    """Kill the workers mid-shard (as Pool.terminate did) and wait for them: finished shards are
+    complete on disk, the others are redone by the next build."""
+    for p in procs:
+        if p.exitcode is None:
+            p.terminate()
+    pool.shutdown(wait=True, cancel_futures=True)
+    for p in procs:
+        p.join()
+
+
+def _death_message(tasks: list[ShardTask], procs: list[multiprocessing.Process], running) -> str:
+    """One line: how the worker died and which shard it was writing. The executor SIGTERMs the
+    other workers once one is gone, so the dead one is the one that did not end by SIGTERM
+    (if every one did, e.g. after a `kill PID`, each SIGTERMed worker's shard is named)."""
+    codes = {p.pid: p.exitcode for p in procs if p.exitcode not in (None, 0)}
+    dead = {pid: c for pid, c in codes.items() if c != -signal.SIGTERM} or codes
+    how = ", ".join(sorted({_exit_words(c) for c in dead.values()})) or "unknown cause"
+    shards = [f"{t.split}/{t.name}" for i, t in enumerate(tasks) if running[i] and running[i] in dead]
+    out = tasks[0].out if tasks else "?"
+    where = f" while writing shard {' or '.join(shards)}" if shards else ""
+    return (f"--out {out}: a worker process died ({how}){where}; "
+            "finished shards are kept, rerun the same command to resume")
+
+
+def _exit_words(code: int) -> str:
+    if code >= 0:
+        return f"exit status {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = "unknown signal"
+    hint = ": often the out-of-memory killer" if -code == signal.SIGKILL else ""
+    return f"signal {-code}, {name}{hint}"
 
 
 def run_tasks(tasks: list[ShardTask], workers: int, progress: bool,
               on_shard: Callable[[str, int], None] | None = None) -> None:
     """Run every shard task (in-process for one worker, else over a process pool);
-    ``on_shard(split, index)`` is called in this process after each finished shard."""
+    ``on_shard(split, index)`` is called in this process after each finished shard.
+    A worker process that dies raises PrepError (one line naming the shard) once every worker
+    is stopped; temp files of the stopped writers are left for the caller to remove."""
     if workers == 1 or len(tasks) <= 1:
         _run_inline(tasks, progress, on_shard)
     else:

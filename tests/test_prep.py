@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -466,6 +467,94 @@ def test_killed_build_resumes_to_identical_output(sample_source, sample_records,
     rerun = subprocess.run(cmd, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr
     assert tree_bytes(out) == tree_bytes(sample_records)
+
+
+# The real CLI with a fault planted in the worker process that writes train shard 2, after its
+# 2nd record (its temp tar half written). Workers are forked, so the patch reaches them.
+FAULTY_CLI = """
+import os, signal, sys, time
+sys.path.insert(0, {repo!r})
+from prep import build_records, shards
+real_add = shards.ShardWriter.add
+
+def add(self, *args):
+    real_add(self, *args)
+    if self.tar_path.parent.name == "train" and self.tar_path.name == "shard-000002.tar" and self.count == 2:
+        {fault}
+
+shards.ShardWriter.add = add
+sys.exit(build_records.main(sys.argv[1:]))
+"""
+
+
+def _faulty_build(source: Path, out: Path, fault: str, *, then=None, timeout: float = 60):
+    """Run the CLI (2 workers) with ``fault`` planted; ``then(proc)`` runs while it is running.
+    Returns (exit status, stderr, seconds); a build still running after ``timeout`` is a hang."""
+    if multiprocessing.get_start_method() != "fork":
+        pytest.skip("the fault is planted by patching the parent before its workers are forked")
+    argv = ["--source", str(source), "--out", str(out), "--shard-size", "5", "--workers", "2", "--no-progress"]
+    code = FAULTY_CLI.format(repo=str(REPO), fault=fault)
+    t0 = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-c", code, *argv], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        if then:
+            then(proc)
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail(f"the build hangs: still running after {timeout} s")
+    return proc.returncode, err, time.monotonic() - t0
+
+
+def _temp_files(out: Path) -> list[Path]:
+    return [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("holding", ["", "from prep import workers; workers._SHARED_COUNTER.get_lock().acquire(); "],
+                         ids=["plain", "holding-the-progress-lock"])
+def test_dead_worker_ends_the_build_with_one_line_and_a_rerun_completes(small_source, small_records, tmp_path,
+                                                                       holding):
+    """A worker killed mid-shard (as the out-of-memory killer does, possibly while it holds the
+    shared progress counter's lock) must not hang the build."""
+    out = tmp_path / "out"
+    status, err, seconds = _faulty_build(small_source, out, holding + "os.kill(os.getpid(), signal.SIGKILL)")
+    assert status == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"error: --out {out}: a worker process died (signal 9, SIGKILL"), err
+    assert "while writing shard train/shard-000002;" in lines[0], err
+    assert lines[0].endswith("finished shards are kept, rerun the same command to resume"), err
+    assert seconds < 30, f"{seconds:.1f} s to notice the dead worker"
+    assert not (out / "meta.json").exists()
+    assert not (out / "train" / "shard-000002.tar").exists() and not _temp_files(out)  # nothing half-written
+    rerun = subprocess.run([sys.executable, str(REPO / "prep" / "build_records.py"), "--source", str(small_source),
+                            "--out", str(out), "--shard-size", "5", "--workers", "2", "--no-progress"],
+                           capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr
+    assert tree_bytes(out) == tree_bytes(small_records)
+
+
+def test_ctrl_c_stops_the_workers_mid_shard(small_source, small_records, tmp_path):
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) while a worker is busy
+    with a long shard: exit 130 at once, not after that shard; the rerun completes."""
+    out, busy = tmp_path / "out", tmp_path / "busy"
+
+    def ctrl_c(proc):
+        deadline = time.monotonic() + 60
+        while not busy.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.killpg(proc.pid, signal.SIGINT)
+
+    status, err, seconds = _faulty_build(small_source, out, f"open({str(busy)!r}, 'w').close(); time.sleep(600)",
+                                         then=ctrl_c)
+    assert status == 130, err
+    assert err.strip() == "interrupted: finished shards are kept; rerun the same command to resume", err
+    assert seconds < 30
+    assert not (out / "meta.json").exists() and not _temp_files(out)
+    assert build(cfg(small_source, out, shard_size=5, workers=2))["images_processed"] > 0
+    assert tree_bytes(out) == tree_bytes(small_records)
 
 
 def test_complete_output_is_reused_and_checked(small_source, tmp_path):

@@ -173,9 +173,13 @@ def _rank(rank: int, world: int, port: int, out: str, fault: str) -> None:
                   data=_Data(rank, fault), classes=5, net=net, model=D.wrap_ddp(net, info),
                   optimizer=make_optimizer(net, cfg), settings=LoopSettings(CPU, check_every=2),
                   precision=Precision("none", "cpu"), host_group=D.host_group(info))
+    state = R.new_state(cfg, world)
+    if fault == "resume":                         # the records fixed: continue from last.pt
+        path = Path(out, "last.pt")
+        R.restore(s, state, ckpt.load(path, keys=R.RESUME_KEYS), path, lr_given=False)
     with open(Path(out, f"rank{rank}.err"), "w") as err, contextlib.redirect_stderr(err):
         try:
-            code = R.run_session(s, R.new_state(cfg, world))
+            code = R.run_session(s, state)
         except (UserError, OSError) as exc:       # what engine.run.main does with them
             print(f"error: {error_line(exc)}", file=sys.stderr)
             code = 2
@@ -226,6 +230,11 @@ def test_a_bad_validation_record_on_one_rank_stops_both_and_saves_the_trained_ep
     assert (tmp_path / "metrics.jsonl").read_text() == ""
     lines = _error_lines(tmp_path)
     assert lines[0] == lines[1] and "record k17" in lines[0]      # every rank names the record
+    assert _spawn(tmp_path, "resume", timeout=60) == [0, 0]
+    resumed = ckpt.load(tmp_path / "last.pt")
+    assert (resumed["epoch"], resumed["step"]) == (1, BATCHES)      # no step trained twice
+    assert all(torch.equal(resumed["model"][k], saved["model"][k]) for k in saved["model"])
+    assert len(resumed["history"]) == 1 and resumed["history"][0]["train_images"] == 2 * BATCHES * BATCH
 
 
 def test_a_full_disk_on_rank_0_stops_both_with_exit_2_and_keeps_the_previous_checkpoint(tmp_path):

@@ -51,12 +51,18 @@ def nonfinite_tensor(tree: Any, prefix: str = "") -> str | None:
     return None
 
 
+def finite_or_error(state: dict[str, Any]) -> NonFiniteState | None:
+    """NonFiniteState naming the first NaN/inf tensor of ``state``'s model and optimiser, or None."""
+    bad = nonfinite_tensor({"model": state.get("model", {}), "optimizer": state.get("optimizer", {})})
+    return NonFiniteState(f"non-finite weights or momentum ({bad} holds NaN/inf)") if bad else None
+
+
 def save(path: str | Path, state: dict[str, Any]) -> None:
     """Serialise into memory first, then write atomically: no half-written file ever exists.
     The model and optimiser tensors are checked first: a NaN/inf raises NonFiniteState."""
-    bad = nonfinite_tensor({"model": state.get("model", {}), "optimizer": state.get("optimizer", {})})
-    if bad:
-        raise NonFiniteState(f"non-finite weights or momentum ({bad} holds NaN/inf)")
+    bad = finite_or_error(state)
+    if bad is not None:
+        raise bad
     buf = io.BytesIO()
     torch.save({"format": FORMAT, **state}, buf)
     write_bytes(path, buf.getvalue())

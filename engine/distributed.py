@@ -155,6 +155,19 @@ def max_over_ranks(value: int, group) -> int:
     return int(t)
 
 
+def first_error(exc: BaseException | None, group) -> BaseException | None:
+    """The lowest rank's ``exc`` (None on a rank that had none), the same on every rank, or None
+    if no rank failed: ranks that must fail together raise this one error (same class, same
+    line), so none goes on into a collective the others never join. A host all-gather over
+    ``group`` (the exceptions are pickled: plain UserError/OSError subclasses); ``exc`` itself
+    when ``group`` is None (one process)."""
+    if group is None:
+        return exc
+    out = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, exc, group=group)
+    return next((e for e in out if e is not None), None)
+
+
 def gather_objects(obj, info: DistInfo) -> list:
     """Every rank's ``obj`` on every rank (used for per-rank RNG states in checkpoints)."""
     if not info.enabled:
@@ -162,11 +175,6 @@ def gather_objects(obj, info: DistInfo) -> list:
     out = [None] * info.world
     dist.all_gather_object(out, obj)
     return out
-
-
-def barrier(info: DistInfo) -> None:
-    if info.enabled:
-        dist.barrier()
 
 
 def shutdown(info: DistInfo) -> None:

@@ -5,7 +5,9 @@ a run is is engine/state.py (``TrainState``, the checkpoint's training part); th
 builds the pieces once (``Session``) and decides the order.
 Exit status: 0 done (or stopped by --max-steps, resumable), 2 bad input or OS problem (one
 ``error:`` line; the last good checkpoint intact), 3 NaN/inf loss or weights (nothing
-non-finite saved), 128+signal after SIGINT/SIGTERM (checkpoint saved, resumable).
+non-finite saved), 128+signal after SIGINT/SIGTERM (checkpoint saved, resumable). Under
+torchrun every rank stops with the same status: a fault one rank meets (a bad record, a write
+only rank 0 does) is agreed on before the next collective, so no rank is left waiting in it.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import time
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -25,7 +28,7 @@ from common.config import from_dict, to_dict
 from common.system import usable_cores
 from common.errors import UserError, error_line
 from model import AlexNet
-from pipeline import Loader
+from pipeline import Loader, LoaderError
 from prep.records import DEFAULT_RECORDS, RecordsError, read_meta
 
 from . import checkpoint as ckpt
@@ -135,8 +138,9 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0] % (2 ** 31))
 
 
-def resolve_records(cfg: TrainConfig) -> tuple[Path, int]:
-    """The records folder and its number of classes; a missing default gets a hint."""
+def resolve_records(cfg: TrainConfig, world: int = 1) -> tuple[Path, int]:
+    """The records folder and its number of classes; a missing default gets a hint. Every one
+    of the ``world`` ranks validates its own share of the val split, so it needs a record each."""
     records = Path(cfg.records) if cfg.records else DEFAULT_RECORDS
     if not records.exists():
         hint = "" if cfg.records else " (run prep/build_records.py first, or pass --records DIR)"
@@ -149,6 +153,9 @@ def resolve_records(cfg: TrainConfig) -> tuple[Path, int]:
     if val < 1:
         raise RecordsError(f"{records / 'meta.json'}: no validation records (split 'val'); training "
                            "validates every epoch: rebuild with SOURCE/val (or --val-labels)")
+    if val < world:
+        raise RecordsError(f"{records / 'meta.json'}: {val} validation record(s) for {world} ranks; each rank "
+                           "validates its own share: run fewer ranks or add validation images")
     return records, len(meta["classes"])
 
 
@@ -173,7 +180,7 @@ def build_net(cfg: TrainConfig, classes: int, devices: list[str]) -> AlexNet:
 
 
 def build_session(cfg: TrainConfig, info: D.DistInfo, say: Reporter, out: Path) -> Session:
-    records, classes = resolve_records(cfg)
+    records, classes = resolve_records(cfg, info.world)
     devices = setup_devices(cfg, info, say)
     if devices[0].startswith("cuda"):
         # let cuDNN time its convolution algorithms for our fixed shapes once and keep the
@@ -303,13 +310,14 @@ def train(cfg: TrainConfig, argv: list[str], info: D.DistInfo, say: Reporter) ->
 
 def run_session(s: Session, state: TrainState) -> int:
     """The run folder brought in line with ``state``, then the epochs under a signal handler."""
-    if s.info.is_main:
-        s.out.mkdir(parents=True, exist_ok=True)     # ENOTDIR/EACCES/EROFS: main's one-line OSError
+    def prepare() -> None:
+        s.out.mkdir(parents=True, exist_ok=True)     # ENOTDIR/EACCES/EROFS: a one-line OSError
         remove_stale_temps(s.out)
         write_json(s.out / "config.json", {**to_dict(s.cfg), "out": str(s.out), "devices": s.devices,
                                            "world": s.info.world, "classes": s.classes})
         # metrics.jsonl = the checkpoint's history: no epoch twice, none the checkpoint lacks
         write_text(s.out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in state.history))
+    on_main(s, prepare)
     log = logs.RunLog.open(s.cfg, s.say, s.out, s.info.world, s.info.is_main, state.step)
     stop = StopFlag().install()       # from here on a signal means: finish the step, save, exit
     s.say.line(f"train: run folder {s.out}; {s.classes} classes; devices {', '.join(s.devices)}; "
@@ -411,19 +419,33 @@ def end_epoch(s: Session, state: TrainState) -> None:
                    f"lr divided by 10 -> {state.schedule.lr:.3g}")
     state.end_epoch(m)
     save_checkpoint(s, state, best=is_best)
-    if s.info.is_main:                          # only after the checkpoint it describes is on disk
+
+    def append() -> None:                      # only after the checkpoint it describes is on disk
         try:
             append_line(s.out / "metrics.jsonl", json.dumps(m))
         except OSError as exc:   # a resume rewrites metrics.jsonl from the checkpoint's history
             raise RunError(f"{s.out / 'metrics.jsonl'}: cannot write ({exc.strerror or exc}); {s.out / 'last.pt'} "
                            f"holds epoch {state.epoch}, and --resume {s.out} restores this line") from None
+    on_main(s, append)
 
 
 def validate(s: Session, view: str) -> dict:
-    loader = s.data.val(view)
+    """Every rank evaluates its share of the val split, then the sums are added up. A bad record
+    (or a loader that cannot be built) on any rank is raised on every rank before that
+    all-reduce: a rank that left alone would leave the others waiting in it. Raised from
+    ``end_epoch``, the RecordsError makes ``fit`` save the epoch's trained steps (on every rank
+    together), so a resume after the fix only validates."""
     start = time.perf_counter()
-    with s.say.bar(f"  val {view}", loader.epoch_size) as advance:
-        sums = evaluate(s.net, loader, s.settings, on_batch=advance)
+    failure = None
+    try:
+        loader = s.data.val(view)
+        with s.say.bar(f"  val {view}", loader.epoch_size) as advance:
+            sums = evaluate(s.net, loader, s.settings, on_batch=advance)
+    except (RecordsError, LoaderError) as exc:
+        failure = exc
+    failure = D.first_error(failure, s.host_group)
+    if failure is not None:
+        raise failure
     keys = ("images", "top1", "top5", "loss_sum")
     totals = D.all_reduce_sum([sums[k] for k in keys], s.devices[0])
     metrics = eval_metrics(dict(zip(keys, totals)))
@@ -432,21 +454,44 @@ def validate(s: Session, view: str) -> dict:
 
 
 def save_checkpoint(s: Session, state: TrainState, best: bool = False) -> None:
-    """last.pt (and best.pt) from the model, the optimiser and the TrainState; NonFiniteState
-    if any of those tensors is NaN/inf (then nothing is written)."""
+    """last.pt (and best.pt) from the model, the optimiser and the TrainState, written by rank 0.
+    Every rank raises the same error together, none is left waiting: NonFiniteState if any of
+    those tensors is NaN/inf (checked on every rank before the gather; nothing is written),
+    RunError if rank 0 cannot write (the previous last.pt intact)."""
+    tensors = {"model": s.net.state_dict(), "optimizer": s.optimizer.state_dict()}
+    # DDP keeps the replicas identical, so every rank's verdict is the same; agreeing anyway
+    # costs one tiny host all-gather per save and never depends on it
+    bad = D.first_error(ckpt.finite_or_error(tensors), s.host_group)
+    if bad is not None:
+        raise bad
     state.rng = D.gather_objects(ckpt.rng_state(), s.info)     # every rank joins; rank 0 writes
-    if s.info.is_main:
-        last = s.out / "last.pt"
+    last = s.out / "last.pt"
+
+    def write() -> None:
         try:
-            ckpt.save(last, {"model": s.net.state_dict(), "optimizer": s.optimizer.state_dict(),
-                             "config": to_dict(s.cfg), "precision": s.precision.state_dict(),
+            ckpt.save(last, {**tensors, "config": to_dict(s.cfg), "precision": s.precision.state_dict(),
                              **state.state_dict()})
             if best:
                 ckpt.link(last, s.out / "best.pt")
         except OSError as exc:       # ENOSPC, EROFS, EDQUOT ...: the temp file is gone, last.pt untouched
             raise RunError(f"{last}: cannot write the checkpoint ({exc.strerror or exc}); "
                            f"the previous one is intact: {last_finite(s.out)}") from None
-    D.barrier(s.info)
+    on_main(s, write)
+
+
+def on_main(s: Session, write: Callable[[], None]) -> None:
+    """``write`` on rank 0 only (only rank 0 writes files), then every rank learns how it went:
+    its UserError/OSError is raised on every rank, so no rank goes on into a collective that
+    rank 0 has left. One host all-gather, which also holds every rank until the write is done."""
+    failure = None
+    if s.info.is_main:
+        try:
+            write()
+        except (UserError, OSError) as exc:
+            failure = exc
+    failure = D.first_error(failure, s.host_group)
+    if failure is not None:
+        raise failure
 
 
 def last_finite(out: Path) -> str:
@@ -485,16 +530,15 @@ def finish(s: Session, state: TrainState) -> None:
 def write_eval(s: Session, path: Path, where: dict) -> None:
     single, ten = validate(s, "center"), validate(s, "tencrop")
     s.say.table(crops_table(single, ten, s.classes))
-    if s.info.is_main:
-        write_json(path, {**where, "center": single, "tencrop": ten})
+    on_main(s, lambda: write_json(path, {**where, "center": single, "tencrop": ten}))
 
 
 def report_profile(s: Session, phases: Phases) -> None:
     summary = phases.summary()
     s.say.table(profile_table(summary, s.devices))
-    if s.info.is_main:
-        write_json(s.out / "profile.json", {**summary, "devices": s.devices, "trace": str(s.out / "trace.json")})
-        s.say.line(f"train: profile in {s.out / 'profile.json'}, Chrome trace in {s.out / 'trace.json'}")
+    on_main(s, lambda: write_json(s.out / "profile.json",
+                                  {**summary, "devices": s.devices, "trace": str(s.out / "trace.json")}))
+    s.say.line(f"train: profile in {s.out / 'profile.json'}, Chrome trace in {s.out / 'trace.json'}")
 
 
 # --- evaluation only --------------------------------------------------------------------

@@ -1,10 +1,15 @@
 """Faults that must not kill or hang a run: fp16 steps the gradient scaler skips are counted,
 not treated as divergence; a bad record or a NaN loss on ONE rank of a distributed run stops
-every rank after the same step (saved together, exit 2; or exit 3 together), never a hang."""
+every rank after the same step (saved together, exit 2; or exit 3 together), never a hang;
+a bad validation record on one rank, or a write only rank 0 makes failing, stops every rank
+with the same exit status."""
 from __future__ import annotations
 
+import errno
+import contextlib
 import os
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -13,6 +18,8 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
+from common.atomic import atomic_open
+from common.errors import UserError, error_line
 from engine import checkpoint as ckpt
 from engine import distributed as D
 from engine import run as R
@@ -126,7 +133,29 @@ class _Data:
         return _Loader(epoch, self.rank, self.fault)
 
     def val(self, view):
-        return _Loader(99, self.rank, None)
+        return _Loader(99, self.rank, "record" if self.fault == "val_record" else None)
+
+
+def _inject_write_faults(rank: int, fault: str) -> None:
+    """Rank 0 only: the disk fills up while the second checkpoint is written (the first one is
+    written), or the first metrics.jsonl line cannot be appended."""
+    if rank != 0:
+        return
+    if fault == "disk_full":
+        real, calls = ckpt.write_bytes, []
+
+        def full(path, data):
+            calls.append(path)
+            if len(calls) == 1:
+                return real(path, data)
+            with atomic_open(path, "wb") as fh:      # half a checkpoint in the temp file, then ENOSPC
+                fh.write(data[:len(data) // 2])
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        ckpt.write_bytes = full
+    if fault == "metrics":
+        def full(path, line):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        R.append_line = full
 
 
 def _rank(rank: int, world: int, port: int, out: str, fault: str) -> None:
@@ -135,14 +164,25 @@ def _rank(rank: int, world: int, port: int, out: str, fault: str) -> None:
     torch.set_num_threads(1)
     info = D.dist_info_from_env()
     D.init_process_group(info, ["cpu"])
-    cfg = TrainConfig(gpus="", batch_size=BATCH, epochs=1, lr=0.05, seed=3, final_eval=False, progress=False)
+    epochs = 2 if fault in ("disk_full", "metrics") else 1
+    cfg = TrainConfig(gpus="", batch_size=BATCH, epochs=epochs, lr=0.05, seed=3, final_eval=False, progress=False)
+    _inject_write_faults(rank, fault)
     torch.manual_seed(cfg.seed)
     net = nn.Sequential(nn.Flatten(), nn.Linear(12, 5))
     s = R.Session(cfg=cfg, info=info, devices=["cpu"], out=Path(out), say=Reporter(info.is_main, False),
                   data=_Data(rank, fault), classes=5, net=net, model=D.wrap_ddp(net, info),
                   optimizer=make_optimizer(net, cfg), settings=LoopSettings(CPU, check_every=2),
                   precision=Precision("none", "cpu"), host_group=D.host_group(info))
-    code = R.run_session(s, R.new_state(cfg, world))
+    state = R.new_state(cfg, world)
+    if fault == "resume":                         # the records fixed: continue from last.pt
+        path = Path(out, "last.pt")
+        R.restore(s, state, ckpt.load(path, keys=R.RESUME_KEYS), path, lr_given=False)
+    with open(Path(out, f"rank{rank}.err"), "w") as err, contextlib.redirect_stderr(err):
+        try:
+            code = R.run_session(s, state)
+        except (UserError, OSError) as exc:       # what engine.run.main does with them
+            print(f"error: {error_line(exc)}", file=sys.stderr)
+            code = 2
     Path(out, f"rank{rank}.code").write_text(str(code))
     D.shutdown(info)
 
@@ -164,6 +204,11 @@ def _spawn(out: Path, fault: str, timeout: float = 90.0) -> list[int]:
     return [int((out / f"rank{r}.code").read_text()) for r in (0, 1)]
 
 
+def _error_lines(out: Path) -> list[str]:
+    """Each rank's first stderr line."""
+    return [(out / f"rank{r}.err").read_text().splitlines()[0] for r in (0, 1)]
+
+
 def test_a_bad_record_on_one_rank_stops_both_after_the_same_step_and_saves(tmp_path):
     assert _spawn(tmp_path, "record") == [2, 2]
     saved = ckpt.load(tmp_path / "last.pt")
@@ -174,3 +219,36 @@ def test_a_bad_record_on_one_rank_stops_both_after_the_same_step_and_saves(tmp_p
 def test_a_nan_loss_on_one_rank_stops_both_with_exit_3(tmp_path):
     assert _spawn(tmp_path, "nan") == [3, 3]
     assert not (tmp_path / "last.pt").exists()
+
+
+def test_a_bad_validation_record_on_one_rank_stops_both_and_saves_the_trained_epoch(tmp_path):
+    assert _spawn(tmp_path, "val_record", timeout=60) == [2, 2]
+    saved = ckpt.load(tmp_path / "last.pt")
+    # the epoch's steps are kept, not validated: a resume after the fix only validates
+    assert (saved["epoch"], saved["step"], saved["batch"]) == (0, BATCHES, BATCHES)
+    assert saved["history"] == [] and len(saved["rng"]) == 2
+    assert (tmp_path / "metrics.jsonl").read_text() == ""
+    lines = _error_lines(tmp_path)
+    assert lines[0] == lines[1] and "record k17" in lines[0]      # every rank names the record
+    assert _spawn(tmp_path, "resume", timeout=60) == [0, 0]
+    resumed = ckpt.load(tmp_path / "last.pt")
+    assert (resumed["epoch"], resumed["step"]) == (1, BATCHES)      # no step trained twice
+    assert all(torch.equal(resumed["model"][k], saved["model"][k]) for k in saved["model"])
+    assert len(resumed["history"]) == 1 and resumed["history"][0]["train_images"] == 2 * BATCHES * BATCH
+
+
+def test_a_full_disk_on_rank_0_stops_both_with_exit_2_and_keeps_the_previous_checkpoint(tmp_path):
+    assert _spawn(tmp_path, "disk_full", timeout=60) == [2, 2]
+    saved = ckpt.load(tmp_path / "last.pt")
+    assert (saved["epoch"], saved["step"], saved["batch"]) == (1, BATCHES, 0)
+    assert not list(tmp_path.glob(".*.tmp"))          # the half-written temp file is gone
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
+    lines = _error_lines(tmp_path)
+    assert lines[0] == lines[1] and "last.pt: cannot write the checkpoint (No space left" in lines[0]
+
+
+def test_a_failed_metrics_line_on_rank_0_stops_both_with_exit_2(tmp_path):
+    assert _spawn(tmp_path, "metrics", timeout=60) == [2, 2]
+    assert ckpt.load(tmp_path / "last.pt")["epoch"] == 1      # written before the line it describes
+    lines = _error_lines(tmp_path)
+    assert lines[0] == lines[1] and "metrics.jsonl: cannot write" in lines[0]

@@ -426,3 +426,15 @@ def test_records_without_a_validation_split_are_refused_before_training(sample_r
     (tmp_path / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(RecordsError, match="no validation records"):
         resolve_records(TrainConfig(records=str(tmp_path)))
+
+
+def test_fewer_validation_records_than_ranks_are_refused_before_training(sample_records, tmp_path):
+    """Each rank validates its own share of the val split (rank r reads positions
+    [n*r//world, n*(r+1)//world)): with fewer records than ranks some share is empty, which
+    must fail at start on every rank, not on one rank after the first epoch."""
+    meta = json.loads((sample_records / "meta.json").read_text())
+    meta["counts"]["val"] = 3
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    assert resolve_records(TrainConfig(records=str(tmp_path)), world=3)[1] == len(meta["classes"])
+    with pytest.raises(RecordsError, match="3 validation record.s. for 4 ranks"):
+        resolve_records(TrainConfig(records=str(tmp_path)), world=4)

@@ -56,7 +56,7 @@ from prep.workers import PARTIAL, run_tasks, shard_done
 
 SAMPLE_MARKER = ".sample-complete.json"
 SAMPLE_PARAMS = {"classes": 10, "train_per_class": 100, "val_per_class": 20, "seed": 0}  # the built-in set
-SAMPLE_VERSION = 5  # bump when prep/sample.py draws different images: an older data/sample is redrawn
+SAMPLE_VERSION = 6  # bump when prep/sample.py draws different images: an older data/sample is redrawn
 
 
 def ensure_sample(root: Path, progress: bool) -> None:

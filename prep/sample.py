@@ -5,17 +5,23 @@
 
 Every image is a JPEG of an ImageNet-like size (500x375, 375x500, 500x333, a few larger and
 smaller, ~10% with a shorter side under 256). The class is a *texture* (horizontal stripes,
-rings, spokes, dots, ...) that fills a random elliptical region (random position and scale) of a
-cluttered scene; colour alone does not decide it: the background is a gradient between two
-colours whose hues lie within +-0.08 of the class's hue (classes are 0.1 apart, so neighbouring
-classes share hues), the texture's ink is a random colour at a random contrast, random
-discs and boxes of random colours lie on top, and a random colour cast (per-channel gain), a
-brightness ramp and pixel noise finish it. Object identity under varying illumination colour is
-what the paper's PCA lighting teaches, so colour must not give the class away here. Every
-texture is mirror-symmetric (mirroring is one of the paper's augmentations), and periods vary
-over 2x, so scale does not give it away either. AlexNet needs a few epochs to tell them apart:
-the 3-epoch CPU demo ends clearly above 0% error, where single- vs 10-crop and the augmentation
-switches can show a difference.
+rings, spokes, dots, ...) drawn in a much darker shade of whatever lies behind it, inside a large
+random ellipse (120-180% of the shorter side across, so it fills most of a 224 crop), over a
+cluttered scene. The texture is what the net should learn, so it is made easy to see: high,
+steady ink contrast, nothing drawn over it, little pixel noise, and a period of 2.2-4% of the
+shorter side (about 6-10 px after the resize to 256, whatever the photo's size, so that conv1's
+11x11 filters see a whole period). Colour narrows
+the class down but does not decide it: the background is a gradient between two colours whose
+hues lie within +-0.1 of the class's hue (classes are 0.1 apart, so neighbouring classes share
+hues), random discs and boxes of random colours lie behind the texture, and a random colour cast
+(per-channel gain), a brightness ramp and pixel noise finish it. The ink covers a random share of
+the texture's area, in ranges that overlap across textures, so the amount of dark ink (which a
+colour histogram sees) does not tell the texture either. Object identity under varying
+illumination colour is what the paper's PCA lighting teaches, so colour must not give the class
+away here. Every texture is mirror-symmetric (mirroring is one of the paper's augmentations), and
+periods vary over 2x, so scale does not give it away either. AlexNet needs a few epochs to tell
+them apart: the 3-epoch CPU demo ends clearly above 0% error, where single- vs 10-crop and the
+augmentation switches can show a difference.
 
 Odd inputs are planted on purpose, because real ImageNet has them and the records stage must
 cope: a few grayscale and CMYK JPEGs, one PNG saved under a .JPEG name, and one corrupt
@@ -46,7 +52,8 @@ SIZES = SIZES + ((240, 180), (180, 240))
 SIZE_WEIGHTS = np.append(SIZE_WEIGHTS, [5.0, 3.0])
 # Textures, all symmetric under a left-right mirror (the paper's flip must not change the class).
 PATTERNS = ("hstripes", "vstripes", "checker", "diamonds", "rings", "spokes", "dots", "grid", "waves", "spots")
-HUE_SPREAD = 0.08    # background hue = class hue +- this (0-1 hue circle; classes are 1/classes apart)
+_COVERAGE = {"dots": (0.2, 0.38), "checker": (0.38, 0.5), "diamonds": (0.38, 0.5)}  # share of ink (0-1)
+HUE_SPREAD = 0.1     # background hue = class hue +- this (0-1 hue circle; classes are 1/classes apart)
 SOURCE_QUALITY = 90  # JPEG quality of the synthetic "camera" files (0-100)
 
 
@@ -81,7 +88,11 @@ def _pattern(kind: str, w: int, h: int, period: float, phase: float, rng) -> np.
     else:  # spots: thresholded smooth noise, blobs of about a period
         small = rng.standard_normal((max(2, int(h / period * 2)), max(2, int(w / period * 2)))).astype(np.float32)
         m = np.asarray(Image.fromarray(small, "F").resize((w, h), Image.Resampling.BICUBIC)) - 0.3
-    return (m > 0).astype(np.float32)
+    # ink covers a random share of the texture's area, in ranges that overlap across the textures
+    # (so the share of ink pixels, which a colour histogram sees, does not tell the texture) and
+    # that keep each shape (dots above 0.4 would merge into diamonds)
+    lo, hi = _COVERAGE.get(kind, (0.3, 0.5))
+    return (m > np.quantile(m, 1 - rng.uniform(lo, hi))).astype(np.float32)
 
 
 def _random_rgb(rng, hue: float | None = None) -> np.ndarray:
@@ -89,7 +100,7 @@ def _random_rgb(rng, hue: float | None = None) -> np.ndarray:
     if hue is None:
         return np.array(colorsys.hsv_to_rgb(rng.uniform(), rng.uniform(0.1, 0.9), rng.uniform(0.25, 1.0)),
                         dtype=np.float32) * 255
-    return np.array(colorsys.hsv_to_rgb(hue, rng.uniform(0.4, 0.9), rng.uniform(0.35, 1.0)), dtype=np.float32) * 255
+    return np.array(colorsys.hsv_to_rgb(hue, rng.uniform(0.4, 0.9), rng.uniform(0.55, 1.0)), dtype=np.float32) * 255
 
 
 def _image(c: int, classes: int, seed: int, split: int, i: int) -> np.ndarray:
@@ -100,31 +111,35 @@ def _image(c: int, classes: int, seed: int, split: int, i: int) -> np.ndarray:
     angle = rng.uniform(0, 2 * np.pi)  # background: a gradient between two random colours
     t = ((x / w - 0.5) * np.cos(angle) + (y / h - 0.5) * np.sin(angle) + 0.5)[..., None]
     # background: a gradient between two colours whose hues lie within +-HUE_SPREAD of the
-    # class's hue, so hue narrows the class down to about 3 neighbours but never decides it
+    # class's hue, so hue narrows the class down to about 3 neighbours but never decides it;
+    # light ones (value >= 0.55), so the dark ink shows on every background
     hue = c / classes
-    bg, bg2 = (_random_rgb(rng, (hue + rng.uniform(-HUE_SPREAD, HUE_SPREAD)) % 1.0) for _ in range(2))
+    bg = _random_rgb(rng, (hue + rng.uniform(-HUE_SPREAD, HUE_SPREAD)) % 1.0)
+    bg2 = _random_rgb(rng, (hue + rng.uniform(-HUE_SPREAD, HUE_SPREAD)) % 1.0)
     img = bg * (1 - t) + bg2 * t
-    # the object: the class texture inside a random ellipse (~60-110% of the shorter side across),
-    # its ink a random hue, darker on a light background and lighter on a dark one (so it shows)
-    mask = _pattern(PATTERNS[c % len(PATTERNS)], w, h, rng.uniform(14, 34), rng.uniform(0, 2 * np.pi), rng)
-    ex, ey = rng.uniform(0.4, 0.6) * w, rng.uniform(0.4, 0.6) * h
-    rx, ry = (rng.uniform(0.3, 0.55, 2) * min(w, h))
-    region = (((x - ex) / rx) ** 2 + ((y - ey) / ry) ** 2 <= 1).astype(np.float32)
-    alpha = (mask * region * rng.uniform(0.6, 0.95))[..., None]
-    ink = _random_rgb(rng)
-    ink *= (rng.uniform(0.1, 0.4) if bg.mean() > 128 else rng.uniform(0.75, 1.0)) * 255 / max(ink.max(), 1.0)
-    img = img * (1 - alpha) + ink * alpha
-    for _ in range(rng.integers(2, 7)):  # clutter: discs and boxes of random colours on top
-        r = rng.uniform(0.03, 0.09) * min(w, h)
+    for _ in range(rng.integers(2, 7)):  # clutter: discs and boxes of random colours behind the object
+        r = rng.uniform(0.04, 0.1) * min(w, h)
         px, py = rng.uniform(0, w), rng.uniform(0, h)
         if rng.random() < 0.5:
             blob = np.hypot(x - px, y - py) <= r
         else:
             blob = (np.abs(x - px) <= r) & (np.abs(y - py) <= r * rng.uniform(0.4, 1.0))
         img[blob] = _random_rgb(rng)
+    # the object: the class texture inside a random ellipse (120-180% of the shorter side across),
+    # drawn last so no clutter hides it; its period is relative to the shorter side, so it comes
+    # out at about 6-10 px after the resize to 256 for any photo size, and conv1's 11x11 filters
+    # see a whole period
+    period = rng.uniform(0.022, 0.04) * min(w, h)
+    mask = _pattern(PATTERNS[c % len(PATTERNS)], w, h, period, rng.uniform(0, 2 * np.pi), rng)
+    ex, ey = rng.uniform(0.4, 0.6) * w, rng.uniform(0.4, 0.6) * h
+    rx, ry = (rng.uniform(0.6, 0.9, 2) * min(w, h))
+    region = (((x - ex) / rx) ** 2 + ((y - ey) / ry) ** 2 <= 1).astype(np.float32)
+    alpha = (mask * region * rng.uniform(0.85, 1.0))[..., None]
+    ink = img * rng.uniform(0.1, 0.3)  # ink: a much darker shade (10-30%) of the scene behind it
+    img = img * (1 - alpha) + ink * alpha
     gain = rng.uniform(0.8, 1.2, 3).astype(np.float32)               # colour cast of the light
     ramp = 1 + rng.uniform(-0.3, 0.3) * (x / w - 0.5)[..., None]      # uneven illumination
-    img = img * gain * ramp + rng.standard_normal((h, w, 3), dtype=np.float32) * rng.uniform(2, 8)
+    img = img * gain * ramp + rng.standard_normal((h, w, 3), dtype=np.float32) * rng.uniform(1, 4)
     return np.clip(img, 0, 255).astype(np.uint8)
 
 

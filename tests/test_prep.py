@@ -225,7 +225,9 @@ def test_every_record_is_its_source_image_with_its_label(sample_source, sample_r
             arr = np.asarray(img).astype(np.int16)
         err = np.abs(stack - arr).mean(axis=(1, 2, 3))
         best = int(np.argmin(err))
-        assert err[best] < 8.0 and np.sort(err)[1] > max(10.0, 4 * err[best])  # one clear match: its JPEG (q90)
+        # one clear match: its own JPEG (q90; the sample's fine, sharp-edged textures on saturated
+        # colours lose several levels to it, mostly to 4:2:0 chroma), every other image far off
+        assert err[best] < 12.0 and np.sort(err)[1] > max(10.0, 4 * err[best])
         assert label == sources[names[best]][1]
         matched.append(names[best])
     assert sorted(matched) == names  # every decodable source exactly once

@@ -10,6 +10,7 @@ import json
 import multiprocessing
 import os
 import signal
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -141,14 +142,16 @@ def _run_pool(tasks: list[ShardTask], workers: int, progress: bool, on_shard) ->
     before = {p.pid for p in multiprocessing.active_children()}
     pool = ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(counter, running))
     procs: list[multiprocessing.Process] = []
+    ctrl_c = _CtrlC()
     try:
         # every worker is started by the submits, before the progress bar starts its refresh thread
         futures = [pool.submit(_pool_task, i, task) for i, task in enumerate(tasks)]
         procs = [p for p in multiprocessing.active_children() if p.pid not in before]
-        with _progress(progress) as bar:
+        with _progress(progress) as bar, ctrl_c:
             job, t0 = bar.add_task("records", total=sum(len(t.items) for t in tasks), rate=0.0), time.perf_counter()
             pending = set(futures)
             while pending:
+                ctrl_c.check()
                 finished, pending = wait(pending, timeout=0.25, return_when=FIRST_COMPLETED)
                 done = _images_done(counter)
                 bar.update(job, completed=done, rate=done / max(time.perf_counter() - t0, 1e-9))
@@ -164,6 +167,36 @@ def _run_pool(tasks: list[ShardTask], workers: int, progress: bool, on_shard) ->
         _stop(pool, procs)
         raise
     pool.shutdown()
+
+
+class _CtrlC:
+    """Ctrl-C while the pool runs, raised only where this process holds no lock.
+
+    A KeyboardInterrupt raised at an arbitrary bytecode can land inside concurrent.futures'
+    wait() between taking and releasing a future's lock, and the shutdown that follows then
+    waits on that lock forever. So SIGINT only sets a flag, and ``check()`` raises it at the
+    top of the wait loop (at most 0.25 s later). Installed only where SIGINT has Python's
+    default handler in the main thread: a nohup'ed build keeps ignoring it."""
+
+    def __init__(self) -> None:
+        self.hit, self._old = False, None
+
+    def __enter__(self) -> "_CtrlC":
+        if (threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.hit = True
+
+    def check(self) -> None:
+        if self.hit:
+            raise KeyboardInterrupt
+
+    def __exit__(self, *exc) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
 
 
 def _images_done(counter) -> int:

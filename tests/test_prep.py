@@ -497,8 +497,11 @@ def _faulty_build(source: Path, out: Path, fault: str, *, then=None, timeout: fl
     argv = ["--source", str(source), "--out", str(out), "--shard-size", "5", "--workers", "2", "--no-progress"]
     code = FAULTY_CLI.format(repo=str(REPO), fault=fault)
     t0 = time.monotonic()
+    # SIGINT back to its default in the child: a shell ignores it for background jobs (CI), and
+    # Python installs its Ctrl-C handler only where SIGINT is not ignored at start
     proc = subprocess.Popen([sys.executable, "-c", code, *argv], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         if then:
             then(proc)

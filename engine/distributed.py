@@ -132,11 +132,6 @@ def all_reduce_sum(values: list[float], device: str) -> list[float]:
     return t.tolist()
 
 
-def any_rank(flag: bool, device: str) -> bool:
-    """True if the flag is set on any rank (a signal that reached only some ranks stops all)."""
-    return all_reduce_sum([float(flag)], device)[0] > 0
-
-
 def host_group(info: DistInfo):
     """A gloo group over all ranks for agreeing on host-side facts (did every rank get its
     batch?) without a device collective, which would make the host wait for the GPU; None

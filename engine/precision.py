@@ -36,7 +36,6 @@ class Precision:
         self.amp, self.device_type = amp, device_type
         self.dtype = DTYPES.get(amp)          # None: float32, no autocast
         self.scaler = torch.amp.GradScaler(device_type) if amp == "fp16" else None
-        self.skipped_steps = 0                # host count, updated by count_skipped (a sync)
 
     def autocast(self):
         """The forward's context: autocast to bf16/fp16, or a disabled one for "none"."""
@@ -63,25 +62,18 @@ class Precision:
         self.scaler.update()
         return skipped
 
-    def count_skipped(self, skipped: torch.Tensor) -> int:
-        """Add a (summed) tensor of skipped flags to ``skipped_steps`` (one host sync)."""
-        n = int(skipped.sum())
-        self.skipped_steps += n
-        return n
-
     @property
     def scale(self) -> float:
         """The current loss scale (1.0 without a scaler); reading it is a host sync."""
         return self.scaler.get_scale() if self.scaler is not None else 1.0
 
     def state_dict(self) -> dict:
-        return {"amp": self.amp, "skipped_steps": self.skipped_steps,
+        return {"amp": self.amp,   # the skipped-step count lives in the epoch sums (amp_skipped)
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a checkpoint's state. The scaler's part is used only when both runs are fp16
         (a bf16 checkpoint resumed in fp16 starts a fresh scaler, and vice versa)."""
-        self.skipped_steps = int(state.get("skipped_steps", 0))
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
 

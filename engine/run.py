@@ -19,7 +19,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -130,12 +129,6 @@ class Session:
     settings: LoopSettings
     precision: Precision
     host_group: object = None      # gloo group for per-step agreement between ranks (None: one process)
-
-
-def epoch_seed(seed: int, epoch: int) -> int:
-    """The loader seed of one epoch: a fixed function of (seed, epoch), so resuming at epoch k
-    rebuilds exactly the data order and augmentations of an uninterrupted run's epoch k."""
-    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0] % (2 ** 31))
 
 
 def resolve_records(cfg: TrainConfig, world: int = 1) -> tuple[Path, int]:

@@ -54,7 +54,6 @@ def test_fp16_skips_a_step_with_inf_gradients_and_halves_the_scale():
     assert p.scale == 2.0 ** 15
     assert train(net, opt, p, 1, start=1) == [False]
     assert not all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
-    assert p.count_skipped(torch.tensor([True, False, True])) == 2 and p.skipped_steps == 2
 
 
 def test_fp16_step_equals_the_fp32_step_when_nothing_overflows():

@@ -16,7 +16,7 @@ from engine import distributed as D
 from engine.config import TrainConfig
 from engine.loop import LoopSettings, Precision, StepHooks, StepPlan, to_device, train_steps
 from engine.recipe import make_optimizer
-from engine.run import build_net, epoch_seed, new_state
+from engine.run import build_net, new_state
 from model import AlexNet, AlexNetConfig
 
 
@@ -50,7 +50,7 @@ def _rank(rank: int, world: int, port: int, records: str, out: str) -> None:
     model = D.wrap_ddp(net, info)
     opt = make_optimizer(net, cfg)
     train = Loader(records, split="train", view="train", batch_size=2, shard=(info.rank, info.world),
-                   seed=epoch_seed(cfg.seed, 0))
+                   seed=cfg.seed)
     state, settings = new_state(cfg, info.world), LoopSettings(torch.device("cpu"))
     hooks = StepHooks(prepare=lambda b: to_device(b, settings), precision=Precision("none", torch.device("cpu")))
     train_steps(model, opt, iter(train), state, StepPlan(epoch_batches=2), settings, hooks)

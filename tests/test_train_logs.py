@@ -47,7 +47,7 @@ class Data:
         self.cfg = cfg
 
     def train(self, epoch):
-        return FakeLoader(R.epoch_seed(self.cfg.seed, epoch), EPOCH, self.cfg.batch_size)
+        return FakeLoader(1000 * self.cfg.seed + epoch, EPOCH, self.cfg.batch_size)
 
     def val(self, view):
         return FakeLoader(99, 2, 3, views=10 if view == "tencrop" else 1)

@@ -4,10 +4,7 @@ from __future__ import annotations
 import json
 import math
 import pickle
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,14 +15,13 @@ from engine.config import DEMO, TrainConfig, merge_explicit, parse_train_args
 from engine.loop import LoopSettings, NonFiniteLoss, Precision, StepHooks, StepPlan, evaluate, to_device, train_steps
 from engine.profiling import PHASES, Phases
 from engine.recipe import loss_fn, make_optimizer, param_groups
-from engine.run import epoch_seed, resolve_records, stop_poll
+from engine.run import resolve_records, stop_poll
 from engine.schedule import PlateauSchedule, lr_at
 from engine.state import TrainState
 from engine.voting import topk_counts, vote
 from prep.records import RecordsError
 
 CPU = LoopSettings(input_device=torch.device("cpu"))
-REPO = Path(__file__).resolve().parent.parent
 
 
 # --- 10-crop voting -----------------------------------------------------------------------
@@ -183,22 +179,6 @@ def test_resume_merge_applies_only_explicit_flags():
     merged, lines = merge_explicit(saved, argv, parse_train_args(argv))
     assert (merged.epochs, merged.lr, merged.batch_size, merged.resume) == (4, 0.02, 4, "r")
     assert lines == ["epochs: 2 -> 4"]
-
-
-def test_epoch_seed_is_the_same_in_another_process():
-    """A resumed run is a new process (another PYTHONHASHSEED, other imports): epoch k's loader
-    seed must not depend on anything but (seed, k)."""
-    pairs = [(0, 0), (0, 3), (7, 89)]
-    code = ("from engine.run import epoch_seed; "
-            f"print([epoch_seed(s, e) for s, e in {pairs}])")
-    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                           env={"PYTHONHASHSEED": "123"}, cwd=REPO)
-    assert other.stdout.strip() == str([epoch_seed(s, e) for s, e in pairs])
-
-
-def test_epoch_seeds_differ_between_epochs_and_seeds():
-    seeds = {epoch_seed(s, e) for s in range(3) for e in range(90)}
-    assert len(seeds) == 270 and all(0 <= x < 2 ** 31 for x in seeds)
 
 
 # --- checkpoints --------------------------------------------------------------------------
@@ -388,7 +368,7 @@ def test_phases_summary():
         p.count(8)
     s = p.summary()
     assert s["steps"] == 2 and s["images"] == 16
-    # each phase was timed (2 ms of sleep each, per step), and the step is their sum
+    # every phase slept above, so each is billed at least that; the step is their sum
     assert all(v["ms_per_step"] >= 2.0 for v in s["phases"].values())
     assert s["step_ms"] == pytest.approx(sum(v["ms_per_step"] for v in s["phases"].values()))
     assert s["images_per_s"] == pytest.approx(16 / (s["step_ms"] * 2 / 1000))

@@ -144,7 +144,7 @@ class DaliDecodeLoader:
         self.device = torch.device(device)
         spec = graphs.GraphSpec(files=tuple((str(t), str(i)) for t, i in shards), view="train",
                                 batch_size=batch_size, seed=seed, shuffle=True, num_threads=threads)
-        feed = graphs.default_feed(spec, draws=False, drop_last=True, labels=False)   # as the train view
+        feed = graphs.default_feed(spec, draws=False, drop_last=True)   # as the train view
         self._len = feed.plan.batches
         self.pipe = graphs.build_decode_only(spec, graphs.DeviceSettings.for_device(self.device), feed)
 

@@ -71,7 +71,7 @@ class DeviceSettings:
             # depth 3: AlexNet steps are short, so keep one more batch ready than on CPU.
             return cls(device_id=device.index or 0, decoder="mixed",
                        prefetch_queue_depth=3, hw_decoder_load=0.65)
-        return cls(device_id=None, decoder="cpu", prefetch_queue_depth=2)
+        import os; return cls(device_id=None, decoder="cpu", prefetch_queue_depth=int(os.environ.get("DEPTH", 2)))
 
     @property
     def on_gpu(self) -> bool:
@@ -116,24 +116,23 @@ class GraphSpec:
 
 
 def build(spec: GraphSpec, dev: DeviceSettings, feed: reader.Feed | None = None) -> Pipeline:
-    """A built DALI pipeline whose outputs are (images, labels[, extras...]).
+    """A built DALI pipeline whose outputs are (images[, extras...]); the labels of a batch
+    are the feed's (``Feed.fed`` knows its records; ``RecordTable.labels``), never DALI's.
 
     images: float (3,224,224) per sample, or (10,3,224,224) for "tencrop", 0–255 scale minus
-    the mean; labels: the ASCII bytes of ``<key>.cls``, zero-padded to the batch's longest
-    (one dense uint8 (B, L) batch: ``loader.parse_labels``). A uint8 spec: images are uint8
-    (224,224,3) HWC (or (10,224,224,3)), not centred, and ``u8_outputs(spec)`` more outputs
-    follow the labels (train: mean (3,) float32 and window (y, x, mirror) int32). With
-    ``spec.extras``, last: the JPEG bytes, and for "train" also offset y, offset x (int32,
-    0..32), mirror (0/1), alpha (3,).
+    the mean. A uint8 spec: images are uint8 (224,224,3) HWC (or (10,224,224,3)), not
+    centred, and ``u8_outputs(spec)`` more outputs follow (train: mean (3,) float32 and
+    window (y, x, mirror) int32). With ``spec.extras``, last: the JPEG bytes, and for
+    "train" also window (y, x, mirror) int32 (3,) and alpha float32 (3,).
     ``feed``: the batches to read (pipeline/reader.py); default: ``spec.files`` in file order,
     each epoch ``ceil(records / batch_size)`` batches, the last one partial.
     """
     pipe = _new_pipeline(spec, dev)
     with pipe:
-        jpegs, labels, *inputs = _reader(spec, feed or default_feed(spec))
+        jpegs, *inputs = _reader(spec, feed or default_feed(spec))
         views, draws = _VIEW_BUILDERS[spec.view](jpegs, spec, dev, *inputs)
         extras = (jpegs, *draws) if spec.extras else ()
-        pipe.set_outputs(views, _pad_labels(labels), *_u8_extras(spec, draws), *extras)
+        pipe.set_outputs(views, *_u8_extras(spec, draws), *extras)
     pipe.build()
     return pipe
 
@@ -143,7 +142,7 @@ def build_decode_only(spec: GraphSpec, dev: DeviceSettings, feed: reader.Feed | 
     decoder as ``build``, whole images out (uint8 HWC), nothing after the decoder."""
     pipe = _new_pipeline(spec, dev)
     with pipe:
-        jpegs = _reader(spec, feed or default_feed(spec, draws=False, labels=False))
+        (jpegs,) = _reader(spec, feed or default_feed(spec, draws=False))
         pipe.set_outputs(_decode(jpegs, replace(spec, mean_image=None), dev))
     pipe.build()
     return pipe
@@ -161,8 +160,7 @@ def _graph_seed(spec: GraphSpec) -> int:
     return (spec.seed * 1_000_003 + rank) % (2 ** 31)
 
 
-def default_feed(spec: GraphSpec, draws: bool = True, drop_last: bool = False,
-                 labels: bool = True) -> reader.Feed:
+def default_feed(spec: GraphSpec, draws: bool = True, drop_last: bool = False) -> reader.Feed:
     """All of ``spec.files`` for ``spec.shard``, every batch (the last one partial), or with
     ``drop_last`` only full batches."""
     table = reader.RecordTable(spec.files)
@@ -173,16 +171,16 @@ def default_feed(spec: GraphSpec, draws: bool = True, drop_last: bool = False,
                        batches=part // size if drop_last else max(1, -(-part // size)),
                        seed=spec.seed, shuffle=spec.shuffle)
     lighting = spec.lighting_std if (draws and spec.view == "train") else None
-    return reader.Feed(table, plan, lighting, labels=labels)
+    return reader.Feed(table, plan, lighting)
 
 
 def _reader(spec: GraphSpec, feed: reader.Feed):
-    """(jpegs, .cls bytes[, y, x, mirror, alpha]) of the batch ``feed`` plans next: our reader
+    """(jpegs[, window (y, x, mirror), alpha]) of the batch ``feed`` plans next: our reader
     (pipeline/reader.py) slices the records out of the tars by byte offset and computes the
     train view's draws; batches may be smaller than ``spec.batch_size`` (an epoch's last)."""
-    dtypes = [types.UINT8] * (1 + feed.labels)
+    dtypes = [types.UINT8]
     if feed.lighting_std is not None:
-        dtypes += [types.INT32, types.INT32, types.INT32, types.FLOAT]
+        dtypes += [types.INT32, types.FLOAT]
     return fn.external_source(source=feed, num_outputs=len(dtypes), batch=True, dtype=dtypes)
 
 
@@ -196,20 +194,12 @@ def _u8_extras(spec: GraphSpec, draws) -> tuple:
     window (y, x, mirror) (int32 (3,)) that ``pipeline.finish`` applies on the device."""
     if not u8_outputs(spec):
         return ()
-    off_y, off_x, mirror, alpha = draws
+    window, alpha = draws
     if spec.lighting_std > 0:
         mean = _lighting_mean(spec, alpha)   # the same op the float view feeds its CMN
     else:   # no lighting (alpha is zeros): the channel mean, per sample
         mean = alpha + types.Constant(np.asarray(spec.channel_mean, np.float32))
-    return mean, fn.stack(off_y, off_x, mirror)
-
-
-def _pad_labels(labels):
-    """Zero-pad every ``.cls`` byte string to the batch's longest, so the batch is one dense
-    (B, L) array that Python parses in one vectorised pass. Keep it batched: reading the labels
-    one sample at a time (a numpy view, bytes and an int per sample) is Python work per image
-    on the loader's critical path, a visible share of what decoding the image costs."""
-    return fn.pad(labels, fill_value=0)
+    return mean, window
 
 
 def _decode(jpegs, spec: GraphSpec, dev: DeviceSettings, window=None):
@@ -244,8 +234,10 @@ def _normalize(images, spec: GraphSpec, mirror, mean, window=None):
         dtype=DTYPES[spec.dtype], output_layout="CHW", **crop)
 
 
-def _train_view(jpegs, spec: GraphSpec, dev: DeviceSettings, off_y, off_x, mirror, drawn_alpha):
-    """The draws come from the reader (reader.draws: a function of seed, epoch, rank, batch)."""
+def _train_view(jpegs, spec: GraphSpec, dev: DeviceSettings, drawn_window, drawn_alpha):
+    """The draws come from the reader (reader.draws: a function of seed, epoch, rank, batch):
+    window (y, x, mirror) int32 (3,) and alpha (3,) per sample."""
+    off_y, off_x, mirror = drawn_window[0], drawn_window[1], drawn_window[2]
     alpha = drawn_alpha if spec.lighting_std > 0 else None
     mean = _lighting_mean(spec, alpha)
     # k / 32 is exact in float32 and DALI rounds it back to exactly k (module docstring).
@@ -254,7 +246,7 @@ def _train_view(jpegs, spec: GraphSpec, dev: DeviceSettings, off_y, off_x, mirro
         view = _normalize(_decode(jpegs, spec, dev, window), spec, mirror, mean)
     else:                          # the mean image needs the full image; cut the window after
         view = _normalize(_decode(jpegs, spec, dev), spec, mirror, mean, window)
-    return view, (off_y, off_x, mirror, drawn_alpha)   # drawn_alpha: zeros without lighting
+    return view, (drawn_window, drawn_alpha)   # drawn_alpha: zeros without lighting
 
 
 def _lighting_mean(spec: GraphSpec, alpha):

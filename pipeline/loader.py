@@ -207,18 +207,17 @@ class Loader:
         DALI's dynamic executor hands the output buffer over to Python, so the DLPack view
         stays valid after later runs (zero-copy on CPU and GPU)."""
         images = from_dali(outputs[0], self.device)[:n]
-        try:
-            labels = parse_labels(np.asarray(outputs[1].as_tensor())[:n])
-        except ValueError as err:
-            raise RecordsError(f"{self._records}: {err}") from None
-        if labels.numel() and int(labels.max()) >= self.num_classes:
-            raise RecordsError(f"{self._records}: a .cls label is outside 0..{self.num_classes - 1} "
-                               f"(meta.json lists {self.num_classes} classes)")
-        labels = labels.to(self.device, non_blocking=True)
+        labels = self._feed.table.labels(batch.records)      # RecordsError names a bad .cls
+        if labels.size and int(labels.max()) >= self.num_classes:
+            r = batch.records[int(np.argmax(labels))]
+            raise RecordsError(f"{self._feed.table.where(r)}: record {self._feed.table.key(r)}: "
+                               f"label {int(labels.max())} is outside 0..{self.num_classes - 1} "
+                               f"({self._records / 'meta.json'} lists {self.num_classes} classes)")
+        labels = torch.from_numpy(labels).to(self.device, non_blocking=True)
         if self.spec.dtype == torch.uint8:
             images = self._u8_batch(images, outputs, n)
         if self.options.with_draws:
-            return images, labels, _draws(outputs[2 + graphs.u8_outputs(self.spec):], n,
+            return images, labels, _draws(outputs[1 + graphs.u8_outputs(self.spec):], n,
                                           [self._feed.table.key(r) for r in batch.records])
         return images, labels
 
@@ -228,8 +227,8 @@ class Loader:
         """The train view's per-sample mean and window come out of the graph; the val views'
         are the same for every sample (the channel mean; the fixed crops)."""
         if graphs.u8_outputs(self.spec):
-            mean = from_dali(outputs[2], self.device)[:n]
-            window = from_dali(outputs[3], self.device)[:n].long()
+            mean = from_dali(outputs[1], self.device)[:n]
+            window = from_dali(outputs[2], self.device)[:n].long()
         else:
             mean = torch.tensor(self.spec.channel_mean, dtype=torch.float32).expand(n, 3)
             fixed = fixed_windows(self.spec.view)
@@ -251,30 +250,12 @@ def from_dali(tensor_list, device: torch.device) -> torch.Tensor:
         return torch.from_dlpack(tensor_list.as_tensor())
 
 
-def parse_labels(ascii_rows: np.ndarray) -> torch.Tensor:
-    """int64 (B,) class indices from ``<key>.cls`` bytes, one row per sample, zero-padded
-    at the end (graphs._pad_labels). A .cls holds ASCII decimal digits, optionally followed
-    by whitespace (WebDataset writers often end it with a newline); anything else is an error.
-    """
-    rows = np.asarray(ascii_rows, np.uint8).reshape(len(ascii_rows), -1)
-    rows = np.where(np.isin(rows, list(b" \t\r\n")), 0, rows)   # trailing whitespace = padding
-    digit = (rows >= ord("0")) & (rows <= ord("9"))
-    lengths = digit.sum(axis=1)
-    position = np.arange(rows.shape[1])
-    if not ((rows == 0) | digit).all() or (digit != (position < lengths[:, None])).any() \
-            or (lengths == 0).any() or (lengths > 18).any():
-        raise ValueError("a .cls component is not a decimal class index (ASCII digits)")
-    power = np.clip(lengths[:, None] - 1 - position, 0, None)   # digit j is worth 10**power
-    values = np.where(digit, (rows.astype(np.int64) - ord("0")) * 10 ** power, 0).sum(axis=1)
-    return torch.from_numpy(values)
-
-
 def _draws(extras, n: int, keys: list[str]) -> Draws:
-    """extras = (jpegs[, y, x, mirror, alpha]) as built by graphs.build(extras=True)."""
+    """extras = (jpegs[, window (y, x, mirror), alpha]) as built by graphs.build(extras=True)."""
     if len(extras) == 1:
         return Draws(keys, None, None, None, None)
-    y, x, mirror, alpha = (np.stack([np.asarray(t[i]) for i in range(n)]) for t in extras[1:])
-    return Draws(keys, y, x, mirror, alpha)
+    window, alpha = (np.stack([np.asarray(t[i]) for i in range(n)]) for t in extras[1:])
+    return Draws(keys, window[:, 0], window[:, 1], window[:, 2], alpha)
 
 
 def _check_args(split, view, mean, dtype, batch_size, num_threads) -> None:

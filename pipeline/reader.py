@@ -8,8 +8,12 @@ is a pure function of (seed, epoch, rank, b) — records *and* random draws (win
 lighting) — so a Loader can start an epoch at any batch without decoding the ones before it.
 
 ``Feed`` is the DALI ``external_source`` callback: each call hands DALI the next planned
-batch (JPEG bytes and .cls bytes sliced from memory-mapped tars, plus the train view's draws)
-and remembers it, so the Loader knows the shard and keys of every batch DALI returns.
+batch (JPEG bytes sliced from memory-mapped tars, plus the train view's draws) and remembers
+it, so the Loader knows the records — labels, shards, keys — of every batch DALI returns.
+Labels never go through DALI: ``RecordTable.labels`` reads them from the tars here, once per
+record. Everything handed to ``external_source`` costs the Python thread a per-sample
+conversion and copy, which on a small CPU is taken from the decoders; keep it to the JPEGs
+and two dense arrays of draws.
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import reference as ref
-from prep.records import RecordsError, ShardIndex, read_index
+from prep.records import RecordsError, ShardIndex, parse_label, read_index
 
 _ORDER_STREAM, _DRAW_STREAM = 0x6F72, 0x6472   # separate random streams: order, draws
 
@@ -68,22 +72,44 @@ class RecordTable:
         self.shard_of = np.repeat(np.arange(len(sizes), dtype=np.int32), sizes)
         self.jpg = np.concatenate([s.jpg for s in self.shards])
         self.cls = np.concatenate([s.cls for s in self.shards])
-        self._maps: dict[int, mmap.mmap] = {}
+        self._bytes: dict[int, np.ndarray] = {}
+        self._labels = np.full(len(self.jpg), -1, np.int64)    # -1: not read yet
 
     def __len__(self) -> int:
         return len(self.jpg)
 
-    def _map(self, shard: int) -> mmap.mmap:
-        m = self._maps.get(shard)
-        if m is None:   # the file descriptor is closed at once: thousands of shards stay mapped
+    def _shard_bytes(self, shard: int) -> np.ndarray:
+        """The whole tar as a uint8 array over a read-only memory map (slicing it is cheaper
+        than a ``np.frombuffer`` per record). The file descriptor is closed at once, so
+        thousands of shards can stay mapped."""
+        array = self._bytes.get(shard)
+        if array is None:
             with open(self.shards[shard].tar, "rb") as fh:
-                m = self._maps[shard] = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-        return m
+                mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+            array = self._bytes[shard] = np.frombuffer(mapped, np.uint8)
+        return array
 
     def slices(self, records: np.ndarray, which: np.ndarray) -> list[np.ndarray]:
         """Zero-copy uint8 views of one component (``self.jpg`` or ``self.cls``) of ``records``."""
-        return [np.frombuffer(self._map(int(self.shard_of[r])), np.uint8, int(which[r, 1]),
-                              int(which[r, 0])) for r in records]
+        out = []
+        for r, (offset, size) in zip(records.tolist(), which[records].tolist()):
+            out.append(self._shard_bytes(int(self.shard_of[r]))[offset:offset + size])
+        return out
+
+    def labels(self, records: np.ndarray) -> np.ndarray:
+        """int64 class indices of ``records`` from their ``.cls`` (each parsed once, then kept:
+        8 bytes per record). A .cls that is not a decimal class index is a RecordsError
+        naming its shard and key."""
+        records = np.asarray(records, np.int64)
+        todo = records[self._labels[records] < 0]
+        for r, raw in zip(todo.tolist(), self.slices(todo, self.cls)):
+            try:
+                self._labels[r] = parse_label(raw.tobytes())
+            except ValueError:
+                raise RecordsError(f"{self.where(r)}: record {self.key(r)}: .cls {raw.tobytes()[:20]!r} "
+                                   "is not a decimal class index; run python -m prep.verify, "
+                                   "rebuild that shard") from None
+        return self._labels[records]
 
     def key(self, record: int) -> str:
         s = int(self.shard_of[record])
@@ -106,18 +132,16 @@ class Feed:
     epoch, from a cursor the Loader sets (``seek``). ``fed`` holds the batches DALI has been
     given and not yet returned, oldest first (pipe.run() returns ``fed[0]``'s outputs)."""
 
-    def __init__(self, table: RecordTable, plan: Plan, draws: float | None, epoch: int = 0,
-                 labels: bool = True):
+    def __init__(self, table: RecordTable, plan: Plan, draws: float | None, epoch: int = 0):
         self.table, self.plan = table, plan
         self.lighting_std = draws          # None: no draws (val views, the decode floor)
-        self.labels = labels               # False: JPEGs only (the decode floor)
         self.fed: deque[Batch] = deque()
         self._cursor = (epoch, 0)
         self._parts: dict[int, np.ndarray] = {}
 
     @property
     def num_outputs(self) -> int:
-        return 1 + self.labels + (0 if self.lighting_std is None else 4)
+        return 1 if self.lighting_std is None else 3
 
     def seek(self, epoch: int, index: int) -> None:
         self._cursor = (epoch, index)
@@ -144,41 +168,36 @@ class Feed:
         self._cursor = (epoch, index + 1) if index + 1 < self.plan.batches else (epoch + 1, 0)
         self.fed.append(batch)
         outputs = [self.table.slices(batch.records, self.table.jpg)]
-        if self.labels:
-            outputs.append(self.table.slices(batch.records, self.table.cls))
         if self.lighting_std is not None:
             outputs += draws(self.plan, epoch, index, len(batch.records), self.lighting_std)
         return tuple(outputs)
 
 
 def draws(plan: Plan, epoch: int, index: int, n: int, lighting_std: float) -> list[np.ndarray]:
-    """The train view's random draws of one batch, from (seed, epoch, rank, batch) alone:
-    window offsets y, x uniform on 0..32 (int32), mirror 0/1 (int32, p = 0.5) and the
-    lighting coefficients alpha ~ N(0, lighting_std)³ (float32; zeros when 0)."""
+    """The train view's random draws of one batch, from (seed, epoch, rank, batch) alone, as
+    two dense arrays: window (n, 3) int32 = offsets y, x uniform on 0..32 and mirror 0/1
+    (p = 0.5); alpha (n, 3) float32 = the lighting coefficients ~ N(0, lighting_std)
+    (zeros when 0). Changing the order of the draws changes every run's augmentations."""
     rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(
         [plan.seed, epoch, plan.rank, index, _DRAW_STREAM])))
     y, x = rng.integers(0, ref.MAX_OFFSET + 1, size=(2, n), dtype=np.int32)
     mirror = rng.integers(0, 2, size=n, dtype=np.int32)
     alpha = rng.normal(0.0, 1.0, size=(n, 3)).astype(np.float32) * np.float32(lighting_std)
-    return [y, x, mirror, alpha]
+    return [np.stack([y, x, mirror], axis=1), alpha]
 
 
 def undecodable(table: RecordTable, batches) -> list[tuple[Path, str, str]]:
-    """(tar, key, why) of every record of ``batches`` that PIL cannot decode, or whose .cls
-    is not a class index: the culprits of a failed DALI run, which names none."""
+    """(tar, key, why) of every record of ``batches`` that PIL cannot decode: the culprits
+    of a failed DALI run, which names none."""
     from PIL import Image
     bad = []
     for batch in batches:
-        for r, jpeg, cls in zip(batch.records, table.slices(batch.records, table.jpg),
-                                table.slices(batch.records, table.cls)):
+        for r, jpeg in zip(batch.records, table.slices(batch.records, table.jpg)):
             try:
                 with Image.open(io.BytesIO(jpeg.tobytes())) as image:
                     image.convert("RGB").load()
             except Exception as exc:    # PIL raises many types for a broken JPEG
                 bad.append((table.where(r), table.key(r), f"bad JPEG ({exc})"))
-                continue
-            if not cls.tobytes().strip().isdigit():
-                bad.append((table.where(r), table.key(r), "bad .cls (not a class index)"))
     return bad
 
 

@@ -55,6 +55,16 @@ def _load_json(path: Path) -> dict:
     return data
 
 
+def parse_label(raw: bytes) -> int:
+    """A ``.cls`` component: ASCII decimal digits, optionally followed by whitespace
+    (WebDataset writers often end it with a newline). Anything else is a ValueError.
+    The one definition: the Loader and prep.verify both read labels with it."""
+    text = raw.rstrip(b" \t\r\n")
+    if not (0 < len(text) <= 18 and text.isdigit()):    # bytes.isdigit: ASCII 0-9 only
+        raise ValueError(f"not a decimal class index: {raw[:20]!r}")
+    return int(text)
+
+
 def read_meta(out: str | Path) -> dict:
     """meta.json as a dict, checked for the fields readers rely on."""
     path = Path(out) / "meta.json"

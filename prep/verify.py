@@ -30,7 +30,8 @@ import numpy as np
 from common.config import check_at_least
 from common.errors import UserError, error_line
 from common.system import usable_cores
-from prep.records import SPLITS, RecordsError, _header_ok, read_index, read_meta, shard_paths
+from prep.records import (SPLITS, RecordsError, _header_ok, parse_label, read_index, read_meta,
+                          shard_paths)
 from prep.shards import TAR_BLOCK
 
 
@@ -125,8 +126,11 @@ def verify_shard(tar: Path, idx: Path, classes: int) -> ShardResult:
                     and _header_ok(cls_header, f"{key}.cls".encode(), int(cs))):
                 failures.append((key, "the tar header does not match the index"))
                 continue
-            text = label.strip()
-            if not (text.isdigit() and int(text) < classes):
+            try:
+                ok = parse_label(label) < classes
+            except ValueError:
+                ok = False
+            if not ok:
                 failures.append((key, f"bad .cls {label[:20]!r} (not a class index 0..{classes - 1})"))
             if why := jpeg_error(jpeg):
                 failures.append((key, why))

@@ -16,8 +16,7 @@ import torch
 
 from pipeline import Loader, LoaderError, LoaderOptions
 from pipeline import graphs, reference as ref
-from pipeline.loader import parse_labels
-from prep.records import RecordsError, read_mean_image, read_stats, shard_paths
+from prep.records import RecordsError, parse_label, read_mean_image, read_stats, shard_paths
 
 RAW = LoaderOptions(lighting_std=0.0, subtract_mean=False, with_draws=True)   # un-normalised crops
 DRAWS = LoaderOptions(with_draws=True)
@@ -92,36 +91,67 @@ def test_labels_match_records(records, samples):
     assert got == {k: label for k, (_, label) in samples["val"].items()}
 
 
-def test_multi_digit_labels_through_the_graph(records, tmp_path):
-    """Labels of different lengths in one batch (ImageNet's 0..999) come out right: the graph
-    zero-pads the .cls bytes to the batch's longest and parse_labels reads them back."""
+def test_multi_digit_labels(records, tmp_path):
+    """Labels of different lengths in one batch (ImageNet's 0..999, with and without the
+    trailing newline WebDataset writers add) come out of the Loader as written."""
     from prep.shards import ShardWriter
+    from prep.records import read_meta
     labels = [7, 123, 45, 999, 0, 10]
-    _, jpeg, _ = next(ref.iter_tar(shard_paths(records, "val")[0][0]))
-    with ShardWriter(tmp_path / "s.tar", tmp_path / "s.idx") as writer:
+    rec = _copy(records, tmp_path)
+    _, jpeg, _ = next(ref.iter_tar(shard_paths(rec, "val")[0][0]))
+    for tar, idx in shard_paths(rec, "val"):
+        tar.unlink(), idx.unlink()
+    meta = read_meta(rec)
+    meta["counts"]["val"], meta["shards"]["val"] = len(labels), meta["shards"]["val"][:1]
+    meta["classes"] = [f"c{i}" for i in range(1000)]
+    (rec / "meta.json").write_text(json.dumps(meta))
+    with ShardWriter(rec / "val" / "shard-000000.tar", rec / "val" / "shard-000000.idx") as writer:
         for i, label in enumerate(labels):
             writer.add(f"k{i}", jpeg, label)
         writer.commit()
-    spec = graphs.GraphSpec(files=((str(tmp_path / "s.tar"), str(tmp_path / "s.idx")),),
-                            view="center", batch_size=len(labels), num_threads=1)
-    outputs = graphs.build(spec, graphs.DeviceSettings.for_device(torch.device("cpu"))).run()
-    assert parse_labels(np.asarray(outputs[1].as_tensor())).tolist() == labels
+    loader = Loader(rec, split="val", view="center", batch_size=len(labels), num_threads=1)
+    assert [label.tolist() for _, label in loader] == [labels]
 
 
-@pytest.mark.parametrize("rows,expected", [
-    ([b"7\0\0", b"123", b"45\0"], [7, 123, 45]),
-    ([b"45\n\0", b"9\r\n\0"], [45, 9]),          # WebDataset writers often end .cls with a newline
-    ([b"0\0"], [0]),
+@pytest.mark.parametrize("raw,expected", [
+    (b"7", 7), (b"123", 123), (b"45\n", 45), (b"9\r\n", 9), (b"0", 0), (b"999 \t", 999),
 ])
-def test_parse_labels(rows, expected):
-    got = parse_labels(np.array([list(r) for r in rows], np.uint8))
-    assert got.dtype == torch.int64 and got.tolist() == expected
+def test_parse_label(raw, expected):
+    assert parse_label(raw) == expected
 
 
-@pytest.mark.parametrize("row", [b"1a\0", b"\0\0\0", b" 12", b"1 2", b"-3\0"])
-def test_parse_labels_rejects_non_digits(row):
+@pytest.mark.parametrize("raw", [b"1a", b"", b"\n", b" 12", b"1 2", b"-3", b"\xd9\xa3", b"1" * 19])
+def test_parse_label_rejects_non_digits(raw):
     with pytest.raises(ValueError, match="not a decimal class index"):
-        parse_labels(np.array([list(row)], np.uint8))
+        parse_label(raw)
+
+
+def test_bad_label_names_shard_and_key(records, tmp_path):
+    """A .cls that is not a class index (or outside meta.json's classes): iterating raises
+    one RecordsError naming the shard and the record's key."""
+    import tarfile
+    for payload, what in ((b"x", "not a decimal class index"), (b"7", "outside 0..")):
+        rec = _copy(records, tmp_path / what[:3])
+        tar = rec / "val" / "shard-000000.tar"
+        with tarfile.open(tar) as tf:
+            member = [m for m in tf if m.name.endswith(".cls")][1]
+        if what.startswith("outside"):
+            meta = json.loads((rec / "meta.json").read_text())
+            meta["classes"] = meta["classes"][:2]          # classes 0, 1 only; records hold more
+            (rec / "meta.json").write_text(json.dumps(meta))
+            member = None
+        else:
+            with open(tar, "r+b") as fh:
+                fh.seek(member.offset_data)
+                fh.write(payload * member.size)
+        loader = Loader(rec, split="val", view="center", batch_size=4, num_threads=1)
+        with pytest.raises(RecordsError, match=what) as err:
+            for _ in loader:
+                pass
+        message = str(err.value)
+        assert "shard-000" in message and "\n" not in message
+        if member is not None:
+            assert member.name[:-4] in message
 
 
 # ---------------------------------------------------------------- the train view

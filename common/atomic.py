@@ -44,6 +44,48 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
         raise
 
 
+def write_unsynced(path: str | os.PathLike, data: bytes) -> tuple[Path, Path]:
+    """The first half of an atomic write: ``data`` in a temp file beside ``path``, not yet
+    flushed to disk nor renamed. Returns (temp, path) for ``publish``; until then readers see
+    the old ``path`` (or none), and a killed run leaves only a ``.NAME.*.tmp`` file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return Path(tmp), path
+
+
+def publish(pending: list[tuple[Path, Path]]) -> None:
+    """The second half: fsync every temp file, then rename each onto its path, in list order
+    (put the file that marks the others complete last). The fsyncs can run in another process
+    than the writes: prep's workers hand them to the parent, so a worker does not wait on the
+    disk (the parent is otherwise idle) and keeps decoding. On failure every temp not yet
+    renamed is removed."""
+    try:
+        for tmp, path in pending:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            except OSError as exc:    # fsync's error names no file: name the one being written
+                raise OSError(exc.errno, exc.strerror, str(path)) from None
+            finally:
+                os.close(fd)
+        for tmp, path in pending:
+            os.replace(tmp, path)
+    except BaseException:
+        for tmp, _ in pending:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        raise
+
+
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     with atomic_open(path, "wb") as fh:
         fh.write(data)

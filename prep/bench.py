@@ -2,7 +2,8 @@
 
     python -m prep.bench                              # on the built-in sample set (data/sample)
     python -m prep.bench --source /data/imagenet-subset --workers 8 --repeat 3 --json prep_bench.json
-    python -m prep.bench --photos 200 --repeat 3     # on N crops of real photographs (scikit-image)
+    python -m prep.bench --photos 2000 --repeat 3    # on N crops of real photographs (scikit-image),
+                                                      # ImageNet's sizes (--photo-sizes mixed: smaller)
 
 All three process the same source files (train + val of --source), side by side in one run,
 with the same number of worker processes, after one warm-up read so every file is in the page
@@ -100,7 +101,7 @@ def _source(args, tmp: Path) -> tuple[Path, str | None]:
     val/ without labels is dropped (a train-only view of the source under ``tmp``)."""
     if args.photos:
         from prep.photos import make_photo_set
-        return make_photo_set(tmp / "photos", n=args.photos, seed=0), None
+        return make_photo_set(tmp / "photos", n=args.photos, seed=0, sizes=args.photo_sizes), None
     source = Path(args.source) if args.source else DEFAULT_SAMPLE
     if args.source is None:
         ensure_sample(source, progress=True)
@@ -123,6 +124,9 @@ def main(argv=None) -> int:
     ap.add_argument("--val-labels", default=None, help="labels of a flat SOURCE/val (as build_records.py)")
     ap.add_argument("--photos", type=int, default=0,
                     help="bench on N crops of real photographs (scikit-image's) instead of --source")
+    ap.add_argument("--photo-sizes", choices=("mixed", "imagenet"), default="imagenet",
+                    help="--photos sizes: imagenet (ImageNet's size mix, mostly 500x375) or mixed "
+                         "(many small photos, as the tests use)")
     ap.add_argument("--workers", type=int, default=usable_cores())
     ap.add_argument("--no-ffcv", action="store_true", help="skip the FFCV writer")
     ap.add_argument("--repeat", type=int, default=1, help="rounds; each method's fastest round is reported")

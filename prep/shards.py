@@ -22,35 +22,51 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from common.atomic import publish
+
 INDEX_VERSION = "v1.2"
 TAR_BLOCK = 512
 TAR_RECORD = 20 * TAR_BLOCK  # archives end padded to a 10240-byte record, as tar and tarfile do
 
 
-def ustar_header(name: str, size: int) -> bytes:
-    """The 512-byte ustar header of a regular file (mode 644, uid/gid 0, mtime 0)."""
-    raw = name.encode("ascii")
-    if len(raw) > 100:
-        raise ValueError(f"tar member name too long for ustar: {name!r}")
+def _header_template() -> tuple[bytes, int]:
+    """Every field of our ustar headers except the name and size (left zero), and the byte sum
+    of that template with the checksum field counted as spaces (as the checksum is defined)."""
     h = bytearray(TAR_BLOCK)
-    h[0:len(raw)] = raw
     h[100:108] = b"0000644\0"
     h[108:116] = b"0000000\0"                      # uid
     h[116:124] = b"0000000\0"                      # gid
-    h[124:136] = b"%011o\0" % size
     h[136:148] = b"00000000000\0"                  # mtime
     h[148:156] = b" " * 8                          # checksum counts as spaces while summing
     h[156:157] = b"0"                              # regular file
     h[257:265] = b"ustar\x0000"                    # POSIX magic + version
-    h[148:156] = b"%06o\0 " % sum(h)
+    return bytes(h), sum(h)
+
+
+_TEMPLATE, _TEMPLATE_SUM = _header_template()
+
+
+def ustar_header(name: str, size: int) -> bytes:
+    """The 512-byte ustar header of a regular file (mode 644, uid/gid 0, mtime 0). The checksum
+    is the template's sum plus the name's and size's bytes: summing all 512 bytes per member
+    in Python costs more than the rest of the header."""
+    raw = name.encode("ascii")
+    if len(raw) > 100:
+        raise ValueError(f"tar member name too long for ustar: {name!r}")
+    size_field = b"%011o\0" % size
+    h = bytearray(_TEMPLATE)
+    h[0:len(raw)] = raw
+    h[124:136] = size_field
+    h[148:156] = b"%06o\0 " % (_TEMPLATE_SUM + sum(raw) + sum(size_field))
     return bytes(h)
 
 
 class ShardWriter:
-    """Write one tar shard and its index under temporary names; ``commit`` renames them in place.
+    """Write one tar shard and its index under temporary names; ``commit`` (or ``close`` then
+    ``common.atomic.publish``) renames them in place.
 
-    A reader never sees a half-written shard: until ``commit`` the files are hidden
-    (``.shard-000000.tar.tmp``); ``abort`` (or an exception in ``with``) deletes them.
+    A reader never sees a half-written shard: until then the files are hidden
+    (``.shard-000000.tar.<pid>.tmp``); ``abort`` (or an exception in ``with``) deletes them.
     """
 
     def __init__(self, tar_path: Path, idx_path: Path):
@@ -78,19 +94,19 @@ class ShardWriter:
         self._lines.append(" ".join(parts))
         self.count += 1
 
-    def commit(self) -> None:
-        """End the tar (two zero blocks, record padding), fsync both files, rename into place."""
+    def close(self) -> list[tuple[Path, Path]]:
+        """End the tar (two zero blocks, record padding) and write the index, both under their
+        temp names and not yet fsynced: (temp, final) pairs for ``common.atomic.publish``."""
         end = self._offset + 2 * TAR_BLOCK
         self._fh.write(bytes(2 * TAR_BLOCK + (-end % TAR_RECORD)))
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
         self._fh.close()
         with open(self._tmp_idx, "w") as fh:
             fh.write(f"{INDEX_VERSION} {self.count}\n" + "".join(line + "\n" for line in self._lines))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(self._tmp_tar, self.tar_path)
-        os.replace(self._tmp_idx, self.idx_path)
+        return [(self._tmp_tar, self.tar_path), (self._tmp_idx, self.idx_path)]
+
+    def commit(self) -> None:
+        """``close``, then fsync both files and rename them into place."""
+        publish(self.close())
 
     def abort(self) -> None:
         if not self._fh.closed:

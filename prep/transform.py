@@ -101,22 +101,17 @@ def resize_center_array(arr: np.ndarray, size: int = SIZE) -> np.ndarray:
 
 
 def resize_center_image(img: Image.Image, size: int = SIZE) -> Image.Image:
-    """``resize_center`` as a PIL RGB image (what the writer encodes and sums)."""
+    """``resize_center`` as a PIL RGB image."""
     return Image.fromarray(resize_center(img, size), "RGB")
 
 
 def decode_record(data: bytes, size: int = SIZE) -> np.ndarray:
     """Source file bytes -> uint8 (size, size, 3); ImageError (with a short reason) if undecodable."""
-    return np.asarray(decode_record_image(data, size), dtype=np.uint8)
-
-
-def decode_record_image(data: bytes, size: int = SIZE) -> Image.Image:
-    """``decode_record`` as a PIL RGB image."""
     if not data:
         raise ImageError("zero-byte file")
     try:
         with Image.open(io.BytesIO(data)) as img:
-            return resize_center_image(img, size)
+            return resize_center(img, size)
     except Image.DecompressionBombError as exc:
         raise ImageError(f"too large: {exc}") from None
     except Image.UnidentifiedImageError:
@@ -124,6 +119,11 @@ def decode_record_image(data: bytes, size: int = SIZE) -> Image.Image:
     except Exception as exc:  # noqa: BLE001 - malformed files raise OSError, SyntaxError,
         # struct.error, IndexError, ...; any of them means "skip this file", never "stop the run"
         raise ImageError(f"undecodable: {exc.__class__.__name__}: {exc}") from None
+
+
+def decode_record_image(data: bytes, size: int = SIZE) -> Image.Image:
+    """``decode_record`` as a PIL RGB image (what the writer encodes and sums)."""
+    return Image.fromarray(decode_record(data, size), "RGB")
 
 
 def encode_jpeg(img: Image.Image | np.ndarray, quality: int) -> bytes:

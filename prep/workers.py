@@ -6,6 +6,7 @@ the JSON last: its presence (with its tar and .npy) is what marks the shard done
 """
 from __future__ import annotations
 
+import io
 import json
 import multiprocessing
 import os
@@ -19,12 +20,12 @@ from typing import Callable
 
 import numpy as np
 
-from common.atomic import atomic_open, write_json
+from common.atomic import publish, write_unsynced
 from prep import transform
 from prep.config import PrepError
 from prep.plan import ShardTask
 from prep.shards import ShardWriter
-from prep.stats import PixelSums
+from prep.stats import ImageSum, PixelSums
 
 PARTIAL = ".partial"
 
@@ -48,40 +49,49 @@ def shard_done(out: Path, task: ShardTask) -> bool:
     return ok
 
 
-def write_shard(task: ShardTask, tick: Callable[[int], None]) -> int:
-    """Decode, resize, encode and write one shard; record its skips and pixel sums in .partial/."""
+def write_shard(task: ShardTask, tick: Callable[[int], None]) -> list[tuple[Path, Path]]:
+    """Decode, resize, encode and write one shard and its skips and pixel sums (.partial/),
+    all under temp names: the (temp, final) pairs for ``common.atomic.publish``, the partial
+    JSON last (``shard_done`` takes it as the mark of a finished shard)."""
     out, root = Path(task.out), Path(task.root)
     tar = out / task.split / f"{task.name}.tar"
     sums, skipped = PixelSums(), []
-    mean_sum = np.zeros((transform.SIZE, transform.SIZE, 3), np.uint32) if task.split == "train" else None
-    with ShardWriter(tar, tar.with_suffix(".idx")) as writer:
-        for rel, label, key in task.items:
-            try:
-                img = transform.decode_record_image((root / rel).read_bytes())
-            except transform.ImageError as exc:
-                skipped.append({"path": rel, "reason": str(exc)})
+    mean_sum = ImageSum((transform.SIZE, transform.SIZE, 3)) if task.split == "train" else None
+    pending: list[tuple[Path, Path]] = []
+    try:
+        with ShardWriter(tar, tar.with_suffix(".idx")) as writer:
+            for rel, label, key in task.items:
+                try:
+                    pixels = transform.decode_record((root / rel).read_bytes())
+                except transform.ImageError as exc:
+                    skipped.append({"path": rel, "reason": str(exc)})
+                    tick(1)
+                    continue
+                except OSError as exc:  # unreadable (permissions), vanished since the scan, I/O error
+                    skipped.append({"path": rel, "reason": f"cannot read: {exc.strerror or exc}"})
+                    tick(1)
+                    continue
+                if mean_sum is not None:  # train: exact sums of the pixels before JPEG encoding
+                    sums.add_image(pixels)
+                    mean_sum.add(pixels)
+                writer.add(key, transform.encode_jpeg(pixels, task.quality), label)
                 tick(1)
-                continue
-            except OSError as exc:  # unreadable (permissions), vanished since the scan, I/O error
-                skipped.append({"path": rel, "reason": f"cannot read: {exc.strerror or exc}"})
-                tick(1)
-                continue
-            if mean_sum is not None:  # train: exact sums of the pixels before JPEG encoding
-                sums.add_pil(img)
-                mean_sum += np.asarray(img)
-            writer.add(key, transform.encode_jpeg(img, task.quality), label)
-            tick(1)
-        if writer.count:
-            writer.commit()
-        else:  # nothing decodable: no shard (DALI cannot index an empty tar)
-            writer.abort()
-    if mean_sum is not None:
-        with atomic_open(partial_path(out, task.split, task.name, "npy"), "wb") as fh:
-            np.save(fh, mean_sum)
-    write_json(partial_path(out, task.split, task.name, "json"), {
-        "records": writer.count, "tar": f"{task.split}/{tar.name}" if writer.count else None,
-        "skipped": skipped, "sums": sums.to_json()})
-    return len(task.items)
+            if writer.count:
+                pending += writer.close()
+            else:  # nothing decodable: no shard (DALI cannot index an empty tar)
+                writer.abort()
+        if mean_sum is not None:
+            buf = io.BytesIO()
+            np.save(buf, mean_sum.total())
+            pending.append(write_unsynced(partial_path(out, task.split, task.name, "npy"), buf.getvalue()))
+        pending.append(write_unsynced(partial_path(out, task.split, task.name, "json"), json.dumps({
+            "records": writer.count, "tar": f"{task.split}/{tar.name}" if writer.count else None,
+            "skipped": skipped, "sums": sums.to_json()}, indent=2).encode() + b"\n"))
+    except BaseException:
+        for tmp, _ in pending:
+            tmp.unlink(missing_ok=True)
+        raise
+    return pending
 
 
 # Set in each pool worker by _init_worker: images done (for the progress bar), and per task
@@ -101,11 +111,12 @@ def _tick_shared(n: int) -> None:
         _SHARED_COUNTER.value += n
 
 
-def _pool_task(ordinal: int, task: ShardTask) -> tuple[str, int]:
+def _pool_task(ordinal: int, task: ShardTask) -> tuple[str, int, list[tuple[Path, Path]]]:
+    """One shard in a worker; the parent publishes (fsyncs and renames) its files."""
     _RUNNING[ordinal] = os.getpid()
-    write_shard(task, _tick_shared)
+    pending = write_shard(task, _tick_shared)
     _RUNNING[ordinal] = 0
-    return task.split, task.index
+    return task.split, task.index, pending
 
 
 def _progress(enabled: bool):
@@ -126,7 +137,7 @@ def _run_inline(tasks: list[ShardTask], progress: bool, on_shard) -> None:
             bar.update(job, completed=done, rate=done / max(time.perf_counter() - t0, 1e-9))
 
         for task in tasks:
-            write_shard(task, tick)
+            publish(write_shard(task, tick))
             if on_shard:
                 on_shard(task.split, task.index)
 
@@ -156,7 +167,8 @@ def _run_pool(tasks: list[ShardTask], workers: int, progress: bool, on_shard) ->
                 done = _images_done(counter)
                 bar.update(job, completed=done, rate=done / max(time.perf_counter() - t0, 1e-9))
                 for future in finished:
-                    split, index = future.result()  # a worker's exception is raised here
+                    split, index, files = future.result()  # a worker's exception is raised here
+                    publish(files)
                     if on_shard:
                         on_shard(split, index)
             bar.update(job, completed=_images_done(counter))

@@ -25,7 +25,7 @@ from prep.build_records import PrepConfig, PrepError, build, main
 from prep.records import RecordsError, read_meta, read_mean_image, read_stats, shard_paths
 from prep.sample import make_sample_set, wnid
 from prep.source import SourceError
-from prep.stats import PixelSums
+from prep.stats import ImageSum, PixelSums
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -136,8 +136,7 @@ def test_jpeg_draft_decoding_stays_close_to_full_decoding():
 
 # ---------------------------------------------------------------- exact statistics
 
-@pytest.mark.parametrize("route", ["numpy", "pil"])
-def test_pixel_sums_are_exact_integers(route):
+def test_pixel_sums_are_exact_integers():
     rng = np.random.default_rng(0)
     imgs = [rng.integers(0, 256, (256, 256, 3), dtype=np.uint8), np.full((256, 256, 3), 255, np.uint8),
             rng.integers(0, 256, (37, 53, 3), dtype=np.uint8),   # a size that is no multiple of 256
@@ -146,11 +145,25 @@ def test_pixel_sums_are_exact_integers(route):
                       rng.integers(0, 256, (64, 64), dtype=np.uint8)], axis=-1)]   # extreme pairs
     sums = PixelSums()
     for img in imgs:
-        sums.add_image(img) if route == "numpy" else sums.add_pil(Image.fromarray(img, "RGB"))
+        sums.add_image(img)
     x = np.concatenate([i.reshape(-1, 3).astype(object) for i in imgs])  # python ints: no overflow
     assert sums.n == len(x)
     assert sums.s == [int(v) for v in x.sum(axis=0)]
     assert sums.q == [[int((x[:, i] * x[:, j]).sum()) for j in range(3)] for i in range(3)]
+
+
+def test_image_sum_is_exact_past_the_uint16_flush():
+    """600 images (two flushes of the uint16 buffer and a remainder), all-255 among them:
+    the per-pixel total equals Python-int sums."""
+    rng = np.random.default_rng(1)
+    imgs = [np.full((4, 5, 3), 255, np.uint8) if i % 3 else rng.integers(0, 256, (4, 5, 3), dtype=np.uint8)
+            for i in range(600)]
+    total = ImageSum((4, 5, 3))
+    for img in imgs:
+        total.add(img)
+    want = np.sum([img.astype(object) for img in imgs], axis=0)
+    got = total.total()
+    assert got.dtype == np.uint32 and (got.astype(object) == want).all()
 
 
 def test_stats_equal_independent_float64_computation(small_source, small_records):

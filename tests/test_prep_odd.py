@@ -115,6 +115,38 @@ def test_stale_leftovers_of_a_killed_build_are_removed(tiny, tmp_path):
     assert (out / "stats.json").read_bytes() == (clean / "stats.json").read_bytes()
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_disk_full_while_publishing_a_shard_exits_2_and_resumes(tiny, tmp_path, capsys, monkeypatch, workers):
+    """The disk fills when the third shard's files are flushed (fsync: where a full disk
+    shows on write-back file systems): one line naming the file, exit 2, no temp files and no
+    shard without its done mark; the same command then finishes and equals a clean build."""
+    from common import atomic
+    out, calls = tmp_path / "out", []
+    real_fsync = os.fsync
+
+    def full_fsync(fd):
+        calls.append(fd)
+        if len(calls) == 9:        # shards 1-2 publish 4 files each (tar, idx, npy, json)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(atomic.os, "fsync", full_fsync)
+    args = ["--source", str(tiny), "--out", str(out), "--shard-size", "2", "--workers", str(workers),
+            "--no-progress"]
+    code, err = _run(args, capsys)
+    assert code == 2 and err.count("\n") == 1 and "no space left on device" in err.lower()
+    assert str(out / "train") in err or str(out / ".partial") in err     # names the file
+    assert not list(out.rglob(".*.tmp"))
+    for tar in (out / "train").glob("*.tar"):           # every shard in place is a finished one
+        assert (out / ".partial" / "train" / f"{tar.stem}.json").is_file()
+    monkeypatch.setattr(atomic.os, "fsync", real_fsync)
+    assert _run(args, capsys)[0] == 0
+    clean = tmp_path / "clean"
+    build(cfg(tiny, clean, shard_size=2))
+    assert all_records(out, "train") == all_records(clean, "train")
+    assert (out / "stats.json").read_bytes() == (clean / "stats.json").read_bytes()
+
+
 @pytest.mark.parametrize("fmt", ["kaggle_csv", "text"])
 def test_val_labels_with_byte_order_mark_and_windows_line_ends(tiny, tmp_path, fmt):
     labels = _flat_val(tiny)

@@ -27,6 +27,7 @@ import cv2
 import numpy as np
 
 MAX_PIXELS = (2**53 - 1) // 255**2  # double sums stay exact below this (~138M pixels)
+_PAIRS = ((0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2))
 
 
 @dataclass
@@ -43,13 +44,17 @@ class PixelSums:
         n = arr.shape[0] * arr.shape[1]
         if n > MAX_PIXELS:
             raise ValueError(f"image of {n} pixels: the double sums would not be exact")
-        planes = cv2.split(np.ascontiguousarray(arr))
-        s = [int(v) for v in cv2.sumElems(arr)[:3]]
-        q = [[0] * 3 for _ in range(3)]
-        for i in range(3):
-            for j in range(i, 3):
-                q[i][j] = q[j][i] = int(cv2.sumElems(np.multiply(planes[i], planes[j], dtype=np.uint16))[0])
-        self.merge(PixelSums(n, s, q))
+        arr = np.ascontiguousarray(arr)
+        planes = [p.astype(np.uint16) for p in cv2.split(arr)]   # uint16 x uint16: no cast per product
+        self.n += n
+        for c, v in enumerate(cv2.sumElems(arr)[:3]):
+            self.s[c] += int(v)
+        q = self.q
+        for i, j in _PAIRS:
+            v = int(cv2.sumElems(np.multiply(planes[i], planes[j]))[0])
+            q[i][j] += v
+            if i != j:
+                q[j][i] += v
 
     def merge(self, other: "PixelSums") -> None:
         self.n += other.n

@@ -55,9 +55,11 @@ def write_unsynced(path: str | os.PathLike, data: bytes) -> tuple[Path, Path]:
         os.chmod(tmp, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and not exc.filename:   # a full disk names no file
+            raise OSError(exc.errno, exc.strerror, str(path)) from None
         raise
     return Path(tmp), path
 
@@ -79,11 +81,23 @@ def publish(pending: list[tuple[Path, Path]]) -> None:
                 os.close(fd)
         for tmp, path in pending:
             os.replace(tmp, path)
+        for folder in dict.fromkeys(path.parent for _, path in pending):
+            _fsync_dir(folder)     # the renames themselves survive a power cut
     except BaseException:
         for tmp, _ in pending:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
         raise
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, str(folder)) from None
+    finally:
+        os.close(fd)
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -71,7 +71,7 @@ class DeviceSettings:
             # depth 3: AlexNet steps are short, so keep one more batch ready than on CPU.
             return cls(device_id=device.index or 0, decoder="mixed",
                        prefetch_queue_depth=3, hw_decoder_load=0.65)
-        import os; return cls(device_id=None, decoder="cpu", prefetch_queue_depth=int(os.environ.get("DEPTH", 2)))
+        return cls(device_id=None, decoder="cpu", prefetch_queue_depth=2)
 
     @property
     def on_gpu(self) -> bool:
@@ -185,7 +185,7 @@ def _reader(spec: GraphSpec, feed: reader.Feed):
 
 
 def u8_outputs(spec: GraphSpec) -> int:
-    """How many outputs ``_u8_extras`` adds after the labels."""
+    """How many outputs ``_u8_extras`` adds after the images."""
     return 2 if spec.dtype == torch.uint8 and spec.view == "train" else 0
 
 

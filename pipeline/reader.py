@@ -139,10 +139,6 @@ class Feed:
         self._cursor = (epoch, 0)
         self._parts: dict[int, np.ndarray] = {}
 
-    @property
-    def num_outputs(self) -> int:
-        return 1 if self.lighting_std is None else 3
-
     def seek(self, epoch: int, index: int) -> None:
         self._cursor = (epoch, index)
 

@@ -92,8 +92,8 @@ def test_labels_match_records(records, samples):
 
 
 def test_multi_digit_labels(records, tmp_path):
-    """Labels of different lengths in one batch (ImageNet's 0..999, with and without the
-    trailing newline WebDataset writers add) come out of the Loader as written."""
+    """Labels of different lengths in one batch (ImageNet's 0..999) come out of the Loader as
+    written (trailing whitespace: test_parse_label)."""
     from prep.shards import ShardWriter
     from prep.records import read_meta
     labels = [7, 123, 45, 999, 0, 10]

@@ -153,10 +153,11 @@ def test_pixel_sums_are_exact_integers():
 
 
 def test_image_sum_is_exact_past_the_uint16_flush():
-    """600 images (two flushes of the uint16 buffer and a remainder), all-255 among them:
-    the per-pixel total equals Python-int sums."""
+    """600 images (two flushes of the uint16 buffer and a remainder): 300 all-255 in a row
+    (a 258th before a flush would wrap uint16) then random ones; the per-pixel total equals
+    Python-int sums."""
     rng = np.random.default_rng(1)
-    imgs = [np.full((4, 5, 3), 255, np.uint8) if i % 3 else rng.integers(0, 256, (4, 5, 3), dtype=np.uint8)
+    imgs = [np.full((4, 5, 3), 255, np.uint8) if i < 300 else rng.integers(0, 256, (4, 5, 3), dtype=np.uint8)
             for i in range(600)]
     total = ImageSum((4, 5, 3))
     for img in imgs:

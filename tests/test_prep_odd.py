@@ -117,7 +117,7 @@ def test_stale_leftovers_of_a_killed_build_are_removed(tiny, tmp_path):
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_disk_full_while_publishing_a_shard_exits_2_and_resumes(tiny, tmp_path, capsys, monkeypatch, workers):
-    """The disk fills when the third shard's files are flushed (fsync: where a full disk
+    """The disk fills while a finished shard's files are flushed (fsync: where a full disk
     shows on write-back file systems): one line naming the file, exit 2, no temp files and no
     shard without its done mark; the same command then finishes and equals a clean build."""
     from common import atomic
@@ -126,7 +126,7 @@ def test_disk_full_while_publishing_a_shard_exits_2_and_resumes(tiny, tmp_path, 
 
     def full_fsync(fd):
         calls.append(fd)
-        if len(calls) == 9:        # shards 1-2 publish 4 files each (tar, idx, npy, json)
+        if len(calls) == 9:        # identity.json, then per shard 4 files + 2 folders: shard 2's idx
             raise OSError(errno.ENOSPC, "No space left on device")
         real_fsync(fd)
 
@@ -145,6 +145,27 @@ def test_disk_full_while_publishing_a_shard_exits_2_and_resumes(tiny, tmp_path, 
     build(cfg(tiny, clean, shard_size=2))
     assert all_records(out, "train") == all_records(clean, "train")
     assert (out / "stats.json").read_bytes() == (clean / "stats.json").read_bytes()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_disk_full_while_writing_a_shard_names_it(tiny, tmp_path, capsys, monkeypatch, workers):
+    """A full disk in a worker's write() (where ext4 and xfs report it), which names no file:
+    one line naming the shard, exit 2, no temp files left."""
+    from prep.shards import ShardWriter
+    out, real_member, calls = tmp_path / "out", ShardWriter._member, []
+
+    def full_member(self, name, data):
+        calls.append(name)
+        if len(calls) == 5:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_member(self, name, data)
+
+    monkeypatch.setattr(ShardWriter, "_member", full_member)
+    code, err = _run(["--source", str(tiny), "--out", str(out), "--shard-size", "2",
+                      "--workers", str(workers)], capsys)
+    assert code == 2 and err.count("\n") == 1 and "no space left on device" in err.lower()
+    assert f"{out / 'train'}/shard-0000" in err and err.rstrip().split(": ")[1].endswith(".tar")
+    assert not list(out.rglob(".*.tmp"))
 
 
 @pytest.mark.parametrize("fmt", ["kaggle_csv", "text"])

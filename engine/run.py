@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TypeVar
 
 import torch
 from torch import nn
@@ -46,6 +46,9 @@ from .state import KEYS, TrainState
 REAL_THING = ("The real thing, on ImageNet with two GPUs:\n"
               "  python prep/build_records.py --source /data/imagenet --out /data/records\n"
               "  python train.py --gpus 0,1 --records /data/records --out runs/alexnet")
+
+
+T = TypeVar("T")
 
 
 class RunError(UserError):
@@ -311,7 +314,7 @@ def run_session(s: Session, state: TrainState) -> int:
         # metrics.jsonl = the checkpoint's history: no epoch twice, none the checkpoint lacks
         write_text(s.out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in state.history))
     on_main(s, prepare)
-    log = logs.RunLog.open(s.cfg, s.say, s.out, s.info.world, s.info.is_main, state.step)
+    log = together(s, lambda: logs.RunLog.open(s.cfg, s.say, s.out, s.info.world, s.info.is_main, state.step))
     stop = StopFlag().install()       # from here on a signal means: finish the step, save, exit
     s.say.line(f"train: run folder {s.out}; {s.classes} classes; devices {', '.join(s.devices)}; "
                f"world {s.info.world}")
@@ -364,7 +367,7 @@ def steps_spent(cfg: TrainConfig, state: TrainState) -> bool:
 def train_epoch(s: Session, state: TrainState, stop: StopFlag, phases: Phases, log: logs.RunLog) -> str:
     """The epoch's steps from state's position on (a resumed epoch skips its trained batches)."""
     cfg = s.cfg
-    loader = s.data.train(state.epoch)
+    loader = together(s, lambda: s.data.train(state.epoch))   # a rank that cannot read its shards stops all
     batches = loader.iter_epoch(loader.epoch, start=state.batch)   # resumed: nothing before is decoded
     plan = StepPlan(epoch_batches=min(len(loader), cfg.epoch_steps or len(loader)),
                     max_steps=cfg.max_steps, warmup_steps=cfg.warmup_steps)
@@ -472,19 +475,25 @@ def save_checkpoint(s: Session, state: TrainState, best: bool = False) -> None:
     on_main(s, write)
 
 
-def on_main(s: Session, write: Callable[[], None]) -> None:
-    """``write`` on rank 0 only (only rank 0 writes files), then every rank learns how it went:
-    its UserError/OSError is raised on every rank, so no rank goes on into a collective that
-    rank 0 has left. One host all-gather, which also holds every rank until the write is done."""
-    failure = None
-    if s.info.is_main:
-        try:
-            write()
-        except (UserError, OSError) as exc:
-            failure = exc
+def together(s: Session, make: Callable[[], T]) -> T:
+    """``make()`` on every rank, then every rank learns how it went everywhere: a UserError or
+    OSError on any rank is raised on every rank (the lowest rank's), so no rank goes on into a
+    collective that another has left. One host all-gather; ``make()`` alone in one process."""
+    result, failure = None, None
+    try:
+        result = make()
+    except (UserError, OSError) as exc:
+        failure = exc
     failure = D.first_error(failure, s.host_group)
     if failure is not None:
         raise failure
+    return result
+
+
+def on_main(s: Session, write: Callable[[], None]) -> None:
+    """``write`` on rank 0 only (only rank 0 writes files), with ``together``'s agreement; the
+    all-gather also holds every rank until the write is done."""
+    together(s, lambda: write() if s.info.is_main else None)
 
 
 def last_finite(out: Path) -> str:

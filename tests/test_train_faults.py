@@ -130,6 +130,8 @@ class _Data:
         self.rank, self.fault = rank, fault
 
     def train(self, epoch):
+        if self.rank == 1 and self.fault == "train_loader":
+            raise RecordsError("records/train/shard-000003.idx: unreadable (Input/output error)")
         return _Loader(epoch, self.rank, self.fault)
 
     def val(self, view):
@@ -138,7 +140,8 @@ class _Data:
 
 def _inject_write_faults(rank: int, fault: str) -> None:
     """Rank 0 only: the disk fills up while the second checkpoint is written (the first one is
-    written), or the first metrics.jsonl line cannot be appended."""
+    written), the first metrics.jsonl line cannot be appended, or the run's log (TensorBoard's
+    folder) cannot be opened."""
     if rank != 0:
         return
     if fault == "disk_full":
@@ -156,6 +159,10 @@ def _inject_write_faults(rank: int, fault: str) -> None:
         def full(path, line):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         R.append_line = full
+    if fault == "log":
+        def denied(*args, **kwargs):
+            raise OSError(errno.EACCES, os.strerror(errno.EACCES), "runs/x/tensorboard")
+        R.logs.RunLog.open = denied
 
 
 def _rank(rank: int, world: int, port: int, out: str, fault: str) -> None:
@@ -252,3 +259,13 @@ def test_a_failed_metrics_line_on_rank_0_stops_both_with_exit_2(tmp_path):
     assert ckpt.load(tmp_path / "last.pt")["epoch"] == 1      # written before the line it describes
     lines = _error_lines(tmp_path)
     assert lines[0] == lines[1] and "metrics.jsonl: cannot write" in lines[0]
+
+
+@pytest.mark.parametrize("fault,names", [("train_loader", "shard-000003.idx: unreadable"),
+                                         ("log", "runs/x/tensorboard")])
+def test_a_failure_to_start_on_one_rank_stops_both_with_exit_2(tmp_path, fault, names):
+    """Rank 1 cannot build its train loader, or rank 0 cannot open the run's log: both ranks
+    exit 2 with the same line, none waits in a collective for the other."""
+    assert _spawn(tmp_path, fault, timeout=60) == [2, 2]
+    lines = _error_lines(tmp_path)
+    assert lines[0] == lines[1] and names in lines[0]

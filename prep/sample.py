@@ -36,13 +36,20 @@ import argparse
 import colorsys
 import functools
 import io
-import multiprocessing
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from common.errors import UserError, error_line
 from common.system import usable_cores
+
+class SampleError(UserError):
+    """The sample set could not be drawn; one line."""
+
 
 # (width, height) of ImageNet-like photos and how often each appears.
 SIZES = ((500, 375), (375, 500), (500, 333), (333, 500), (500, 400), (640, 480),
@@ -216,8 +223,15 @@ def make_sample_set(root: str | Path, classes: int = 10, train_per_class: int = 
         for job in jobs:
             work(job)
     else:
-        with multiprocessing.Pool(workers) as pool:
-            pool.map(work, jobs, chunksize=16)
+        # an executor, not multiprocessing.Pool: a worker that dies (the out-of-memory killer)
+        # fails the map here instead of leaving it waiting forever for the lost chunk
+        try:
+            with ProcessPoolExecutor(workers) as pool:
+                for _ in pool.map(work, jobs, chunksize=16):
+                    pass
+        except BrokenProcessPool:
+            raise SampleError(f"{root}: a worker drawing the sample set died (out of memory?); "
+                              "run the same command again") from None
     return root
 
 
@@ -229,7 +243,11 @@ def main(argv=None) -> int:
     ap.add_argument("--val-per-class", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
-    make_sample_set(a.root, a.classes, a.train_per_class, a.val_per_class, a.seed)
+    try:
+        make_sample_set(a.root, a.classes, a.train_per_class, a.val_per_class, a.seed)
+    except (UserError, OSError, ValueError) as exc:
+        print(f"error: {error_line(exc)}", file=sys.stderr)
+        return 2
     print(f"wrote sample set to {a.root}")
     return 0
 

@@ -168,6 +168,21 @@ def test_disk_full_while_writing_a_shard_names_it(tiny, tmp_path, capsys, monkey
     assert not list(out.rglob(".*.tmp"))
 
 
+def _die_on_the_fiftieth(job, classes, seed):
+    if job[0].name.endswith("_49.JPEG"):
+        os._exit(9)
+
+
+def test_a_dead_sample_worker_is_an_error_not_a_hang(tmp_path, monkeypatch, capsys):
+    """A worker drawing the sample set dies (as under the out-of-memory killer): one line,
+    exit 2, instead of a pool waiting forever for the lost chunk."""
+    import prep.sample as sample
+    monkeypatch.setattr(sample, "_write_one", _die_on_the_fiftieth)
+    code = sample.main([str(tmp_path / "s"), "--classes", "3", "--train-per-class", "80"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "a worker drawing the sample set died" in err
+
+
 @pytest.mark.parametrize("fmt", ["kaggle_csv", "text"])
 def test_val_labels_with_byte_order_mark_and_windows_line_ends(tiny, tmp_path, fmt):
     labels = _flat_val(tiny)

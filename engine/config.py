@@ -95,6 +95,9 @@ class TrainConfig:
     out: str | None = field(default=None, metadata=_h("run folder (default: runs/<UTC timestamp>)"))
     resume: str | None = field(default=None, metadata=_h(
         "continue the run in this folder exactly where its last.pt left off (flags given here override its saved config)"))
+    auto_resume: bool = field(default=False, metadata=_h(
+        "with --out DIR: continue DIR/last.pt when it exists, else start the run there; one command for "
+        "torchrun --max-restarts and schedulers that requeue a job (flags equal to the saved run's change nothing)"))
     eval_only: bool = field(default=False, metadata=_h(
         "only evaluate --checkpoint on the validation set: single-crop and 10-crop error"))
     checkpoint: str | None = field(default=None, metadata=_h("checkpoint for --eval-only (last.pt or best.pt)"))
@@ -140,6 +143,10 @@ class TrainConfig:
             raise ValueError("--checkpoint is for --eval-only; use --resume RUN_DIR to continue training")
         if self.eval_only and self.resume:
             raise ValueError("--eval-only and --resume exclude each other")
+        if self.auto_resume and not self.out:
+            raise ValueError("--auto-resume needs --out DIR (the folder to continue or start)")
+        if self.auto_resume and (self.resume or self.eval_only):
+            raise ValueError("--auto-resume excludes --resume and --eval-only")
 
     def model_config(self, num_classes: int) -> AlexNetConfig:
         """The AlexNetConfig these flags describe (the model's switches live in MODEL_FIELDS)."""
@@ -193,7 +200,7 @@ HELP_GROUPS: dict[str, tuple[str, ...]] = {
     "recipe (the paper's values)": ("batch_size", "lr", "momentum", "weight_decay", "decay_biases", "epochs",
                                     "plateau_patience", "plateau_threshold", "max_lr_drops", "warmup_steps", "seed"),
     "speed": ("workers", "loader_device", "amp", "channels_last", "compile", "profile"),
-    "run folder, resume, evaluation": ("out", "resume", "eval_only", "checkpoint", "final_eval",
+    "run folder, resume, evaluation": ("out", "resume", "auto_resume", "eval_only", "checkpoint", "final_eval",
                                        "max_steps", "epoch_steps", "progress", "log_every", "tensorboard", "demo"),
     "devices and ranks (torchrun)": ("gpus", "gpus_per_replica"),
 }

@@ -156,11 +156,16 @@ def first_error(exc: BaseException | None, group) -> BaseException | None:
     line), so none goes on into a collective the others never join. A host all-gather over
     ``group`` (the exceptions are pickled: plain UserError/OSError subclasses); ``exc`` itself
     when ``group`` is None (one process)."""
+    return next((e for e in gather_host(exc, group) if e is not None), None)
+
+
+def gather_host(obj, group) -> list:
+    """Every rank's ``obj`` (picklable), in rank order, over the host group: [obj] when None."""
     if group is None:
-        return exc
+        return [obj]
     out = [None] * dist.get_world_size(group)
-    dist.all_gather_object(out, exc, group=group)
-    return next((e for e in out if e is not None), None)
+    dist.all_gather_object(out, obj, group=group)
+    return out
 
 
 def gather_objects(obj, info: DistInfo) -> list:

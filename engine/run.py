@@ -286,22 +286,40 @@ def restore(s: Session, state: TrainState, saved: dict, path: Path, lr_given: bo
 # --- training ---------------------------------------------------------------------------
 
 def train(cfg: TrainConfig, argv: list[str], info: D.DistInfo, say: Reporter) -> int:
-    saved, path = None, None
-    if cfg.resume:
-        path, out = resume_paths(cfg.resume)
+    saved, path, lr_given = None, None, False
+    continuing = cfg.auto_resume and (Path(cfg.out) / "last.pt").exists()
+    if cfg.resume or continuing:
+        path, out = resume_paths(cfg.resume or cfg.out)
         saved = ckpt.load(path, keys=RESUME_KEYS)
+        given_lr = cfg.lr
         cfg = replace(resume_config(cfg, argv, path, saved, say), out=str(out))
+        # --resume: an explicit --lr always wins. --auto-resume reruns the command that started
+        # the run, so its --lr is an override only when it differs from the saved one (else every
+        # restart would undo the plateau schedule's lr drops).
+        lr_given = "lr" in explicit_flags(argv) and (not continuing or given_lr != saved_config(saved, path).lr)
     elif cfg.out and (Path(cfg.out) / "last.pt").exists():
         raise RunError(f"{cfg.out}: already holds a run (last.pt); continue it with --resume {cfg.out} "
-                       "or pick another --out")
+                       "(or start runs with --auto-resume) or pick another --out")
     out = run_folder(cfg)
     if cfg.tensorboard and not logs.tensorboard_available():     # before any device or file is touched
         raise RunError(logs.TENSORBOARD_MISSING)
     s = build_session(cfg, info, say, out)
     state = new_state(cfg, info.world)
     if saved is not None:
-        restore(s, state, saved, path, lr_given="lr" in explicit_flags(argv))
+        restore(s, state, saved, path, lr_given=lr_given)
+    check_same_start(s, state)
     return run_session(s, state)
+
+
+def check_same_start(s: Session, state: TrainState) -> None:
+    """Every rank starts from the same position: a rank that did not see the run's last.pt (no
+    shared file system, a copy lagging behind) would otherwise train from scratch beside the
+    others, silently. Compared over the host group; nothing to compare in one process."""
+    where = D.gather_host((state.epoch, state.step, state.batch), s.host_group)
+    if len(set(where)) > 1:
+        starts = ", ".join(f"rank {r}: epoch {e + 1} step {st}" for r, (e, st, _) in enumerate(where))
+        raise RunError(f"{s.out}: the ranks start from different places ({starts}); every rank must "
+                       f"read the same {s.out / 'last.pt'} (a shared file system)")
 
 
 def run_session(s: Session, state: TrainState) -> int:

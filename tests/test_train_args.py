@@ -68,7 +68,7 @@ def test_help_shows_each_default_once_and_never_none(help_text):
     assert "outputs of fc6 and fc7" in entries["--dropout"]    # the model applies dropout after them
 
 
-@pytest.mark.parametrize("switch", ["demo", "eval_only", "profile", "compile", "channels_last"])
+@pytest.mark.parametrize("switch", ["demo", "eval_only", "profile", "compile", "channels_last", "auto_resume"])
 def test_switches_that_are_only_turned_on_have_no_negation(switch, capsys):
     flag = switch.replace("_", "-")
     assert getattr(parse_train_args([]), switch) is False
@@ -138,6 +138,16 @@ def test_config_and_resume_exclude_each_other(tmp_path, capsys):
     with pytest.raises(SystemExit):
         parse_train_args(["--config", str(path), "--resume", "runs/a"])
     assert "--config and --resume exclude each other" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--auto-resume"], "--auto-resume needs --out DIR"),
+    (["--auto-resume", "--out", "runs/a", "--resume", "runs/a"], "--auto-resume excludes --resume"),
+])
+def test_auto_resume_needs_out_and_no_resume(argv, says, capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse_train_args(argv)
+    assert exc.value.code == 2 and says in capsys.readouterr().err
 
 
 def test_help_loads_neither_torch_nor_dali():

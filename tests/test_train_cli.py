@@ -120,6 +120,29 @@ def test_plateau_divides_the_optimizers_lr_by_10(sample_records, tmp_path):
 
 
 @pytest.mark.slow
+def test_auto_resume_reruns_the_same_command_and_keeps_the_schedules_lr(sample_records, tmp_path):
+    """The command that started a run, given again (what torchrun --max-restarts and a requeued
+    job do), continues it: the first call starts in an empty --out, the second continues from
+    last.pt, and its explicit --lr (equal to the saved one) does not undo the plateau's drop:
+    lr, weights and metrics equal one uninterrupted run."""
+    flags = ["--epoch-steps", "1", "--no-final-eval", "--plateau-patience", "1", "--plateau-threshold", "1.0",
+             "--lr", "0.01", "--seed", "3"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert main(tiny(sample_records, full, *flags, "--epochs", "3")) == 0
+    assert main(tiny(sample_records, part, *flags, "--epochs", "2", "--auto-resume")) == 0
+    assert ckpt.load(part / "last.pt")["schedule"]["lr"] == pytest.approx(0.001)   # dropped after epoch 2
+    assert main(tiny(sample_records, part, *flags, "--epochs", "3", "--auto-resume")) == 0
+    lrs = [json.loads(line)["lr"] for line in (part / "metrics.jsonl").read_text().splitlines()]
+    assert lrs == pytest.approx([0.01, 0.01, 0.001])
+    a, b = ckpt.load(full / "last.pt"), ckpt.load(part / "last.pt")
+    assert (a["epoch"], a["step"]) == (b["epoch"], b["step"]) == (3, 3)
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert main(tiny(sample_records, part, *flags, "--epochs", "3", "--auto-resume")) == 0   # done: nothing to do
+    assert ckpt.load(part / "last.pt")["step"] == 3
+
+
+@pytest.mark.slow
 def test_max_steps_mid_epoch_then_resume_continues_bitwise(sample_records, tmp_path):
     """The real loader and AlexNet: a stop after step 3 of 4 (mid-epoch 2), resumed, gives bitwise
     the weights, momentum and metrics of the uninterrupted run (the loader replays epoch 2's first batch)."""

@@ -184,8 +184,11 @@ def _rank(rank: int, world: int, port: int, out: str, fault: str) -> None:
     if fault == "resume":                         # the records fixed: continue from last.pt
         path = Path(out, "last.pt")
         R.restore(s, state, ckpt.load(path, keys=R.RESUME_KEYS), path, lr_given=False)
+    if fault == "diverged_start" and rank == 1:    # rank 1 read another last.pt (or none)
+        state.epoch, state.step = 1, BATCHES
     with open(Path(out, f"rank{rank}.err"), "w") as err, contextlib.redirect_stderr(err):
         try:
+            R.check_same_start(s, state)               # what engine.run.train does before the epochs
             code = R.run_session(s, state)
         except (UserError, OSError) as exc:       # what engine.run.main does with them
             print(f"error: {error_line(exc)}", file=sys.stderr)
@@ -269,3 +272,12 @@ def test_a_failure_to_start_on_one_rank_stops_both_with_exit_2(tmp_path, fault, 
     assert _spawn(tmp_path, fault, timeout=60) == [2, 2]
     lines = _error_lines(tmp_path)
     assert lines[0] == lines[1] and names in lines[0]
+
+
+def test_ranks_that_start_from_different_checkpoints_stop_at_once(tmp_path):
+    """One rank resumed from a last.pt the other did not see (no shared file system): both
+    exit 2 with the same line naming the positions, before any step."""
+    assert _spawn(tmp_path, "diverged_start", timeout=60) == [2, 2]
+    lines = _error_lines(tmp_path)
+    assert lines[0] == lines[1] and "rank 0: epoch 1 step 0, rank 1: epoch 2 step 6" in lines[0]
+    assert not (tmp_path / "last.pt").exists()

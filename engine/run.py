@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, TypeVar
@@ -75,15 +75,20 @@ def main(argv: list[str] | None = None) -> int:
 
 @dataclass(frozen=True)
 class RecordsData:
-    """The run's loaders: epoch e's training batches (order and augmentation fixed by
-    (seed, e): the Loader derives both from the pair) and the validation views. ``device``
-    is where DALI runs, ``dtype`` what it yields (uint8: the engine finishes the batch on the
-    model's device, see ``loader_placement``)."""
+    """The run's loaders: the training batches (epoch e's order and augmentation fixed by
+    (seed, e): the Loader derives both from the pair, ``iter_epoch(e, start)``) and the
+    validation views. ``device`` is where DALI runs, ``dtype`` what it yields (uint8: the engine
+    finishes the batch on the model's device, see ``loader_placement``).
+
+    Each loader is built once and kept for the run: building one parses every index file and
+    builds a DALI graph (seconds on ImageNet), its label cache fills during the first epoch,
+    and a kept train loader has the next epoch's first batches decoded during validation."""
     records: Path
     cfg: TrainConfig
     info: D.DistInfo
     device: str
     dtype: torch.dtype = torch.float32
+    _built: dict = field(default_factory=dict, compare=False, repr=False)
 
     def train(self, epoch: int) -> Loader:
         return self._loader("train", "train", self.cfg.batch_size, epoch)
@@ -93,9 +98,12 @@ class RecordsData:
         return self._loader("val", view, batch, 0)
 
     def _loader(self, split: str, view: str, batch: int, epoch: int) -> Loader:
-        return Loader(self.records, split=split, view=view, batch_size=batch, device=self.device,
-                      shard=(self.info.rank, self.info.world), seed=self.cfg.seed, epoch=epoch, dtype=self.dtype,
-                      mean=self.cfg.mean, num_threads=D.dali_threads(self.cfg.workers, self.info, usable_cores()))
+        if (split, view) not in self._built:
+            self._built[split, view] = Loader(
+                self.records, split=split, view=view, batch_size=batch, device=self.device,
+                shard=(self.info.rank, self.info.world), seed=self.cfg.seed, epoch=epoch, dtype=self.dtype,
+                mean=self.cfg.mean, num_threads=D.dali_threads(self.cfg.workers, self.info, usable_cores()))
+        return self._built[split, view]
 
 
 def loader_placement(cfg: TrainConfig, model_device: str) -> tuple[str, torch.dtype]:
@@ -386,7 +394,7 @@ def train_epoch(s: Session, state: TrainState, stop: StopFlag, phases: Phases, l
     """The epoch's steps from state's position on (a resumed epoch skips its trained batches)."""
     cfg = s.cfg
     loader = together(s, lambda: s.data.train(state.epoch))   # a rank that cannot read its shards stops all
-    batches = loader.iter_epoch(loader.epoch, start=state.batch)   # resumed: nothing before is decoded
+    batches = loader.iter_epoch(state.epoch, start=state.batch)    # resumed: nothing before is decoded
     plan = StepPlan(epoch_batches=min(len(loader), cfg.epoch_steps or len(loader)),
                     max_steps=cfg.max_steps, warmup_steps=cfg.warmup_steps)
     profiler = trace_profiler(cfg.profile and s.info.is_main and state.epoch == 0, s.out)

@@ -102,13 +102,16 @@ class RecordTable:
         naming its shard and key."""
         records = np.asarray(records, np.int64)
         todo = records[self._labels[records] < 0]
-        for r, raw in zip(todo.tolist(), self.slices(todo, self.cls)):
-            try:
-                self._labels[r] = parse_label(raw.tobytes())
-            except ValueError:
-                raise RecordsError(f"{self.where(r)}: record {self.key(r)}: .cls {raw.tobytes()[:20]!r} "
-                                   "is not a decimal class index; run python -m prep.verify, "
-                                   "rebuild that shard") from None
+        if todo.size:
+            parsed = []
+            for r, s, (offset, size) in zip(todo.tolist(), self.shard_of[todo].tolist(), self.cls[todo].tolist()):
+                raw = self._shard_bytes(s)[offset:offset + size].tobytes()
+                try:
+                    parsed.append(int(raw) if raw.isdigit() and size <= 18 else parse_label(raw))
+                except ValueError:
+                    raise RecordsError(f"{self.where(r)}: record {self.key(r)}: .cls {raw[:20]!r} is not a "
+                                       "decimal class index; run python -m prep.verify, rebuild that shard") from None
+            self._labels[todo] = parsed
         return self._labels[records]
 
     def key(self, record: int) -> str:

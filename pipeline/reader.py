@@ -104,8 +104,9 @@ class RecordTable:
         todo = records[self._labels[records] < 0]
         if todo.size:
             parsed = []
-            for r, s, (offset, size) in zip(todo.tolist(), self.shard_of[todo].tolist(), self.cls[todo].tolist()):
-                raw = self._shard_bytes(s)[offset:offset + size].tobytes()
+            where = zip(todo.tolist(), self.shard_of[todo].tolist(), self.cls[todo].tolist())
+            for r, shard, (offset, size) in where:
+                raw = self._shard_bytes(shard)[offset:offset + size].tobytes()
                 try:
                     parsed.append(int(raw) if raw.isdigit() and size <= 18 else parse_label(raw))
                 except ValueError:

@@ -212,8 +212,9 @@ METAVARS: dict[str, str] = {"records": "DIR", "out": "DIR", "resume": "RUN_DIR",
                             "gpus": "IDS", "lr": "LR", "weight_decay": "WD"}
 
 # Keys a run's config.json holds besides the flags: what that run resolved (devices, world,
-# classes) or where it lived (out, resume). A new run given --config FILE decides these itself.
-RUN_KEYS = frozenset({"out", "resume", "devices", "world", "classes"})
+# classes) or where it lived (out, resume, auto_resume: it only means something with that run's
+# --out). A new run given --config FILE decides these itself.
+RUN_KEYS = frozenset({"out", "resume", "auto_resume", "devices", "world", "classes"})
 
 
 def train_parser(description: str | None = None):
@@ -282,10 +283,11 @@ def merge_explicit(saved: TrainConfig, argv: Sequence[str] | None, given: TrainC
 
     Returns the merged config and 'name: old -> new' lines for the user.
     """
-    names = explicit_flags(argv) - {"resume", "out", "demo"}
+    names = explicit_flags(argv) - {"resume", "auto_resume", "out", "demo"}
     changes = {n: getattr(given, n) for n in sorted(names) if getattr(given, n) != getattr(saved, n)}
     lines = [f"{n}: {getattr(saved, n)!r} -> {v!r}" for n, v in changes.items()]
-    values = {**vars_of(saved), **changes, "resume": given.resume}
+    # how this process continues (--resume or --auto-resume) is this command's, not the saved run's
+    values = {**vars_of(saved), **changes, "resume": given.resume, "auto_resume": given.auto_resume}
     return TrainConfig(**values), lines
 
 

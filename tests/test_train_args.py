@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from common.config import to_dict
-from engine.config import DEMO, HELP_GROUPS, TrainConfig, parse_train_args
+from engine.config import DEMO, HELP_GROUPS, TrainConfig, merge_explicit, parse_train_args
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -98,7 +98,7 @@ def write_run_config(path: Path, cfg: TrainConfig, **resolved) -> Path:
 def test_config_file_round_trip_and_explicit_flags_win(tmp_path):
     cfg = TrainConfig(records="/data/records", batch_size=256, lr=0.02, lrn=False, towers=1, epochs=7,
                       amp="bf16", channels_last=True, gpus="0,1", decay_biases=False, seed=4, mean="pixel")
-    path = write_run_config(tmp_path / "config.json", replace(cfg, out="runs/a"))
+    path = write_run_config(tmp_path / "config.json", replace(cfg, out="runs/a", auto_resume=True))
     # the run folder is the old run's: a new run gets its own
     assert parse_train_args(["--config", str(path)]) == cfg
     got = parse_train_args(["--config", str(path), "--lr", "0.5", "-b", "32", "--out", "runs/b"])
@@ -148,6 +148,16 @@ def test_auto_resume_needs_out_and_no_resume(argv, says, capsys):
     with pytest.raises(SystemExit) as exc:
         parse_train_args(argv)
     assert exc.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_a_run_started_with_auto_resume_continues_with_resume_and_back():
+    saved = TrainConfig(out="runs/a", auto_resume=True, epochs=7)
+    argv = ["--resume", "runs/a", "--epochs", "9"]
+    got, changes = merge_explicit(saved, argv, parse_train_args(argv))
+    assert (got.resume, got.auto_resume, got.epochs) == ("runs/a", False, 9) and changes == ["epochs: 7 -> 9"]
+    argv = ["--out", "runs/a", "--auto-resume"]
+    got, changes = merge_explicit(replace(saved, auto_resume=False), argv, parse_train_args(argv))
+    assert (got.resume, got.auto_resume, got.epochs) == (None, True, 7) and changes == []
 
 
 def test_help_loads_neither_torch_nor_dali():

@@ -47,8 +47,8 @@ def versions(dists: Sequence[str] = LIBRARIES) -> dict[str, str | None]:
 
 def _installed_with_prefix(prefix: str) -> list[str]:
     """Installed distributions whose name starts with ``prefix``, from the names of the
-    ``*.dist-info`` folders on sys.path (parsing every distribution's metadata instead costs
-    ~0.1 s, paid by every command that records versions)."""
+    ``*.dist-info`` folders on sys.path: parsing every installed distribution's metadata
+    instead would be paid by every command that records versions."""
     key = re.sub(r"[-_.]+", "_", prefix).lower()
     found = set()
     for entry in sys.path:

@@ -10,14 +10,14 @@ correctly rounded int/int division:
 and decompose cov in float64 (numpy.linalg.eigh). That covariance's eigenvectors and
 eigenvalues are what the paper's PCA lighting uses ("eigen-colours").
 
-Speed: this runs once per training image beside the decode, resize and encode, which cost
-~2 ms of CPU for an ImageNet-size photo, so every 0.1 ms here is ~5% of the writer's rate. ``add_image`` works on the 8-bit
+Speed: this runs once per training image beside the decode, resize and encode, and is most of
+what the writer adds to them (BENCHMARKS.md, "Prep"). ``add_image`` works on the 8-bit
 planes in integers: each product x_i x_j <= 255^2 fits uint16 exactly, and OpenCV sums the
 uint16 products (and the 8-bit planes, for S) with integer accumulators into a double. Every
 value involved is an integer below 65536 * 255^2 < 2^53 for a 256x256 image, so the double
 holds it exactly in any summation order (MAX_PIXELS guards bigger images). tests/test_prep.py
 checks it against Python-int arithmetic, including all-255 images. Do not replace it with a
-float32 product (inexact past 2^24) or numpy's uint64 sum (exact but ~3x slower here).
+float32 product (inexact past 2^24) or numpy's uint64 sum (exact, but slower than OpenCV's).
 """
 from __future__ import annotations
 
@@ -72,9 +72,9 @@ class PixelSums:
 class ImageSum:
     """The exact per-pixel sum of equally sized uint8 images (for the mean image).
 
-    Images are added into a uint16 buffer (a uint8 + uint16 add is ~3x cheaper than into
-    uint32) that is moved into the uint32 total every 257 images: 257 * 255 = 65535 is the
-    most uint16 holds, so do not raise FLUSH_EVERY."""
+    Images are added into a uint16 buffer (a uint8 + uint16 add moves half the bytes of one
+    into uint32, and is the cheaper) that is moved into the uint32 total every 257 images:
+    257 * 255 = 65535 is the most uint16 holds, so do not raise FLUSH_EVERY."""
     FLUSH_EVERY = 257
 
     def __init__(self, shape: tuple[int, ...]):

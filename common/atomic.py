@@ -13,6 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from common.errors import naming
+
 
 def _read_umask() -> int:
     mask = os.umask(0)
@@ -53,13 +55,11 @@ def write_unsynced(path: str | os.PathLike, data: bytes) -> tuple[Path, Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.chmod(tmp, 0o666 & ~_UMASK)
-        with os.fdopen(fd, "wb") as fh:
+        with naming(path), os.fdopen(fd, "wb") as fh:
             fh.write(data)
-    except BaseException as exc:
+    except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        if isinstance(exc, OSError) and not exc.filename:   # a full disk names no file
-            raise OSError(exc.errno, exc.strerror, str(path)) from None
         raise
     return Path(tmp), path
 
@@ -72,17 +72,13 @@ def publish(pending: list[tuple[Path, Path]]) -> None:
     renamed is removed."""
     try:
         for tmp, path in pending:
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            except OSError as exc:    # fsync's error names no file: name the one being written
-                raise OSError(exc.errno, exc.strerror, str(path)) from None
-            finally:
-                os.close(fd)
+            with naming(path):            # fsync's error names no file: name the one being written
+                _fsync(tmp)
         for tmp, path in pending:
             os.replace(tmp, path)
         for folder in dict.fromkeys(path.parent for _, path in pending):
-            _fsync_dir(folder)     # the renames themselves survive a power cut
+            with naming(folder):
+                _fsync(folder)            # the renames themselves survive a power cut
     except BaseException:
         for tmp, _ in pending:
             with contextlib.suppress(FileNotFoundError):
@@ -90,12 +86,11 @@ def publish(pending: list[tuple[Path, Path]]) -> None:
         raise
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
+def _fsync(path: Path) -> None:
+    """Flush a file's (or a folder's) data and metadata to disk."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
-    except OSError as exc:
-        raise OSError(exc.errno, exc.strerror, str(folder)) from None
     finally:
         os.close(fd)
 
@@ -110,8 +105,13 @@ def write_text(path: str | os.PathLike, text: str) -> None:
         fh.write(text)
 
 
+def json_text(obj: Any) -> str:
+    """How every JSON file of the project is laid out: indented, keys in insertion order."""
+    return json.dumps(obj, indent=2, sort_keys=False) + "\n"
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    write_text(path, json_text(obj))
 
 
 def append_line(path: str | os.PathLike, line: str) -> None:

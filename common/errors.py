@@ -13,6 +13,9 @@ exit with status 2. Anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
+import contextlib
+from pathlib import Path
+
 
 class UserError(Exception):
     """Bad input or an OS problem; the message is one line naming the file or flag."""
@@ -27,3 +30,15 @@ def error_line(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.filename and exc.strerror:
         return f"{exc.filename}: {exc.strerror}"
     return str(exc)
+
+
+@contextlib.contextmanager
+def naming(path: str | Path):
+    """An OSError raised inside without a file name (a full disk in write() or fsync(), which
+    name none) is raised again naming ``path``, so ``error_line`` can say which file."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename:
+            raise
+        raise OSError(exc.errno, exc.strerror, str(path)) from None

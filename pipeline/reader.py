@@ -108,7 +108,7 @@ class RecordTable:
             for r, shard, (offset, size) in where:
                 raw = self._shard_bytes(shard)[offset:offset + size].tobytes()
                 try:
-                    parsed.append(int(raw) if raw.isdigit() and size <= 18 else parse_label(raw))
+                    parsed.append(parse_label(raw))
                 except ValueError:
                     raise RecordsError(f"{self.where(r)}: record {self.key(r)}: .cls {raw[:20]!r} is not a "
                                        "decimal class index; run python -m prep.verify, rebuild that shard") from None

@@ -18,7 +18,7 @@ the cores.
          max_resolution=256, jpeg_quality=90)`` (FFCV resizes with OpenCV INTER_AREA so the
          longer side is <= 256; it does not crop) plus an ``IntField`` label.
 - floor: a bare loop per process: read, decode, resize with the records' own filter (the
-         same ``transform.decode_record_image``: JPEG draft, OpenCV area/bicubic), JPEG q90
+         same ``transform.decode_record``: JPEG draft, OpenCV area/bicubic), JPEG q90
          encode; nothing written. The same work minus everything a usable dataset needs
          (sums, tar, index, partials); "1 process" is the same loop without a pool.
 
@@ -50,10 +50,10 @@ QUALITY = 90
 def floor_one(path: str) -> int:
     """Decode + the records' resize + encode; returns the JPEG size (0 if undecodable)."""
     try:
-        img = transform.decode_record_image(Path(path).read_bytes())
+        pixels = transform.decode_record(Path(path).read_bytes())
     except (transform.ImageError, OSError):
         return 0
-    return len(transform.encode_jpeg(img, QUALITY))
+    return len(transform.encode_jpeg(pixels, QUALITY))
 
 
 def run_floor(paths: list[str], workers: int) -> None:

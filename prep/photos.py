@@ -76,11 +76,12 @@ def _imagenet_crop(photos: dict[str, np.ndarray], names: list[str], i: int, rng)
         size = (375, 500) if rng.random() < 0.6 else (333, 500)
     if rng.random() < 0.25:
         size = size[::-1]                                   # portrait
-    fits = [c for c, n in enumerate(names) if photos[n].shape[0] >= size[0] and photos[n].shape[1] >= size[1]]
-    if not fits:         # no photo that big in that orientation: take the landscape one
+    def fits(size):      # the classes whose photo holds a crop of this size
+        return [c for c, n in enumerate(names) if photos[n].shape[0] >= size[0] and photos[n].shape[1] >= size[1]]
+    if not fits(size):   # no photo that big in that orientation: take the landscape one
         size = tuple(sorted(size))
-        fits = [c for c, n in enumerate(names) if photos[n].shape[0] >= size[0] and photos[n].shape[1] >= size[1]]
-    c = fits[i % len(fits)]
+    classes = fits(size)
+    c = classes[i % len(classes)]
     photo = photos[names[c]]
     h, w = photo.shape[:2]
     scale = rng.uniform(1.0, min(h / size[0], w / size[1]))   # source area per output pixel, >= 1

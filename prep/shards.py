@@ -23,6 +23,7 @@ import os
 from pathlib import Path
 
 from common.atomic import publish
+from common.errors import naming
 
 INDEX_VERSION = "v1.2"
 TAR_BLOCK = 512
@@ -90,10 +91,8 @@ class ShardWriter:
 
     def add(self, key: str, jpeg: bytes, label: int) -> None:
         """Append one sample: ``key.jpg`` (JPEG bytes) and ``key.cls`` (ASCII class index)."""
-        try:
+        with naming(self.tar_path):      # a full disk shows here, in write(), naming no file
             parts = [self._member(f"{key}.jpg", jpeg), self._member(f"{key}.cls", str(label).encode())]
-        except OSError as exc:      # a full disk shows here, in write(), naming no file
-            raise OSError(exc.errno, exc.strerror, str(self.tar_path)) from None
         self._lines.append(" ".join(parts))
         self.count += 1
 
@@ -101,16 +100,11 @@ class ShardWriter:
         """End the tar (two zero blocks, record padding) and write the index, both under their
         temp names and not yet fsynced: (temp, final) pairs for ``common.atomic.publish``."""
         end = self._offset + 2 * TAR_BLOCK
-        try:
+        with naming(self.tar_path):
             self._fh.write(bytes(2 * TAR_BLOCK + (-end % TAR_RECORD)))
             self._fh.close()
-        except OSError as exc:
-            raise OSError(exc.errno, exc.strerror, str(self.tar_path)) from None
-        try:
-            with open(self._tmp_idx, "w") as fh:
-                fh.write(f"{INDEX_VERSION} {self.count}\n" + "".join(line + "\n" for line in self._lines))
-        except OSError as exc:
-            raise OSError(exc.errno, exc.strerror, str(self.idx_path)) from None
+        with naming(self.idx_path), open(self._tmp_idx, "w") as fh:
+            fh.write(f"{INDEX_VERSION} {self.count}\n" + "".join(line + "\n" for line in self._lines))
         return [(self._tmp_tar, self.tar_path), (self._tmp_idx, self.idx_path)]
 
     def commit(self) -> None:

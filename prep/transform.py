@@ -100,11 +100,6 @@ def resize_center_array(arr: np.ndarray, size: int = SIZE) -> np.ndarray:
     return out
 
 
-def resize_center_image(img: Image.Image, size: int = SIZE) -> Image.Image:
-    """``resize_center`` as a PIL RGB image."""
-    return Image.fromarray(resize_center(img, size), "RGB")
-
-
 def decode_record(data: bytes, size: int = SIZE) -> np.ndarray:
     """Source file bytes -> uint8 (size, size, 3); ImageError (with a short reason) if undecodable."""
     if not data:
@@ -119,11 +114,6 @@ def decode_record(data: bytes, size: int = SIZE) -> np.ndarray:
     except Exception as exc:  # noqa: BLE001 - malformed files raise OSError, SyntaxError,
         # struct.error, IndexError, ...; any of them means "skip this file", never "stop the run"
         raise ImageError(f"undecodable: {exc.__class__.__name__}: {exc}") from None
-
-
-def decode_record_image(data: bytes, size: int = SIZE) -> Image.Image:
-    """``decode_record`` as a PIL RGB image (what the writer encodes and sums)."""
-    return Image.fromarray(decode_record(data, size), "RGB")
 
 
 def encode_jpeg(img: Image.Image | np.ndarray, quality: int) -> bytes:

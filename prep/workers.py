@@ -20,7 +20,7 @@ from typing import Callable
 
 import numpy as np
 
-from common.atomic import publish, write_unsynced
+from common.atomic import json_text, publish, write_unsynced
 from prep import transform
 from prep.config import PrepError
 from prep.plan import ShardTask
@@ -84,9 +84,9 @@ def write_shard(task: ShardTask, tick: Callable[[int], None]) -> list[tuple[Path
             buf = io.BytesIO()
             np.save(buf, mean_sum.total())
             pending.append(write_unsynced(partial_path(out, task.split, task.name, "npy"), buf.getvalue()))
-        pending.append(write_unsynced(partial_path(out, task.split, task.name, "json"), json.dumps({
+        pending.append(write_unsynced(partial_path(out, task.split, task.name, "json"), json_text({
             "records": writer.count, "tar": f"{task.split}/{tar.name}" if writer.count else None,
-            "skipped": skipped, "sums": sums.to_json()}, indent=2).encode() + b"\n"))
+            "skipped": skipped, "sums": sums.to_json()}).encode()))
     except BaseException:
         for tmp, _ in pending:
             tmp.unlink(missing_ok=True)

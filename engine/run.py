@@ -27,7 +27,7 @@ from common.config import from_dict, to_dict
 from common.system import usable_cores
 from common.errors import UserError, error_line
 from model import AlexNet
-from pipeline import Loader, LoaderError
+from pipeline import Loader
 from prep.records import DEFAULT_RECORDS, RecordsError, read_meta
 
 from . import checkpoint as ckpt
@@ -242,8 +242,10 @@ def saved_config(state: dict, path: Path) -> TrainConfig:
         raise ckpt.CheckpointError(f"{path}: its saved config is not valid here: {exc}") from None
 
 
-def resume_config(cfg: TrainConfig, argv: list[str], path: Path, state: dict, say: Reporter) -> TrainConfig:
-    """The saved config with the flags given now on top; the saved GPU layout only if it fits."""
+def resume_config(cfg: TrainConfig, argv: list[str], path: Path, state: dict,
+                  say: Reporter) -> tuple[TrainConfig, TrainConfig]:
+    """(the saved config with the flags given now on top, the saved config); the saved GPU
+    layout only if it fits."""
     saved = saved_config(state, path)
     cfg, changes = merge_explicit(saved, argv, cfg)
     if "gpus" not in explicit_flags(argv):
@@ -253,7 +255,7 @@ def resume_config(cfg: TrainConfig, argv: list[str], path: Path, state: dict, sa
                            "pass --gpus to choose this machine's layout (weights, momentum and schedule carry over)")
     say.line(f"train: resuming {path} at epoch {state['epoch'] + 1}, batch {state['batch']}, step {state['step']}"
              + (f" (overriding: {'; '.join(changes)})" if changes else ""))
-    return cfg
+    return cfg, saved
 
 
 def restore(s: Session, state: TrainState, saved: dict, path: Path, lr_given: bool) -> None:
@@ -299,12 +301,12 @@ def train(cfg: TrainConfig, argv: list[str], info: D.DistInfo, say: Reporter) ->
     if cfg.resume or continuing:
         path, out = resume_paths(cfg.resume or cfg.out)
         saved = ckpt.load(path, keys=RESUME_KEYS)
-        given_lr = cfg.lr
-        cfg = replace(resume_config(cfg, argv, path, saved, say), out=str(out))
+        cfg, saved_cfg = resume_config(cfg, argv, path, saved, say)
+        cfg = replace(cfg, out=str(out))
         # --resume: an explicit --lr always wins. --auto-resume reruns the command that started
         # the run, so its --lr is an override only when it differs from the saved one (else every
         # restart would undo the plateau schedule's lr drops).
-        lr_given = "lr" in explicit_flags(argv) and (not continuing or given_lr != saved_config(saved, path).lr)
+        lr_given = cfg.lr != saved_cfg.lr if continuing else "lr" in explicit_flags(argv)
     elif cfg.out and (Path(cfg.out) / "last.pt").exists():
         raise RunError(f"{cfg.out}: already holds a run (last.pt); continue it with --resume {cfg.out} "
                        "(or start runs with --auto-resume) or pick another --out")
@@ -458,16 +460,12 @@ def validate(s: Session, view: str) -> dict:
     ``end_epoch``, the RecordsError makes ``fit`` save the epoch's trained steps (on every rank
     together), so a resume after the fix only validates."""
     start = time.perf_counter()
-    failure = None
-    try:
+
+    def local_sums() -> dict:
         loader = s.data.val(view)
         with s.say.bar(f"  val {view}", loader.epoch_size) as advance:
-            sums = evaluate(s.net, loader, s.settings, on_batch=advance)
-    except (RecordsError, LoaderError) as exc:
-        failure = exc
-    failure = D.first_error(failure, s.host_group)
-    if failure is not None:
-        raise failure
+            return evaluate(s.net, loader, s.settings, on_batch=advance)
+    sums = together(s, local_sums)
     keys = ("images", "top1", "top5", "loss_sum")
     totals = D.all_reduce_sum([sums[k] for k in keys], s.devices[0])
     metrics = eval_metrics(dict(zip(keys, totals)))

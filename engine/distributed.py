@@ -168,15 +168,6 @@ def gather_host(obj, group) -> list:
     return out
 
 
-def gather_objects(obj, info: DistInfo) -> list:
-    """Every rank's ``obj`` on every rank (used for per-rank RNG states in checkpoints)."""
-    if not info.enabled:
-        return [obj]
-    out = [None] * info.world
-    dist.all_gather_object(out, obj)
-    return out
-
-
 def shutdown(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()

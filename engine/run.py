@@ -484,7 +484,7 @@ def save_checkpoint(s: Session, state: TrainState, best: bool = False) -> None:
     bad = D.first_error(ckpt.finite_or_error(tensors), s.host_group)
     if bad is not None:
         raise bad
-    state.rng = D.gather_objects(ckpt.rng_state(), s.info)     # every rank joins; rank 0 writes
+    state.rng = D.gather_host(ckpt.rng_state(), s.host_group)  # every rank joins; rank 0 writes
     last = s.out / "last.pt"
 
     def write() -> None:

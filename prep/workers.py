@@ -155,11 +155,13 @@ def _run_pool(tasks: list[ShardTask], workers: int, progress: bool, on_shard) ->
     procs: list[multiprocessing.Process] = []
     ctrl_c = _CtrlC()
     try:
-        # every worker is started by the submits, before the progress bar starts its refresh thread
+        # every worker is started by the submits, before the progress bar starts its refresh thread;
+        # the clock starts before them: the workers decode from their first submit on
+        t0 = time.perf_counter()
         futures = [pool.submit(_pool_task, i, task) for i, task in enumerate(tasks)]
         procs = [p for p in multiprocessing.active_children() if p.pid not in before]
         with _progress(progress) as bar, ctrl_c:
-            job, t0 = bar.add_task("records", total=sum(len(t.items) for t in tasks), rate=0.0), time.perf_counter()
+            job = bar.add_task("records", total=sum(len(t.items) for t in tasks), rate=0.0)
             pending = set(futures)
             while pending:
                 ctrl_c.check()
@@ -171,7 +173,8 @@ def _run_pool(tasks: list[ShardTask], workers: int, progress: bool, on_shard) ->
                     publish(files)
                     if on_shard:
                         on_shard(split, index)
-            bar.update(job, completed=_images_done(counter))
+            done = _images_done(counter)
+            bar.update(job, completed=done, rate=done / max(time.perf_counter() - t0, 1e-9))
     except BrokenProcessPool:
         _stop(pool, procs)
         raise PrepError(_death_message(tasks, procs, running)) from None

@@ -24,10 +24,13 @@ from __future__ import annotations
 
 import argparse
 import io
+import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from common.errors import error_line
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry",
           "retina", "camera", "coins", "moon", "grass", "gravel", "brick", "clock")
@@ -138,7 +141,16 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", choices=SIZES, default="mixed",
                     help="mixed: many small photos (tests); imagenet: ImageNet's size mix")
     a = ap.parse_args(argv)
-    make_photo_set(a.root, a.n, a.seed, sizes=a.sizes)
+    if a.n < 1:
+        ap.error(f"--n {a.n}: at least one photo")
+    try:
+        make_photo_set(a.root, a.n, a.seed, sizes=a.sizes)
+    except ImportError:
+        print("error: scikit-image is not installed (it ships the photos): pip install '.[test]'", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"error: {error_line(exc)}", file=sys.stderr)
+        return 2
     print(f"wrote {a.n} photo crops to {a.root}")
     return 0
 

@@ -113,3 +113,12 @@ def test_photo_stats_equal_independent_float64_computation(photo_source, photo_r
     assert json.loads((photo_records / "stats.json").read_text())["pixels"] == len(pixels)
     np.testing.assert_allclose(st.mean, pixels.mean(axis=0), rtol=0, atol=1e-9)
     np.testing.assert_allclose(st.cov, np.cov(pixels.T, bias=True), rtol=1e-10, atol=1e-8)
+
+
+def test_photo_set_cli_refuses_a_bad_root_with_one_line(tmp_path, capsys):
+    """``python -m prep.photos ROOT`` where ROOT is under a file: exit 2, one line naming it."""
+    from prep.photos import main as photos_main
+    (tmp_path / "a-file").write_text("x")
+    assert photos_main([str(tmp_path / "a-file" / "set"), "--n", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {tmp_path / 'a-file'}") and "Not a directory" in err

@@ -27,6 +27,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def _no_forced_terminal(monkeypatch):
+    """Rich takes FORCE_COLOR or TTY_COMPATIBLE=1 (set by some CI runners) as a terminal: the tests
+    of plain, non-terminal output would then see progress bars and ANSI escapes."""
+    for name in ("FORCE_COLOR", "TTY_COMPATIBLE"):
+        monkeypatch.delenv(name, raising=False)
+
+
 @pytest.fixture(scope="session")
 def sample_source(tmp_path_factory):
     """A small built-in sample set in ImageNet's layout (odd files included)."""

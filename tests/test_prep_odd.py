@@ -190,6 +190,7 @@ def test_a_dead_sample_worker_is_an_error_not_a_hang(tmp_path, monkeypatch, caps
     exit 2, instead of a pool waiting forever for the lost chunk."""
     import prep.sample as sample
     monkeypatch.setattr(sample, "_write_one", _die_on_the_fiftieth)
+    monkeypatch.setattr(sample, "usable_cores", lambda: 2)   # a pool even on a 1-core runner
     code = sample.main([str(tmp_path / "s"), "--classes", "3", "--train-per-class", "80"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "a worker drawing the sample set died" in err

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -169,14 +168,13 @@ def test_sigterm_mid_epoch_saves_a_loadable_checkpoint(sample_records, tmp_path)
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, str(REPO / "train.py"),
-                             *tiny(sample_records, out, "--epochs", "1", "--batch-size", "2")],
+                             *tiny(sample_records, out, "--epochs", "1", "--batch-size", "2", "--log-every", "1")],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
     lines = []
-    for line in proc.stdout:                       # wait until training has started
+    for line in proc.stdout:                       # wait for the first step's line: mid-epoch for sure
         lines.append(line)
-        if line.startswith("train: run folder"):
+        if line.startswith("epoch 1/1  batch"):
             break
-    time.sleep(1.0)
     proc.send_signal(signal.SIGTERM)
     rest, _ = proc.communicate(timeout=300)
     text = "".join(lines) + rest

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import time
 
 import pytest
 import torch
@@ -24,6 +25,21 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _run_ranks(fn, args: tuple, start_method: str = "spawn", timeout: float = 300.0) -> None:
+    """Two ranks of ``fn(rank, *args)``; a rank's exception fails the test, and ranks still
+    running after ``timeout`` s are killed and fail it (a hang must not stall the suite)."""
+    ctx = mp.start_processes(fn, args=args, nprocs=2, join=False, start_method=start_method)
+    deadline = time.monotonic() + timeout
+    try:
+        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
+            if time.monotonic() > deadline:
+                pytest.fail(f"ranks still running after {timeout:.0f} s: a hang")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
 
 
 def _digest(t: torch.Tensor) -> str:
@@ -62,7 +78,7 @@ def _rank(rank: int, world: int, port: int, records: str, out: str) -> None:
 @pytest.mark.slow
 def test_two_gloo_ranks_identical_params_disjoint_data(sample_records, tmp_path):
     port = _free_port()
-    mp.spawn(_rank, args=(2, port, str(sample_records), str(tmp_path)), nprocs=2, join=True)
+    _run_ranks(_rank, (2, port, str(sample_records), str(tmp_path)))
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert r0["steps"] == r1["steps"] == 2
     for key in r0["params"]:
@@ -152,11 +168,10 @@ def _check_ddp_equals_combined_batch(gpus: str, out) -> list[dict]:
         # CPU: build the 60M-parameter net and its reference once, then fork the ranks (each gets a copy)
         net = _two_tower_net(["cpu", "cpu"])
         ref = _single_process_grads(net)
-        mp.start_processes(_ddp_rank, args=(2, _free_port(), gpus, str(out), net, ref), nprocs=2,
-                           join=True, start_method="fork")
+        _run_ranks(_ddp_rank, (2, _free_port(), gpus, str(out), net, ref), start_method="fork")
     else:
         # CUDA cannot be forked: each spawned rank builds its own net and reference from the seed
-        mp.spawn(_ddp_rank, args=(2, _free_port(), gpus, str(out), None, None), nprocs=2, join=True)
+        _run_ranks(_ddp_rank, (2, _free_port(), gpus, str(out), None, None))
     return [torch.load(out / f"ddp{r}.pt", weights_only=True) for r in (0, 1)]
 
 

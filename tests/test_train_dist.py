@@ -21,13 +21,13 @@ from engine.run import build_net, new_state
 from model import AlexNet, AlexNetConfig
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _run_ranks(fn, args: tuple, start_method: str = "spawn", timeout: float = 300.0) -> None:
+def run_ranks(fn, args: tuple, start_method: str = "spawn", timeout: float = 300.0) -> None:
     """Two ranks of ``fn(rank, *args)``; a rank's exception fails the test, and ranks still
     running after ``timeout`` s are killed and fail it (a hang must not stall the suite)."""
     ctx = mp.start_processes(fn, args=args, nprocs=2, join=False, start_method=start_method)
@@ -77,8 +77,8 @@ def _rank(rank: int, world: int, port: int, records: str, out: str) -> None:
 
 @pytest.mark.slow
 def test_two_gloo_ranks_identical_params_disjoint_data(sample_records, tmp_path):
-    port = _free_port()
-    _run_ranks(_rank, (2, port, str(sample_records), str(tmp_path)))
+    port = free_port()
+    run_ranks(_rank, (2, port, str(sample_records), str(tmp_path)))
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert r0["steps"] == r1["steps"] == 2
     for key in r0["params"]:
@@ -168,10 +168,10 @@ def _check_ddp_equals_combined_batch(gpus: str, out) -> list[dict]:
         # CPU: build the 60M-parameter net and its reference once, then fork the ranks (each gets a copy)
         net = _two_tower_net(["cpu", "cpu"])
         ref = _single_process_grads(net)
-        _run_ranks(_ddp_rank, (2, _free_port(), gpus, str(out), net, ref), start_method="fork")
+        run_ranks(_ddp_rank, (2, free_port(), gpus, str(out), net, ref), start_method="fork")
     else:
         # CUDA cannot be forked: each spawned rank builds its own net and reference from the seed
-        _run_ranks(_ddp_rank, (2, _free_port(), gpus, str(out), None, None))
+        run_ranks(_ddp_rank, (2, free_port(), gpus, str(out), None, None))
     return [torch.load(out / f"ddp{r}.pt", weights_only=True) for r in (0, 1)]
 
 

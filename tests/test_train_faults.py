@@ -8,14 +8,11 @@ from __future__ import annotations
 import errno
 import contextlib
 import os
-import socket
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 
 from common.atomic import atomic_open
@@ -28,6 +25,7 @@ from engine.loop import LoopSettings, StepHooks, StepPlan, to_device, train_step
 from engine.precision import Precision
 from engine.recipe import make_optimizer
 from engine.report import Reporter
+from tests.test_train_dist import free_port, run_ranks
 from engine.schedule import PlateauSchedule
 from engine.state import TrainState
 from prep.records import RecordsError
@@ -197,20 +195,8 @@ def _rank(rank: int, world: int, port: int, out: str, fault: str) -> None:
     D.shutdown(info)
 
 
-def _spawn(out: Path, fault: str, timeout: float = 180.0) -> list[int]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    ctx = mp.start_processes(_rank, args=(2, port, str(out), fault), nprocs=2, join=False, start_method="spawn")
-    deadline = time.monotonic() + timeout
-    try:
-        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
-            if time.monotonic() > deadline:
-                pytest.fail(f"ranks still running after {timeout:.0f} s: a hang")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
+def _spawn(out: Path, fault: str) -> list[int]:
+    run_ranks(_rank, (2, free_port(), str(out), fault), timeout=180.0)
     return [int((out / f"rank{r}.code").read_text()) for r in (0, 1)]
 
 

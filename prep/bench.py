@@ -27,6 +27,8 @@ A flat val/ without --val-labels is left out (train only) instead of stopping th
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import multiprocessing
 import sys
@@ -93,7 +95,9 @@ def run_ffcv(items: list[tuple[str, int]], out: Path, workers: int) -> None:
     from ffcv.writer import DatasetWriter
     fields = {"image": RGBImageField(write_mode="jpg", max_resolution=256, jpeg_quality=QUALITY),
               "label": IntField()}
-    DatasetWriter(str(out), fields, num_workers=workers).from_indexed_dataset(DecodedImages(items))
+    # FFCV's writer draws its own tqdm bar on stderr, over the bench's; its errors are exceptions
+    with contextlib.redirect_stderr(io.StringIO()):
+        DatasetWriter(str(out), fields, num_workers=workers).from_indexed_dataset(DecodedImages(items))
 
 
 def _source(args, tmp: Path) -> tuple[Path, str | None]:

@@ -192,7 +192,8 @@ class Loader:
         """The shard and key of what made DALI fail, found by decoding with PIL the batches
         DALI held (the failed one and those prefetched); the hint says what to do."""
         bad = reader.undecodable(self._feed.table, list(self._feed.fed))
-        hint = (f"run python -m prep.verify {self._records}, rebuild that shard, then resume")
+        hint = (f"run python -m prep.verify {self._records}, repair the records (the build command plus "
+                "--repair), then resume")
         if not bad:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             return RecordsError(f"{self._records}: the pipeline failed on a batch ({first}) but "

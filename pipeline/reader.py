@@ -111,7 +111,8 @@ class RecordTable:
                     parsed.append(parse_label(raw))
                 except ValueError:
                     raise RecordsError(f"{self.where(r)}: record {self.key(r)}: .cls {raw[:20]!r} is not a "
-                                       "decimal class index; run python -m prep.verify, rebuild that shard") from None
+                                       "decimal class index; run python -m prep.verify, repair the records (the build "
+                                       "command plus --repair)") from None
             self._labels[todo] = parsed
         return self._labels[records]
 

@@ -2,7 +2,7 @@
 
     python prep/build_records.py                      # built-in sample set -> data/records
     python prep/build_records.py --source /data/imagenet --out /data/records [--workers 32]
-        [--shard-size 1000] [--quality 90] [--val-labels LOC_val_solution.csv] [--ffcv] [--overwrite]
+        [--shard-size 1000] [--quality 90] [--val-labels LOC_val_solution.csv] [--ffcv] [--overwrite] [--repair]
 
 Writes (see prep/records.py for the readers and README "records" for the details):
     OUT/train/shard-NNNNNN.tar + .idx   train records, globally shuffled (seeded) at write time
@@ -19,6 +19,8 @@ appear only when complete (temp name + rename) and its integer pixel sums are ke
 OUT/.partial/ until the build finishes, so a rerun after Ctrl-C or a kill redoes only the
 unfinished shards and ends with exactly the output of an uninterrupted run. A worker process
 that dies (out-of-memory killer, a crash) ends the build with one line naming its shard, exit 2.
+meta.json keeps the CRC-32 of every shard: the same command with ``--repair`` rebuilds exactly
+the shards damaged or lost since (prep/repair.py), and prep.verify reports them.
 
 The stages, each in its own module: prep/config.py (PrepConfig), prep/source.py (listing),
 prep/plan.py (order, shards, identity), prep/outdir.py (lock, reuse/resume/refuse, stale
@@ -51,6 +53,7 @@ from prep.finish import collect, finish, summary as _summary
 from prep.outdir import clean_stale, locked_out, prepare_out, remove_temp_files
 from prep.plan import ShardTask, params_of, plan
 from prep.records import DEFAULT_RECORDS, DEFAULT_SAMPLE
+from prep.repair import repair
 from prep.source import Source, scan
 from prep.workers import PARTIAL, run_tasks, shard_done
 
@@ -93,9 +96,11 @@ def build(cfg: PrepConfig, *, on_shard: Callable[[str, int], None] | None = None
     identity = {"source": str(source.resolve()), "params": params_of(cfg, src)}
     tasks = plan(src, cfg, out)
     with locked_out(out):
-        if prepare_out(out, identity, cfg.overwrite):
+        if prepare_out(out, identity, cfg.overwrite, cfg.repair):
+            written = repair(out, tasks, cfg.workers or usable_cores(), cfg.progress,
+                             lambda line: print(line, flush=True)) if cfg.repair else 0
             ffcv = _maybe_ffcv(cfg, out, src, tasks)
-            return _summary(out, reused=True, written=0, seconds=time.perf_counter() - t0, ffcv=ffcv)
+            return _summary(out, reused=not written, written=written, seconds=time.perf_counter() - t0, ffcv=ffcv)
         for split in ("train", "val"):
             (out / split).mkdir(parents=True, exist_ok=True)
             (out / PARTIAL / split).mkdir(parents=True, exist_ok=True)

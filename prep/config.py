@@ -30,6 +30,9 @@ class PrepConfig:
     ffcv: bool = field(default=False, metadata={"help": "also write OUT/train.beton and OUT/val.beton (FFCV)"})
     overwrite: bool = field(default=False, metadata={
         "help": "replace records in OUT built from another source or with other parameters"})
+    repair: bool = field(default=False, metadata={
+        "help": "with the arguments of a finished build: check every shard against meta.json's "
+                "checksums and rebuild the damaged or missing ones (byte for byte)"})
     seed: int = field(default=0, metadata={"help": "seed of the global train shuffle"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar and summary"})
 

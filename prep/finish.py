@@ -27,7 +27,7 @@ STATS_PNG_SIZE = (LABEL_W + SWATCH * len(SWATCH_K), HEADER_H + 3 * SWATCH)  # (w
 def collect(out: Path, tasks: list[ShardTask], src: Source) -> dict:
     """Merge every shard's partial: counts, shard lists, skips, exact sums, mean-image sum."""
     sums, skipped = PixelSums(), list(src.skipped)
-    counts, shards = {"train": 0, "val": 0}, {"train": [], "val": []}
+    counts, shards, crc32 = {"train": 0, "val": 0}, {"train": [], "val": []}, {}
     mean_sum = np.zeros((transform.SIZE, transform.SIZE, 3), np.int64)
     for task in tasks:
         part = json.loads(partial_path(out, task.split, task.name, "json").read_text())
@@ -35,11 +35,14 @@ def collect(out: Path, tasks: list[ShardTask], src: Source) -> dict:
         skipped += [{"split": task.split, **s} for s in part["skipped"]]
         if part["tar"]:
             shards[task.split].append(part["tar"])
+            crc32[part["tar"]] = part["crc32"]["tar"]
+            crc32[part["tar"][:-len(".tar")] + ".idx"] = part["crc32"]["idx"]
         if task.split == "train":
             sums.merge(PixelSums.from_json(part["sums"]))
             mean_sum += np.load(partial_path(out, task.split, task.name, "npy"))
     skipped.sort(key=lambda s: (s["split"], s["path"]))
-    return {"sums": sums, "skipped": skipped, "counts": counts, "shards": shards, "mean_sum": mean_sum}
+    return {"sums": sums, "skipped": skipped, "counts": counts, "shards": shards, "mean_sum": mean_sum,
+            "crc32": crc32}
 
 
 def eigen_colour_image(stats: dict):
@@ -74,7 +77,7 @@ def finish(out: Path, src: Source, identity: dict, got: dict) -> dict:
         np.save(fh, got["mean_sum"] / got["counts"]["train"])  # float64, 0-255 scale
     write_json(out / "skipped.json", got["skipped"])
     meta = {"format": FORMAT, "classes": list(src.classes), "counts": got["counts"],
-            "shards": got["shards"], "source": identity["source"], "params": identity["params"],
+            "shards": got["shards"], "crc32": got["crc32"], "source": identity["source"], "params": identity["params"],
             "empty_classes": list(src.empty_classes), "versions": versions()}
     write_json(out / "meta.json", meta)
     shutil.rmtree(out / PARTIAL, ignore_errors=True)

@@ -89,25 +89,32 @@ def read_identity(out: Path) -> dict | None:
     return None
 
 
-def _check_complete(out: Path) -> None:
-    """A finished build must still have every file readers need (its partials are gone)."""
+def _missing(paths: list[Path]) -> str:
+    return f"{paths[0]}{f' and {len(paths) - 1} more' if len(paths) > 1 else ''}"
+
+
+def _check_complete(out: Path, repair: bool) -> None:
+    """A finished build must still have every file readers need (its partials are gone). Its
+    shards can be rebuilt one by one (--repair); the statistics only by a whole build."""
     meta = json.loads((out / "meta.json").read_text())
-    needed = [out / n for n in ("stats.json", "skipped.json", "mean_image.npy")]
-    for rel in meta["shards"]["train"] + meta["shards"]["val"]:
-        needed += [out / rel, (out / rel).with_suffix(".idx")]
-    missing = [p for p in needed if not p.is_file()]
+    missing = [out / n for n in ("stats.json", "skipped.json", "mean_image.npy") if not (out / n).is_file()]
     if missing:
-        raise PrepError(f"--out {out}: finished build with missing files ({missing[0]}"
-                        f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}); "
-                        "pass --overwrite to rebuild")
+        raise PrepError(f"--out {out}: finished build with missing files ({_missing(missing)}); "
+                        "pass --overwrite to rebuild it")
+    shards = [p for rel in meta["shards"]["train"] + meta["shards"]["val"]
+              for p in (out / rel, (out / rel).with_suffix(".idx"))]
+    missing = [p for p in shards if not p.is_file()]
+    if missing and not repair:
+        raise PrepError(f"--out {out}: finished build with missing shard files ({_missing(missing)}); "
+                        "rerun the same command with --repair to rebuild them")
 
 
-def prepare_out(out: Path, identity: dict, overwrite: bool) -> bool:
+def prepare_out(out: Path, identity: dict, overwrite: bool, repair: bool = False) -> bool:
     """Check OUT against what we are about to build; returns True if OUT is already complete."""
     old = read_identity(out)
     if old == identity:
         if (out / "meta.json").is_file():
-            _check_complete(out)
+            _check_complete(out, repair)
             return True
         return False
     entries = known_entries(out) if out.is_dir() else []

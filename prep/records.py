@@ -12,6 +12,7 @@ Layout of OUT:
 from __future__ import annotations
 
 import json
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -145,6 +146,31 @@ def shard_paths(out: str | Path, split: str) -> list[tuple[Path, Path]]:
     return pairs
 
 
+def file_crc32(path: str | Path, chunk: int = 1 << 20) -> int:
+    """CRC-32 of a file's bytes (zlib's, as the writer computes it while writing)."""
+    crc = 0
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def shard_damage(out: str | Path, meta: dict, rel: str) -> str | None:
+    """Why shard ``rel`` (``train/shard-000003.tar``) is not what the build wrote: its tar or
+    index missing, or its bytes changed since (CRC-32 against meta.json's); None if intact, or
+    if meta.json predates the checksums and both files are there. OSErrors propagate."""
+    out = Path(out)
+    sums = meta.get("crc32") or {}
+    for path in (out / rel, (out / rel).with_suffix(".idx")):
+        name = path.relative_to(out).as_posix()
+        if not path.is_file():
+            return f"{path}: missing"
+        if name in sums and (crc := file_crc32(path)) != sums[name]:
+            return (f"{path}: changed since the build (CRC-32 {crc:08x}, meta.json: {sums[name]:08x}; "
+                    "damaged on disk or modified)")
+    return None
+
+
 # ----------------------------------------------------------------------------- shard index
 
 @dataclass(frozen=True)
@@ -178,10 +204,10 @@ def read_index(tar: str | Path, idx: str | Path, headers: int = 3) -> ShardIndex
         raise RecordsError(f"{exc.filename}: unreadable ({exc.strerror})") from None
     keys, jpg, cls = _parse_index(idx, text)
     if tar_size == 0:
-        raise RecordsError(f"{tar}: empty file (0 bytes); rebuild this shard")
+        raise RecordsError(f"{tar}: empty file (0 bytes); repair it: the build command plus --repair")
     if tar_size % TAR_BLOCK:
         raise RecordsError(f"{tar}: {tar_size} bytes is not a whole number of 512-byte tar "
-                           "blocks (truncated?); rebuild this shard")
+                           "blocks (truncated?); repair it: the build command plus --repair")
     _check_layout(tar, idx, tar_size, jpg, cls)
     _check_headers(tar, keys, jpg, cls, headers)
     return ShardIndex(tar, idx, tar_size, keys, jpg, cls)
@@ -252,7 +278,7 @@ def _check_layout(tar: Path, idx: Path, tar_size: int, jpg: np.ndarray, cls: np.
         raise RecordsError(f"{idx}: offsets not on 512-byte tar blocks; rebuild the index of {tar.name}")
     if ends.max() > tar_size:
         raise RecordsError(f"{tar}: {tar_size} bytes, but {idx.name} lists data up to byte "
-                           f"{int(ends.max())} (truncated tar?); rebuild this shard")
+                           f"{int(ends.max())} (truncated tar?); repair it: the build command plus --repair")
     order = np.argsort(starts, kind="stable")
     if (starts[order][1:] < ends[order][:-1]).any():
         raise RecordsError(f"{idx}: members overlap; the index does not belong to {tar.name}")
@@ -271,7 +297,7 @@ def _check_headers(tar: Path, keys: np.ndarray, jpg: np.ndarray, cls: np.ndarray
                 if not _header_ok(header, name, int(size)):
                     raise RecordsError(f"{tar}: no tar header for {name.decode(errors='replace')} "
                                        "where the index puts it (index and tar do not match); "
-                                       "rebuild this shard")
+                                       "repair it: the build command plus --repair")
 
 
 def _header_ok(header: bytes, name: bytes, size: int) -> bool:

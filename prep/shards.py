@@ -20,6 +20,7 @@ index equals wds2idx's byte for byte and that DALI reads every record through it
 from __future__ import annotations
 
 import os
+import zlib
 from pathlib import Path
 
 from common.atomic import publish
@@ -77,13 +78,18 @@ class ShardWriter:
         self._tmp_idx = self.idx_path.with_name(f".{self.idx_path.name}.{os.getpid()}.tmp")
         self._fh = open(self._tmp_tar, "wb")
         self._offset = 0
+        # CRC-32 of every byte written, tar and index (meta.json keeps them: prep.verify and
+        # build_records --repair find a shard changed since the build, even where it still decodes)
+        self.crc32 = {"tar": 0, "idx": 0}
         self._lines: list[str] = []
         self.count = 0
 
     def _member(self, name: str, data: bytes) -> str:
         """Write header + data + zero padding; return this member's index entry."""
         pad = -len(data) % TAR_BLOCK
-        self._fh.write(ustar_header(name, len(data)) + data + bytes(pad))
+        block = ustar_header(name, len(data)) + data + bytes(pad)
+        self._fh.write(block)
+        self.crc32["tar"] = zlib.crc32(block, self.crc32["tar"])
         data_at = self._offset + TAR_BLOCK  # the index points at the data, after the header
         self._offset = data_at + len(data) + pad
         ext = name[name.index(".") + 1:]
@@ -100,11 +106,15 @@ class ShardWriter:
         """End the tar (two zero blocks, record padding) and write the index, both under their
         temp names and not yet fsynced: (temp, final) pairs for ``common.atomic.publish``."""
         end = self._offset + 2 * TAR_BLOCK
+        tail = bytes(2 * TAR_BLOCK + (-end % TAR_RECORD))
         with naming(self.tar_path):
-            self._fh.write(bytes(2 * TAR_BLOCK + (-end % TAR_RECORD)))
+            self._fh.write(tail)
             self._fh.close()
-        with naming(self.idx_path), open(self._tmp_idx, "w") as fh:
-            fh.write(f"{INDEX_VERSION} {self.count}\n" + "".join(line + "\n" for line in self._lines))
+        self.crc32["tar"] = zlib.crc32(tail, self.crc32["tar"])
+        index = (f"{INDEX_VERSION} {self.count}\n" + "".join(line + "\n" for line in self._lines)).encode()
+        with naming(self.idx_path), open(self._tmp_idx, "wb") as fh:
+            fh.write(index)
+        self.crc32["idx"] = zlib.crc32(index)
         return [(self._tmp_tar, self.tar_path), (self._tmp_idx, self.idx_path)]
 
     def commit(self) -> None:

@@ -6,14 +6,16 @@ decoded, every label read.
 Prints one line per record that fails — ``SHARD KEY: what`` (a JPEG that does not decode, a
 .cls that is not a class index of meta.json, a record whose tar header does not match the
 index) — or per shard whose index does not match its tar (``SHARD -: what``). Exit status:
-0 all records are good, 1 some failed (rebuild those shards), 2 RECORDS is not a records
+0 all records are good, 1 some failed (repair: the build command plus --repair), 2 RECORDS is not a records
 folder (one line on stderr).
 
 The decoder is PIL (libjpeg); where libturbojpeg is installed, every JPEG is also decoded
 with its warnings turned into errors, which catches corrupt data that libjpeg decodes
 silently into garbage (for example a run of overwritten bytes in mid-stream). Damage that
 leaves a JPEG valid (a few bits flipped inside the coded data can) cannot be seen by a
-decoder at all.
+decoder at all; the CRC-32 of every shard's tar and index, kept in meta.json by the build,
+catches any changed byte (the shard is then listed as ``SHARD -: changed since the build``).
+A damaged shard is repaired by the build command plus ``--repair``.
 """
 from __future__ import annotations
 
@@ -30,8 +32,8 @@ import numpy as np
 from common.config import check_at_least
 from common.errors import UserError, error_line
 from common.system import usable_cores
-from prep.records import (SPLITS, RecordsError, _header_ok, parse_label, read_index, read_meta,
-                          shard_paths)
+from prep.records import (SPLITS, RecordsError, _header_ok, file_crc32, parse_label, read_index,
+                          read_meta, shard_paths)
 from prep.shards import TAR_BLOCK
 
 
@@ -108,13 +110,18 @@ def jpeg_error(jpeg: bytes) -> str | None:
     return None
 
 
-def verify_shard(tar: Path, idx: Path, classes: int) -> ShardResult:
-    """Every record of one shard; never raises for bad data (it is the result)."""
+def verify_shard(tar: Path, idx: Path, classes: int, crc32: dict | None = None) -> ShardResult:
+    """Every record of one shard; never raises for bad data (it is the result). ``crc32``:
+    meta.json's checksums of the tar and the index ({"tar": n, "idx": n}), if it has them."""
+    failures = []
+    for path, kind in ((tar, "tar"), (idx, "idx")):
+        if crc32 and (crc := file_crc32(path)) != crc32[kind]:
+            failures.append(("-", f"changed since the build: CRC-32 of {path.name} is {crc:08x}, "
+                                  f"meta.json says {crc32[kind]:08x}"))
     try:
         index = read_index(tar, idx)
     except RecordsError as exc:
-        return ShardResult(tar, 0, [("-", str(exc))])
-    failures = []
+        return ShardResult(tar, 0, [*failures, ("-", str(exc))])
     with open(tar, "rb") as fh:
         for key, (jo, js), (co, cs) in zip(index.keys, index.jpg, index.cls):
             key = key.decode(errors="replace")
@@ -137,10 +144,17 @@ def verify_shard(tar: Path, idx: Path, classes: int) -> ShardResult:
     return ShardResult(tar, len(index), failures)
 
 
-def _shards(records: Path) -> tuple[list[tuple[Path, Path]], int]:
+def _shards(records: Path) -> tuple[list[tuple[Path, Path, dict | None]], int]:
+    """(tar, idx, meta.json's checksums of both or None) of every shard; the class count."""
     meta = read_meta(records)
-    classes = len(meta["classes"])
-    return [pair for split in SPLITS for pair in shard_paths(records, split)], classes
+    sums = meta.get("crc32") or {}
+
+    def crc(tar: Path, idx: Path) -> dict | None:
+        names = (tar.relative_to(records).as_posix(), idx.relative_to(records).as_posix())
+        return {"tar": sums[names[0]], "idx": sums[names[1]]} if all(n in sums for n in names) else None
+
+    shards = [(tar, idx, crc(tar, idx)) for split in SPLITS for tar, idx in shard_paths(records, split)]
+    return shards, len(meta["classes"])
 
 
 def verify(cfg: VerifyConfig, out=None) -> int:
@@ -154,24 +168,31 @@ def verify(cfg: VerifyConfig, out=None) -> int:
     say = (lambda line: progress.console.print(line, markup=False, highlight=False)) if tty \
         else (lambda line: print(line, file=out, flush=True))
     progress = _bar() if tty else None
-    total = failed = done = 0
+    total = bad_records = bad_shards = done = 0
     with ProcessPoolExecutor(workers) as pool, (progress or _nothing()):
         task = progress.add_task("verify", total=len(shards)) if progress else None
-        jobs = [pool.submit(verify_shard, tar, idx, classes) for tar, idx in shards]
+        jobs = [pool.submit(verify_shard, tar, idx, classes, crc) for tar, idx, crc in shards]
         for job in jobs:                     # in shard order, so the report reads in order
             result = job.result()
-            total, failed, done = total + result.records, failed + len(result.failures), done + 1
+            shard_level = sum(key == "-" for key, _ in result.failures)
+            total, done = total + result.records, done + 1
+            bad_records += len(result.failures) - shard_level
+            bad_shards += shard_level > 0
             for key, why in result.failures:
                 say(f"{result.tar} {key}: {why}")
             if progress:
                 progress.advance(task)
-            elif done % max(1, len(shards) // 20) == 0 or done == len(shards):
-                say(f"verify: {done}/{len(shards)} shards, {total} records, {failed} failed")
-    say(f"verify: {total} records in {len(shards)} shards, {failed} failed "
-        f"(decoder: PIL{' + strict libturbojpeg' if strict else '; libturbojpeg not found'})")
+            elif cfg.progress and (done % max(1, len(shards) // 20) == 0 or done == len(shards)):
+                say(f"verify: {done}/{len(shards)} shards, {total} records, {bad_records} bad, "
+                    f"{bad_shards} bad shards")
+    checked = sum(crc is not None for _, _, crc in shards)
+    failed = bad_records + bad_shards
+    say(f"verify: {total} records in {len(shards)} shards: {bad_records} bad records, {bad_shards} bad shards "
+        f"(decoder: PIL{' + strict libturbojpeg' if strict else '; libturbojpeg not found'}; "
+        + (f"checksums of {checked} shards)" if checked else "no checksums: records built before they were kept)"))
     if failed:
-        say("verify: rebuild the records (prep/build_records.py, same arguments, --overwrite; "
-            "deterministic, so the shards listed come back repaired), then resume training")
+        say("verify: repair with the build command plus --repair (prep/build_records.py --source SOURCE "
+            f"--out {records} ... --repair: it rebuilds exactly the damaged shards, byte for byte), then resume training")
     return 1 if failed else 0
 
 

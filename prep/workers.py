@@ -38,7 +38,7 @@ def shard_done(out: Path, task: ShardTask) -> bool:
     """A resumable finished shard: readable partial JSON, its tar and index, its mean-image sum."""
     try:
         part = json.loads(partial_path(out, task.split, task.name, "json").read_text())
-        ok = isinstance(part, dict) and {"records", "tar", "skipped", "sums"} <= set(part)
+        ok = isinstance(part, dict) and {"records", "tar", "skipped", "sums", "crc32"} <= set(part)
     except (OSError, ValueError):
         return False
     if ok and part["tar"]:
@@ -86,7 +86,7 @@ def write_shard(task: ShardTask, tick: Callable[[int], None]) -> list[tuple[Path
             pending.append(write_unsynced(partial_path(out, task.split, task.name, "npy"), buf.getvalue()))
         pending.append(write_unsynced(partial_path(out, task.split, task.name, "json"), json_text({
             "records": writer.count, "tar": f"{task.split}/{tar.name}" if writer.count else None,
-            "skipped": skipped, "sums": sums.to_json()}).encode()))
+            "skipped": skipped, "sums": sums.to_json(), "crc32": writer.crc32 if writer.count else None}).encode()))
     except BaseException:
         for tmp, _ in pending:
             tmp.unlink(missing_ok=True)

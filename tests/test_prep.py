@@ -598,8 +598,84 @@ def test_complete_output_is_reused_and_checked(small_source, tmp_path):
     build(cfg(small_source, out, shard_size=5, quality=80, overwrite=True))
     assert read_meta(out)["params"]["quality"] == 80
     (out / read_meta(out)["shards"]["val"][0]).unlink()
-    with pytest.raises(PrepError, match="missing files"):
+    with pytest.raises(PrepError, match="missing shard files.*rerun the same command with --repair"):
         build(cfg(small_source, out, shard_size=5, quality=80))
+    (out / "stats.json").unlink()                 # the statistics come only from a whole build
+    with pytest.raises(PrepError, match=r"missing files \(.*stats.json\); pass --overwrite"):
+        build(cfg(small_source, out, shard_size=5, quality=80, repair=True))
+
+
+def _flip_a_bit_inside_a_jpeg(tar: Path) -> None:
+    """One bit in the middle of the first record's JPEG data: the JPEG usually still decodes."""
+    line = (tar.with_suffix(".idx")).read_text().splitlines()[1].split()
+    offset, size = int(line[1]), int(line[2])
+    with open(tar, "r+b") as fh:
+        fh.seek(offset + size // 2)
+        byte = fh.read(1)[0]
+        fh.seek(offset + size // 2)
+        fh.write(bytes([byte ^ 0x10]))
+
+
+def test_repair_rebuilds_exactly_the_damaged_shards(small_source, small_records, tmp_path, capsys):
+    """A shard changed on disk (a flipped bit) and a lost index: prep.verify names the changed
+    shard by its checksum, the plain command refuses with one line, and --repair rebuilds exactly
+    those two shards, byte-identical to a clean build, leaving every other file untouched."""
+    import zlib
+
+    from prep.verify import VerifyConfig, verify
+    out = tmp_path / "out"
+    build(cfg(small_source, out, shard_size=5))
+    meta = read_meta(out)
+    assert meta["crc32"] == {p.relative_to(out).as_posix(): zlib.crc32(p.read_bytes())   # independent
+                             for rel in meta["shards"]["train"] + meta["shards"]["val"]
+                             for p in (out / rel, (out / rel).with_suffix(".idx"))}
+    damaged, lost = out / meta["shards"]["train"][1], out / meta["shards"]["val"][0]
+    _flip_a_bit_inside_a_jpeg(damaged)
+    lost.with_suffix(".idx").unlink()
+    lost.unlink()
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.tar") if p != damaged}
+    capsys.readouterr()
+    assert main(["--source", str(small_source), "--out", str(out), "--shard-size", "5", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(lost) in err and "--repair" in err
+    summary = build(cfg(small_source, out, shard_size=5, repair=True))
+    said = capsys.readouterr().out
+    assert f"damaged: {damaged}: changed since the build" in said and f"damaged: {lost}: missing" in said
+    assert f"repaired: {damaged}" in said and f"repaired: {lost}" in said
+    assert summary["images_processed"] == 10                          # two shards of 5 inputs
+    assert tree_bytes(out) == tree_bytes(small_records)
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())  # the others were not rewritten
+    assert verify(VerifyConfig(str(out), workers=1, progress=False)) == 0
+    again = build(cfg(small_source, out, shard_size=5, repair=True))  # nothing left to repair
+    assert again["reused"] and again["images_processed"] == 0
+
+
+def test_verify_finds_a_changed_shard_that_still_decodes(small_source, tmp_path, capsys):
+    from prep.verify import VerifyConfig, verify
+    out = tmp_path / "out"
+    build(cfg(small_source, out, shard_size=5))
+    damaged = out / read_meta(out)["shards"]["train"][0]
+    _flip_a_bit_inside_a_jpeg(damaged)
+    assert verify(VerifyConfig(str(out), workers=1, progress=False)) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"{damaged} -: changed since the build: CRC-32 of {damaged.name} is ")
+    assert "--repair" in lines[-1]
+
+
+def test_repair_refuses_a_shard_that_comes_back_different(small_source, tmp_path, monkeypatch):
+    """The rebuilt shard must equal the original build's (other JPEG bytes, as from another
+    libjpeg): refused with one line, the rebuilt files removed, the other shards kept."""
+    out = tmp_path / "out"
+    build(cfg(small_source, out, shard_size=5))
+    damaged = out / read_meta(out)["shards"]["train"][0]
+    _flip_a_bit_inside_a_jpeg(damaged)
+    real = transform.encode_jpeg
+    monkeypatch.setattr(transform, "encode_jpeg", lambda pixels, quality: real(pixels, quality - 1))
+    with pytest.raises(PrepError, match=r"the rebuilt train/shard-000000.tar differs from the original build.*--overwrite"):
+        build(cfg(small_source, out, shard_size=5, repair=True))
+    assert not damaged.exists() and not damaged.with_suffix(".idx").exists()
+    assert (out / read_meta(out)["shards"]["train"][1]).is_file()
+    assert not (out / ".partial").exists() and not list(out.rglob(".*.tmp"))
 
 
 def test_other_source_in_out_is_refused(small_source, tmp_path):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from prep import verify
-from prep.records import shard_paths
+from prep.records import read_meta, shard_paths
 
 
 @pytest.fixture()
@@ -37,8 +37,8 @@ def _run(rec: Path, capsys) -> tuple[int, list[str]]:
 
 def test_clean_records_pass(rec, capsys):
     status, lines = _run(rec, capsys)
-    assert status == 0
-    assert "68 records in 6 shards, 0 failed" in lines[-1]
+    assert status == 0 and len(lines) == 1                   # --no-progress: the summary only
+    assert "68 records in 6 shards: 0 bad records, 0 bad shards" in lines[-1] and "checksums of 6 shards" in lines[-1]
 
 
 def test_bad_records_are_named(rec, capsys):
@@ -54,7 +54,10 @@ def test_bad_records_are_named(rec, capsys):
     assert any(line.startswith(f"{train} {destroyed}: bad JPEG") for line in lines)
     if verify.StrictJpeg().available:
         assert any(line.startswith(f"{val} {garbled}: bad JPEG") for line in lines), lines
-    assert "2 failed" in "\n".join(lines) if verify.StrictJpeg().available else True
+    # both shards also fail their checksums: two shard lines, besides the two records
+    assert sum(line.endswith(f"meta.json says {read_meta(rec)['crc32'][p.relative_to(rec).as_posix()]:08x}")
+               for line in lines for p in (train, val)) == 2
+    assert ("2 bad records, 2 bad shards" if verify.StrictJpeg().available else "2 bad shards") in lines[-2]
 
 
 def test_index_tar_mismatch_and_bad_label(rec, capsys):

@@ -1,0 +1,80 @@
+"""Repairing a finished build (``build_records.py ... --repair``): rebuild exactly the shards
+that are missing or whose bytes changed since the build.
+
+The build is deterministic (the same source, parameters and imaging libraries give the same
+bytes), and meta.json keeps the CRC-32 of every shard's tar and index. So a damaged shard is
+found by its checksum, rebuilt from the source on its own, and accepted only if the rebuilt
+files have the checksums of the original build: the statistics, the mean image and every
+other shard stay valid. A rebuilt shard that differs (the source files or the JPEG library
+changed since the build: meta.json's ``versions``) is removed again and the repair refused:
+only a whole new build (--overwrite) is consistent then.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from prep.config import PrepError
+from prep.outdir import remove_temp_files
+from prep.plan import ShardTask
+from prep.records import shard_damage
+from prep.workers import PARTIAL, partial_path, run_tasks
+
+
+def damaged_shards(out: Path, meta: dict, tasks: list[ShardTask], threads: int,
+                   progress: bool) -> list[tuple[ShardTask, str]]:
+    """(task, why) of every shard meta.json lists that is missing or changed, in plan order.
+    Reading every shard once (zlib's CRC-32 releases the GIL, so threads run in parallel)."""
+    listed = set(meta["shards"]["train"] + meta["shards"]["val"])
+    todo = [t for t in tasks if f"{t.split}/{t.name}.tar" in listed]
+    check = lambda t: shard_damage(out, meta, f"{t.split}/{t.name}.tar")  # noqa: E731
+    with ThreadPoolExecutor(threads) as pool:
+        results = pool.map(check, todo)
+        if progress:
+            from rich.progress import track
+            results = track(results, total=len(todo), description="checking shards", transient=True)
+        whys = list(results)
+    return [(t, why) for t, why in zip(todo, whys) if why]
+
+
+def repair(out: Path, tasks: list[ShardTask], workers: int, progress: bool, say) -> int:
+    """Rebuild the damaged shards of the finished build in ``out``; returns the images rebuilt.
+    ``say(line)`` reports each damaged shard. PrepError if a rebuilt shard differs from the build's."""
+    meta = json.loads((out / "meta.json").read_text())
+    sums = meta.get("crc32") or {}
+    if not sums:
+        say(f"{out / 'meta.json'} has no checksums (records built before they were kept): only "
+            "missing shards can be found and rebuilt, unchecked")
+    remove_temp_files(out)
+    shutil.rmtree(out / PARTIAL, ignore_errors=True)   # a repair interrupted before
+    damaged = damaged_shards(out, meta, tasks, workers, progress)
+    for _, why in damaged:
+        say(f"damaged: {why}")
+    if not damaged:
+        return 0
+    todo = [task for task, _ in damaged]
+    for split in {t.split for t in todo}:
+        (out / PARTIAL / split).mkdir(parents=True, exist_ok=True)
+    try:
+        run_tasks(todo, min(workers, len(todo)), progress)
+        differ = []
+        for task in todo:
+            part = json.loads(partial_path(out, task.split, task.name, "json").read_text())
+            tar = f"{task.split}/{task.name}.tar"
+            idx = f"{task.split}/{task.name}.idx"
+            if sums and (part["tar"] != tar or part["crc32"] != {"tar": sums.get(tar), "idx": sums.get(idx)}):
+                differ.append(tar)
+                for rel in (tar, idx):
+                    (out / rel).unlink(missing_ok=True)
+    finally:
+        remove_temp_files(out)
+        shutil.rmtree(out / PARTIAL, ignore_errors=True)
+    if differ:
+        raise PrepError(f"--out {out}: the rebuilt {differ[0]}{f' (and {len(differ) - 1} more)' if len(differ) > 1 else ''} "
+                        "differs from the original build, so it was removed again: the source files or the "
+                        "imaging libraries changed since (meta.json: versions); rebuild everything with --overwrite")
+    for task, _ in damaged:
+        say(f"repaired: {out / task.split / task.name}.tar")
+    return sum(len(t.items) for t in todo)

@@ -97,10 +97,13 @@ def build(cfg: PrepConfig, *, on_shard: Callable[[str, int], None] | None = None
     tasks = plan(src, cfg, out)
     with locked_out(out):
         if prepare_out(out, identity, cfg.overwrite, cfg.repair):
+            t_run = time.perf_counter()
             written = repair(out, tasks, cfg.workers or usable_cores(), cfg.progress,
                              lambda line: print(line, flush=True)) if cfg.repair else 0
+            rate = written / max(time.perf_counter() - t_run, 1e-9)
             ffcv = _maybe_ffcv(cfg, out, src, tasks)
-            return _summary(out, reused=not written, written=written, seconds=time.perf_counter() - t0, ffcv=ffcv)
+            return _summary(out, reused=not written, written=written, seconds=time.perf_counter() - t0, ffcv=ffcv,
+                            rate=rate)
         for split in ("train", "val"):
             (out / split).mkdir(parents=True, exist_ok=True)
             (out / PARTIAL / split).mkdir(parents=True, exist_ok=True)

@@ -54,7 +54,8 @@ class TrainConfig:
         "exempts biases (--no-decay-biases)"))
     epochs: int = field(default=90, metadata=_h("epochs to train (the paper: roughly 90)"))
     max_steps: int | None = field(default=None, metadata=_h(
-        "stop after this many optimiser steps in total (smoke runs, profiling)"))
+        "stop after this many optimiser steps in total (smoke runs, profiling, a long run in chunks); "
+        "a resumed run keeps it: continue with a larger N, or 'none' for no limit"))
     epoch_steps: int | None = field(default=None, metadata=_h(
         "cap on optimiser steps per epoch (smoke runs); default: the whole epoch"))
     warmup_steps: int = field(default=0, metadata=_h(

@@ -318,7 +318,23 @@ def train(cfg: TrainConfig, argv: list[str], info: D.DistInfo, say: Reporter) ->
     if saved is not None:
         restore(s, state, saved, path, lr_given=lr_given)
     check_same_start(s, state)
+    if saved is not None and (why := nothing_left(cfg, state)):
+        # a resumed run with nothing to train says so and touches nothing: no "done", no new
+        # evaluation, no profile of zero steps over the one it measured
+        say.line(f"train: {s.out} {why}; nothing to train")
+        return 0
     return run_session(s, state)
+
+
+def nothing_left(cfg: TrainConfig, state: TrainState) -> str | None:
+    """Why a resumed run has no step left to take, with the flag that would give it more."""
+    if state.epoch >= cfg.epochs:
+        return (f"has finished its --epochs {cfg.epochs} (step {state.step}); --epochs N trains on to N, "
+                "--eval-only --checkpoint FILE evaluates")
+    if steps_spent(cfg, state):
+        return (f"is at step {state.step}, its --max-steps {cfg.max_steps}; continue with a larger "
+                "--max-steps N, or --max-steps none")
+    return None
 
 
 def check_same_start(s: Session, state: TrainState) -> None:

@@ -142,15 +142,23 @@ def test_auto_resume_reruns_the_same_command_and_keeps_the_schedules_lr(sample_r
 
 
 @pytest.mark.slow
-def test_max_steps_mid_epoch_then_resume_continues_bitwise(sample_records, tmp_path):
+def test_max_steps_mid_epoch_then_resume_continues_bitwise(sample_records, tmp_path, capsys):
     """The real loader and AlexNet: a stop after step 3 of 4 (mid-epoch 2), resumed, gives bitwise
-    the weights, momentum and metrics of the uninterrupted run (the loader replays epoch 2's first batch)."""
+    the weights, momentum and metrics of the uninterrupted run (the loader replays epoch 2's first batch).
+    A plain --resume keeps the saved --max-steps: it says how to go on and touches nothing."""
     common = ["--batch-size", "2", "--epoch-steps", "2", "--no-final-eval", "--seed", "3", "--warmup-steps", "3",
               "--epochs", "2"]
     full, part = tmp_path / "full", tmp_path / "part"
     assert main(tiny(sample_records, full, *common)) == 0
     assert main(tiny(sample_records, part, *common, "--max-steps", "3")) == 0
     assert (ckpt.load(part / "last.pt")["epoch"], ckpt.load(part / "last.pt")["batch"]) == (1, 1)
+    before = {p.name: p.read_bytes() for p in part.iterdir() if p.is_file()}
+    capsys.readouterr()
+    assert main(["--resume", str(part), "--no-progress"]) == 0
+    said = capsys.readouterr().out
+    assert f"train: {part} is at step 3, its --max-steps 3; continue with a larger --max-steps N, or --max-steps none" \
+        in said and "done" not in said
+    assert {p.name: p.read_bytes() for p in part.iterdir() if p.is_file()} == before
     assert main(["--resume", str(part / "last.pt"), "--max-steps", "none", "--no-progress"]) == 0
     a, b = ckpt.load(full / "last.pt"), ckpt.load(part / "last.pt")
     assert (a["epoch"], a["step"]) == (b["epoch"], b["step"]) == (2, 4)

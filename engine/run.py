@@ -167,7 +167,7 @@ def setup_devices(cfg: TrainConfig, info: D.DistInfo, say: Reporter) -> list[str
     devices = D.replica_devices(cfg, info, torch.cuda.device_count())
     if devices == ["cpu"]:
         why = "--gpus ''" if cfg.gpus == "" else "no CUDA GPU visible"
-        say.line(f"train: {why}: training on the CPU (slow: tens of images/s; see README for GPUs)")
+        say.line(f"train: {why}: running on the CPU (slow: tens of images/s; see README for GPUs)")
     say.line(D.allocation_line(info, devices, cfg.workers, usable_cores()))
     D.init_process_group(info, devices)
     return devices
@@ -588,11 +588,13 @@ def report_profile(s: Session, phases: Phases) -> None:
 def eval_only(cfg: TrainConfig, info: D.DistInfo, say: Reporter) -> int:
     """--eval-only --checkpoint PATH: single-crop and 10-crop error of a checkpoint's weights,
     written to eval.json in --out (default: beside the checkpoint). The model switches come
-    from the checkpoint's own config."""
+    from the checkpoint's own config, and so do the records unless --records is given."""
     path = Path(cfg.checkpoint)
     state = ckpt.load(path)
     saved = saved_config(state, path)
     cfg = replace(cfg, **{k: getattr(saved, k) for k in MODEL_FIELDS})
+    if cfg.records is None and saved.records:      # the records it trained on, as figures/export/predict
+        cfg = replace(cfg, records=saved.records)
     out = run_folder(replace(cfg, out=cfg.out or str(path.parent)))
     s = build_session(cfg, info, say, out)
     try:

@@ -71,7 +71,8 @@ def test_profile_writes_a_trace_and_a_table(smoke_run):
 
 def test_eval_only_prints_single_and_ten_crop(smoke_run, sample_records, capsys, tmp_path):
     _, out = smoke_run
-    rc = main(["--eval-only", "--checkpoint", str(out / "best.pt"), "--records", str(sample_records),
+    # no --records: the run's own (sample_records, not the default data/records)
+    rc = main(["--eval-only", "--checkpoint", str(out / "best.pt"),
                "--gpus", "", "--batch-size", "10", "--no-progress", "--out", str(tmp_path / "ev")])
     assert rc == 0
     text = capsys.readouterr().out

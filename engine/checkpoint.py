@@ -88,17 +88,41 @@ def load(path: str | Path, keys: tuple[str, ...] = ("model", "config", "epoch", 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError, OSError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or foreign file): {reason[:200]}") from None
+    state = read_file(path)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a checkpoint of this project (expected format {FORMAT!r})")
     missing = [k for k in keys if k not in state]
     if missing:
         raise CheckpointError(f"{path}: incomplete checkpoint, missing {', '.join(missing)}")
     return state
+
+
+def read_file(path: Path) -> Any:
+    """``torch.load(weights_only=True)`` of a checkpoint or weights file, on the CPU; a traced
+    export or an unreadable file is a CheckpointError naming it."""
+    if kind := _exported_kind(path):
+        raise CheckpointError(f"{path}: a {kind} file (engine.export --format ...), which holds a traced net, "
+                              "not weights: give a checkpoint, a run folder or a state_dict export")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError, OSError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or foreign file): {reason[:200]}") from None
+
+
+def _exported_kind(path: Path) -> str | None:
+    """"TorchScript" or "torch.export" for those archives (told apart by their members, before
+    torch.load would refuse them with a warning and its internals), else None."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = [n.split("/", 1)[-1] for n in archive.namelist()]
+    except (zipfile.BadZipFile, OSError):
+        return None
+    if "constants.pkl" in names or any(n.startswith("code/") for n in names):
+        return "TorchScript"
+    if "archive_format" in names or "models/model.json" in names:
+        return "torch.export"
+    return None
 
 
 def rng_state() -> dict[str, Any]:

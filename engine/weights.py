@@ -7,8 +7,6 @@ weights file (engine/export.py) carries all three inside, so it needs no records
 """
 from __future__ import annotations
 
-import pickle
-import zipfile
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -57,10 +55,9 @@ def resolve(path: str | Path) -> Path:
 def read_state(path: Path) -> dict:
     """A training checkpoint or an exported weights file, read with weights_only=True."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError, OSError) as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise WeightsError(f"{path}: not a readable checkpoint (truncated or foreign file): {reason[:200]}") from None
+        state = ckpt.read_file(path)
+    except ckpt.CheckpointError as exc:
+        raise WeightsError(str(exc)) from None
     if not isinstance(state, dict) or state.get("format") not in (ckpt.FORMAT, WEIGHTS_FORMAT):
         raise WeightsError(f"{path}: not a checkpoint or weights file of this project")
     return state

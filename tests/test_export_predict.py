@@ -98,6 +98,21 @@ def test_torchscript_and_export_give_the_same_logits(run_dir, trained, images, t
         torch.testing.assert_close(program.module()(images), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_traced_files_are_refused_by_predict_and_export_with_one_line(run_dir, tmp_path, capsys):
+    """TorchScript and torch.export files hold a traced net, not weights: predict.py and
+    engine.export say so in one line (not torch's weights_only warning and internals)."""
+    photo = tmp_path / "photo.png"
+    Image.fromarray(np.zeros((300, 400, 3), np.uint8)).save(photo)
+    for fmt, name, kind in (("torchscript", "a.ts", "TorchScript"), ("export", "a.pt2", "torch.export")):
+        assert export.main([str(run_dir), "--out", str(tmp_path / name), "--format", fmt]) == 0
+        capsys.readouterr()
+        assert predict.main([str(photo), "--checkpoint", str(tmp_path / name), "--device", "cpu"]) == 2
+        assert export.main([str(tmp_path / name), "--out", str(tmp_path / "again.pt")]) == 2
+        captured = capsys.readouterr()
+        lines = captured.err.strip().splitlines()
+        assert len(lines) == 2 and all(f"{tmp_path / name}: a {kind} file" in line for line in lines), captured
+
+
 def test_onnx_without_the_package_is_one_line(run_dir, tmp_path, capsys):
     try:
         import onnx  # noqa: F401

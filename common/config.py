@@ -102,10 +102,18 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{', '.join(action.option_strings)} {metavar}"
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error: ``PROG: error: WHAT (PROG --help lists the flags)``, exit 2,
+    instead of the usage block before it (the project's rule for bad input: one line)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} ({self.prog} --help lists the flags)\n")
+
+
 def build_parser(cls: type, prog: str | None = None, description: str | None = None,
                  groups: dict[str, Sequence[str]] | None = None,
                  aliases: dict[str, Sequence[str]] | None = None,
-                 metavars: dict[str, str] | None = None, usage: str | None = None) -> argparse.ArgumentParser:
+                 metavars: dict[str, str] | None = None, usage: str | None = None) -> Parser:
     """An ArgumentParser with one flag per dataclass field (``a_b`` -> ``--a-b``).
 
     A bool field that is off by default is a switch ``--x`` (nothing to negate); one that
@@ -115,8 +123,8 @@ def build_parser(cls: type, prog: str | None = None, description: str | None = N
     "other"); ``aliases`` adds option strings ({"batch_size": ["-b"]}); ``metavars`` names
     values in --help ({"records": "DIR"}; an int is N unless named).
     """
-    parser = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False,
-                                     formatter_class=HelpFormatter, usage=usage)
+    parser = Parser(prog=prog, description=description, allow_abbrev=False,
+                    formatter_class=HelpFormatter, usage=usage)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     groups = dict(groups or {})

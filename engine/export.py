@@ -23,7 +23,6 @@ Exit status: 0 done, 2 bad input (one ``error:`` line); the output file is writt
 """
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import sys
@@ -33,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.config import Parser
 from common.atomic import write_bytes
 from common.errors import UserError, error_line
 
@@ -123,7 +123,7 @@ def export(source: str | Path, out: str | Path, fmt: str = "state_dict", records
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m engine.export", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="python -m engine.export", description=__doc__.split("\n\n")[0])
     p.add_argument("source", help="a run folder (its best.pt), a checkpoint or an exported weights file")
     p.add_argument("--out", required=True, help="the file to write")
     p.add_argument("--format", default="state_dict", choices=FORMATS, help="what to write (default: state_dict)")

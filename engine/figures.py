@@ -30,7 +30,7 @@ from PIL import Image
 
 from common.atomic import atomic_open, write_json
 from common.charts import pyplot, save_figure
-from common.config import ConfigError, check_at_least
+from common.config import ConfigError, Parser, check_at_least
 from common.errors import UserError, error_line
 from pipeline import Loader, LoaderOptions, reference
 from prep.records import shard_paths
@@ -337,7 +337,7 @@ def save_png(array: np.ndarray, path: Path) -> None:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m engine.figures", description=__doc__.split("\n\n")[0],
+    p = Parser(prog="python -m engine.figures", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", help="a run folder (train.py --out)")
     p.add_argument("--checkpoint", default=None,

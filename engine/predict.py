@@ -11,13 +11,13 @@ Exit status: 0 done, 2 bad input (one ``error:`` line: missing checkpoint or ima
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from common.config import Parser
 from common.errors import UserError, error_line
 from pipeline import reference
 from prep.transform import ImageError, decode_record
@@ -95,7 +95,7 @@ def default_checkpoint() -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="predict.py", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="predict.py", description=__doc__.split("\n\n")[0])
     p.add_argument("images", nargs="+", help="image files, or folders of them")
     p.add_argument("--checkpoint", default=None, help="checkpoint, run folder or exported weights "
                                                        "(default: the newest run under runs/)")

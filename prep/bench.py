@@ -26,7 +26,6 @@ A flat val/ without --val-labels is left out (train only) instead of stopping th
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
@@ -38,6 +37,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from common.config import Parser
 from common.errors import UserError, error_line
 from common.system import usable_cores
 from common.timing import interleaved
@@ -123,7 +123,7 @@ def _source(args, tmp: Path) -> tuple[Path, str | None]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m prep.bench", description=__doc__.splitlines()[0])
+    ap = Parser(prog="python -m prep.bench", description=__doc__.splitlines()[0])
     ap.add_argument("--source", default=None, help="ImageNet-style folder; default: the built-in sample set")
     ap.add_argument("--val-labels", default=None, help="labels of a flat SOURCE/val (as build_records.py)")
     ap.add_argument("--photos", type=int, default=0,

@@ -22,7 +22,6 @@ scikit-image is a test extra (``pip install .[test]``), imported only here.
 """
 from __future__ import annotations
 
-import argparse
 import io
 import sys
 from pathlib import Path
@@ -30,6 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from common.config import Parser
 from common.errors import error_line
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry",
@@ -134,7 +134,7 @@ def make_photo_set(root: str | Path, n: int = 60, seed: int = 0, val_every: int 
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m prep.photos", description=__doc__.splitlines()[0])
+    ap = Parser(prog="python -m prep.photos", description=__doc__.splitlines()[0])
     ap.add_argument("root")
     ap.add_argument("--n", type=int, default=60)
     ap.add_argument("--seed", type=int, default=0)

@@ -32,7 +32,6 @@ byte-identical files (with the same Pillow / libjpeg build).
 """
 from __future__ import annotations
 
-import argparse
 import colorsys
 import functools
 import io
@@ -44,6 +43,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from common.config import Parser
 from common.errors import UserError, error_line
 from common.system import usable_cores
 
@@ -236,7 +236,7 @@ def make_sample_set(root: str | Path, classes: int = 10, train_per_class: int = 
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m prep.sample", description=__doc__.splitlines()[0])
+    ap = Parser(prog="python -m prep.sample", description=__doc__.splitlines()[0])
     ap.add_argument("root")
     ap.add_argument("--classes", type=int, default=10)
     ap.add_argument("--train-per-class", type=int, default=100)

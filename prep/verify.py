@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.config import check_at_least
+from common.config import Parser, check_at_least
 from common.errors import UserError, error_line
 from common.system import usable_cores
 from prep.records import (SPLITS, RecordsError, _header_ok, file_crc32, parse_label, read_index,
@@ -212,7 +212,7 @@ class _nothing:
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
-    parser = argparse.ArgumentParser(prog="python -m prep.verify", description=__doc__.split("\n\n")[0])
+    parser = Parser(prog="python -m prep.verify", description=__doc__.split("\n\n")[0])
     parser.add_argument("records", help=VerifyConfig.__dataclass_fields__["records"].metadata["help"])
     parser.add_argument("--workers", type=int, default=None, help="processes; default: every usable core")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,

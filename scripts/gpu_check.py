@@ -22,7 +22,6 @@ stay in --work.
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import importlib.util
 import json
@@ -39,6 +38,7 @@ if str(ROOT) not in sys.path:      # run as a file: import the project from this
     sys.path.insert(0, str(ROOT))
 
 from common.atomic import write_json, write_text  # noqa: E402
+from common.config import Parser  # noqa: E402
 
 # module -> what pip installs for it. torch and DALI are installed only when missing and never
 # upgraded: a GPU machine's own CUDA build of torch must not be swapped for the pinned CPU one
@@ -291,7 +291,7 @@ def _fmt(v) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python scripts/gpu_check.py", description=__doc__.split("\n\n")[0])
+    parser = Parser(prog="python scripts/gpu_check.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("report", help="folder for gpu_check.json and gpu_check.md (created)")
     parser.add_argument("--dry-run", action="store_true", help="CPU only, tiny sizes: checks the script itself")
     parser.add_argument("--no-install", action="store_true", help="never pip-install (no internet)")

@@ -426,7 +426,8 @@ def test_bad_flags_are_usage_errors(capsys):
         with pytest.raises(SystemExit) as exc:
             main(argv)
         assert exc.value.code == 2
-    capsys.readouterr()
+        err = capsys.readouterr().err
+        assert err.startswith("build_records.py: error: ") and err.count("\n") == 1, err
 
 
 # ---------------------------------------------------------------- determinism, resume, reuse

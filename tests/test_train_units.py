@@ -170,7 +170,8 @@ def test_cli_rejects(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
         parse_train_args(argv)
     assert exc.value.code == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("train.py: error: ") and message in err and err.count("\n") == 1   # no usage block
 
 
 def test_resume_merge_applies_only_explicit_flags():

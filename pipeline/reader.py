@@ -17,7 +17,6 @@ and two dense arrays of draws.
 """
 from __future__ import annotations
 
-import io
 import mmap
 from collections import deque
 from dataclasses import dataclass
@@ -188,17 +187,15 @@ def draws(plan: Plan, epoch: int, index: int, n: int, lighting_std: float) -> li
 
 
 def undecodable(table: RecordTable, batches) -> list[tuple[Path, str, str]]:
-    """(tar, key, why) of every record of ``batches`` that PIL cannot decode: the culprits
-    of a failed DALI run, which names none."""
-    from PIL import Image
+    """(tar, key, why) of every record of ``batches`` that does not decode (prep.verify's
+    check: PIL, and libturbojpeg's strict mode where installed): the culprits of a failed
+    DALI run, which names none."""
+    from prep.verify import jpeg_error
     bad = []
     for batch in batches:
         for r, jpeg in zip(batch.records, table.slices(batch.records, table.jpg)):
-            try:
-                with Image.open(io.BytesIO(jpeg.tobytes())) as image:
-                    image.convert("RGB").load()
-            except Exception as exc:    # PIL raises many types for a broken JPEG
-                bad.append((table.where(r), table.key(r), f"bad JPEG ({exc})"))
+            if why := jpeg_error(jpeg.tobytes()):
+                bad.append((table.where(r), table.key(r), why))
     return bad
 
 

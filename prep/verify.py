@@ -101,6 +101,8 @@ def jpeg_error(jpeg: bytes) -> str | None:
     try:
         with Image.open(io.BytesIO(jpeg)) as image:
             image.convert("RGB").load()
+    except Image.UnidentifiedImageError:       # its message names a BytesIO object, not the data
+        return "bad JPEG (no image header PIL can identify)"
     except Exception as exc:      # PIL raises OSError, SyntaxError, ValueError... for bad data
         return f"bad JPEG ({exc})"
     if _STRICT is None:

@@ -154,8 +154,9 @@ def print_summary(summary: dict) -> None:
     for path in summary["ffcv"]:
         t.add_row("FFCV", path)
     console.print(t)
-    for s in summary["skipped_files"][:10]:
-        console.print(f"  skipped {s['split']}/{s['path'].split('/', 1)[-1]}: {s['reason']}")
+    for s in summary["skipped_files"][:10]:   # soft_wrap: one line each, whatever the width (grep, logs)
+        console.print(f"  skipped {s['split']}/{s['path'].split('/', 1)[-1]}: {s['reason']}", soft_wrap=True,
+                      markup=False, highlight=False)
     if len(summary["skipped_files"]) > 10:
         console.print(f"  ... and {len(summary['skipped_files']) - 10} more (skipped.json)")
     for wnid in summary["empty_classes"]:

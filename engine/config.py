@@ -221,7 +221,7 @@ RUN_KEYS = frozenset({"out", "resume", "auto_resume", "devices", "world", "class
 def train_parser(description: str | None = None):
     parser = build_parser(TrainConfig, prog="train.py", description=description,
                           groups=HELP_GROUPS, aliases=ALIASES, metavars=METAVARS,
-                          usage="train.py [-h] [--demo | --records DIR] [--config FILE] [options]")
+                          usage="train.py [-h] [--demo] [--records DIR] [--config FILE] [options]")
     parser.add_argument("--config", metavar="FILE", help=(
         "start from a run's config.json (its flags; its run folder, devices and world are not "
         "taken); flags given here win"))
@@ -232,7 +232,7 @@ def parse_train_args(argv: Sequence[str] | None, description: str | None = None)
     """Parse argv into a TrainConfig: the defaults, then --demo's preset, then --config's
     file, then the flags given explicitly, each level winning over the ones before.
 
-    Bad values exit with status 2 and one usage line (argparse), like common.config.parse_args.
+    Bad values exit with status 2 and one error line (common.config.Parser), like common.config.parse_args.
     """
     parser = train_parser(description or "Train the 2012 paper's AlexNet on DALI-fed records.")
     values = vars(parser.parse_args(argv))

@@ -318,12 +318,23 @@ def train(cfg: TrainConfig, argv: list[str], info: D.DistInfo, say: Reporter) ->
     if saved is not None:
         restore(s, state, saved, path, lr_given=lr_given)
     check_same_start(s, state)
-    if saved is not None and (why := nothing_left(cfg, state)):
+    if saved is not None and (why := nothing_left(cfg, state)) and not final_eval_missing(s, state):
         # a resumed run with nothing to train says so and touches nothing: no "done", no new
         # evaluation, no profile of zero steps over the one it measured
         say.line(f"train: {s.out} {why}; nothing to train")
         return 0
     return run_session(s, state)
+
+
+def final_eval_missing(s: Session, state: TrainState) -> bool:
+    """Every epoch done but no final evaluation of these weights (the run stopped during it):
+    a resume then runs it, as the uninterrupted run would have."""
+    if not (s.cfg.final_eval and state.epoch >= s.cfg.epochs):
+        return False
+    try:
+        return json.loads((s.out / "eval.json").read_text()).get("step") != state.step
+    except (OSError, ValueError, AttributeError):
+        return True
 
 
 def nothing_left(cfg: TrainConfig, state: TrainState) -> str | None:

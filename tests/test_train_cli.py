@@ -142,6 +142,22 @@ def test_auto_resume_reruns_the_same_command_and_keeps_the_schedules_lr(sample_r
     assert ckpt.load(part / "last.pt")["step"] == 3
 
 
+def test_a_finished_run_resumed_only_evaluates_what_was_not_evaluated(sample_records, tmp_path, capsys):
+    """A run killed during its final evaluation (every epoch saved, no eval.json for those
+    weights): resuming runs the evaluation; resuming a finished, evaluated run touches nothing."""
+    out = tmp_path / "run"
+    assert main(tiny(sample_records, out, "--epochs", "1", "--epoch-steps", "1", "--batch-size", "2")) == 0
+    evaluated = json.loads((out / "eval.json").read_text())
+    (out / "eval.json").unlink()                                      # as if killed during it
+    assert main(["--resume", str(out), "--no-progress"]) == 0
+    assert json.loads((out / "eval.json").read_text()) == evaluated   # the same weights, the same errors
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    capsys.readouterr()
+    assert main(["--resume", str(out), "--no-progress"]) == 0
+    assert f"train: {out} has finished its --epochs 1 (step 1)" in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
 @pytest.mark.slow
 def test_max_steps_mid_epoch_then_resume_continues_bitwise(sample_records, tmp_path, capsys):
     """The real loader and AlexNet: a stop after step 3 of 4 (mid-epoch 2), resumed, gives bitwise

@@ -7,7 +7,9 @@ square, prep.transform), then the central 224 crop or the paper's 10 crops (corn
 and their mirrors) with the softmax averaged over them, minus the run's mean (RGB or per pixel),
 0-255 scale, not divided by std. ``--checkpoint`` takes a training checkpoint (its records
 folder gives the class names and mean) or a file written by ``python -m engine.export``.
-Exit status: 0 done, 2 bad input (one ``error:`` line: missing checkpoint or image, unreadable image).
+Exit status: 0 done, 2 bad input: a missing checkpoint or image is one ``error:`` line before
+anything runs; an image that cannot be read or decoded is one ``error:`` line, the other images
+are still classified, and the exit status is 2 at the end.
 """
 from __future__ import annotations
 
@@ -108,15 +110,24 @@ def main(argv: list[str] | None = None) -> int:
         files = image_files(args.images)
         checkpoint = args.checkpoint or default_checkpoint()
         trained = weights.load(checkpoint, records=args.records, device=args.device or weights.default_device())
-        for start in range(0, len(files), BATCH):
-            chunk = files[start:start + BATCH]
-            probs = probabilities(trained, [load_image(f) for f in chunk], args.tencrop)
-            for path, row in zip(chunk, probs):
-                top = row.topk(min(TOP, row.numel()))
-                print(path)
-                for rank, (prob, index) in enumerate(zip(top.values.tolist(), top.indices.tolist()), 1):
-                    print(f"  {rank}. {prob:7.2%}  {describe(trained, index)}")
     except (UserError, OSError) as exc:
         print(f"error: {error_line(exc)}", file=sys.stderr)
         return 2
-    return 0
+    failed = 0
+    for start in range(0, len(files), BATCH):
+        chunk, images = [], []
+        for path in files[start:start + BATCH]:
+            try:       # one bad file in a folder of photos: named, and the others still classified
+                images.append(load_image(path))
+                chunk.append(path)
+            except PredictError as exc:
+                print(f"error: {exc}", file=sys.stderr, flush=True)
+                failed += 1
+        if not chunk:
+            continue
+        for path, row in zip(chunk, probabilities(trained, images, args.tencrop)):
+            top = row.topk(min(TOP, row.numel()))
+            print(path)
+            for rank, (prob, index) in enumerate(zip(top.values.tolist(), top.indices.tolist()), 1):
+                print(f"  {rank}. {prob:7.2%}  {describe(trained, index)}")
+    return 2 if failed else 0

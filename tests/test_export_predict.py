@@ -184,6 +184,21 @@ def test_predict_errors_are_one_line_exit_2(run_dir, tmp_path, capsys):
     assert str(tmp_path / "missing.jpg") in err[0] and str(bad) in err[1] and "none.pt" in err[2]
 
 
+def test_predict_on_a_folder_classifies_the_good_images_and_names_the_bad(run_dir, sample_records, tmp_path, capsys):
+    (tmp_path / "folder").mkdir()
+    paths, _ = record_pngs(sample_records, tmp_path / "folder")
+    good = sorted(paths.values())[:2]
+    folder = good[0].parent
+    for extra in folder.iterdir():
+        if extra not in good:
+            extra.unlink()
+    (folder / "notes.txt").write_text("not an image")
+    assert predict.main([str(folder), "--checkpoint", str(run_dir), "--device", "cpu"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip().splitlines() == [f"error: {folder / 'notes.txt'}: not an image (PIL cannot identify it)"]
+    assert [line for line in captured.out.splitlines() if not line.startswith("  ")] == [str(p) for p in good]
+
+
 def test_lrn_inference_path_equals_the_training_path():
     """Without autograd the LRN runs as plain ops (what TorchScript can save): the same numbers."""
     from model import local_response_norm

@@ -24,7 +24,8 @@ the shards damaged or lost since (prep/repair.py), and prep.verify reports them.
 
 The stages, each in its own module: prep/config.py (PrepConfig), prep/source.py (listing),
 prep/plan.py (order, shards, identity), prep/outdir.py (lock, reuse/resume/refuse, stale
-leftovers), prep/workers.py (one shard per task, process pool), prep/finish.py (stats, meta).
+leftovers), prep/workers.py (one shard per task, process pool), prep/finish.py (stats, meta),
+prep/repair.py (--repair).
 This file ties them together (``build``) and is the command line (``main``).
 """
 from __future__ import annotations

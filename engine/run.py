@@ -332,9 +332,12 @@ def final_eval_missing(s: Session, state: TrainState) -> bool:
     if not (s.cfg.final_eval and state.epoch >= s.cfg.epochs):
         return False
     try:
-        return json.loads((s.out / "eval.json").read_text()).get("step") != state.step
+        missing = json.loads((s.out / "eval.json").read_text()).get("step") != state.step
     except (OSError, ValueError, AttributeError):
-        return True
+        missing = True
+    # rank 0 writes eval.json, and decides: a rank that sees no such file (a run folder not
+    # shared) must not take the other branch, where the evaluation's collectives would wait for it
+    return D.gather_host(missing, s.host_group)[0]
 
 
 def nothing_left(cfg: TrainConfig, state: TrainState) -> str | None:

@@ -12,7 +12,7 @@ from common.atomic import atomic_open, write_json
 from prep import transform
 from prep.config import PrepError
 from prep.plan import ShardTask, versions
-from prep.records import FORMAT
+from prep.records import FORMAT, file_crc32
 from prep.source import Source
 from prep.stats import PixelSums, finalize
 from prep.workers import PARTIAL, partial_path
@@ -35,8 +35,11 @@ def collect(out: Path, tasks: list[ShardTask], src: Source) -> dict:
         skipped += [{"split": task.split, **s} for s in part["skipped"]]
         if part["tar"]:
             shards[task.split].append(part["tar"])
-            crc32[part["tar"]] = part["crc32"]["tar"]
-            crc32[part["tar"][:-len(".tar")] + ".idx"] = part["crc32"]["idx"]
+            idx = part["tar"][:-len(".tar")] + ".idx"
+            # a shard finished by an older build (resumed now) has no checksums in its partial:
+            # its published files are final, so read them
+            sums_of = part.get("crc32") or {"tar": file_crc32(out / part["tar"]), "idx": file_crc32(out / idx)}
+            crc32[part["tar"]], crc32[idx] = sums_of["tar"], sums_of["idx"]
         if task.split == "train":
             sums.merge(PixelSums.from_json(part["sums"]))
             mean_sum += np.load(partial_path(out, task.split, task.name, "npy"))

@@ -1,7 +1,9 @@
 """The output folder: one build at a time (a lock), reuse/resume/refuse, stale leftovers removed.
 
 OUT may be missing or empty, a finished or unfinished build of the same source and params
-(reused / resumed), or anything else only with --overwrite (then our entries go). Problems with
+(reused / resumed; a finished one that lost shard files is refused, or with --repair has them
+rebuilt: prep/repair.py), or anything else only with --overwrite (then our entries go; so does
+a finished build that lost files). Problems with
 OUT itself (a file, read-only, no permission, another build holding the lock) are PrepErrors:
 one line, and any folder this build created is removed again.
 """
@@ -113,10 +115,15 @@ def prepare_out(out: Path, identity: dict, overwrite: bool, repair: bool = False
     """Check OUT against what we are about to build; returns True if OUT is already complete."""
     old = read_identity(out)
     if old == identity:
-        if (out / "meta.json").is_file():
+        if not (out / "meta.json").is_file():
+            return False                      # unfinished: resume it
+        try:
             _check_complete(out, repair)
             return True
-        return False
+        except PrepError:
+            if not overwrite:
+                raise
+        # an incomplete finished build with --overwrite: rebuilt from scratch, below
     entries = known_entries(out) if out.is_dir() else []
     if entries and not overwrite:
         if old:

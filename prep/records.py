@@ -137,9 +137,11 @@ def shard_paths(out: str | Path, split: str) -> list[tuple[Path, Path]]:
         tar = out / rel
         idx = tar.with_suffix(".idx")
         if not tar.is_file():
-            raise RecordsError(f"{tar}: missing shard listed in {out / 'meta.json'}")
+            raise RecordsError(f"{tar}: missing shard listed in {out / 'meta.json'}; repair: the build "
+                               "command plus --repair")
         if not idx.is_file():
-            raise RecordsError(f"{idx}: missing DALI index file for {tar.name}")
+            raise RecordsError(f"{idx}: missing DALI index file for {tar.name}; repair: the build command "
+                               "plus --repair")
         pairs.append((tar, idx))
     if not pairs:
         raise RecordsError(f"{out / 'meta.json'}: no {split} shards")
@@ -157,17 +159,24 @@ def file_crc32(path: str | Path, chunk: int = 1 << 20) -> int:
 
 def shard_damage(out: str | Path, meta: dict, rel: str) -> str | None:
     """Why shard ``rel`` (``train/shard-000003.tar``) is not what the build wrote: its tar or
-    index missing, or its bytes changed since (CRC-32 against meta.json's); None if intact, or
-    if meta.json predates the checksums and both files are there. OSErrors propagate."""
+    index missing, or its bytes changed since (CRC-32 against meta.json's); None if intact. Where
+    meta.json predates the checksums, only the index check against the tar (``read_index``)
+    can tell. OSErrors propagate."""
     out = Path(out)
     sums = meta.get("crc32") or {}
-    for path in (out / rel, (out / rel).with_suffix(".idx")):
+    tar, idx = out / rel, (out / rel).with_suffix(".idx")
+    for path in (tar, idx):
         name = path.relative_to(out).as_posix()
         if not path.is_file():
             return f"{path}: missing"
         if name in sums and (crc := file_crc32(path)) != sums[name]:
             return (f"{path}: changed since the build (CRC-32 {crc:08x}, meta.json: {sums[name]:08x}; "
                     "damaged on disk or modified)")
+    if not sums:          # no checksums to compare (older records): at least the index against its tar
+        try:
+            read_index(tar, idx)
+        except RecordsError as exc:
+            return str(exc)
     return None
 
 

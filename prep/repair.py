@@ -45,8 +45,9 @@ def repair(out: Path, tasks: list[ShardTask], workers: int, progress: bool, say)
     meta = json.loads((out / "meta.json").read_text())
     sums = meta.get("crc32") or {}
     if not sums:
-        say(f"{out / 'meta.json'} has no checksums (records built before they were kept): only "
-            "missing shards can be found and rebuilt, unchecked")
+        say(f"{out / 'meta.json'} has no checksums (records built before they were kept): only shards "
+            "that are missing or fail the index check are found, and rebuilt unchecked; delete the files "
+            "of a shard prep.verify lists to have it rebuilt")
     remove_temp_files(out)
     shutil.rmtree(out / PARTIAL, ignore_errors=True)   # a repair interrupted before
     damaged = damaged_shards(out, meta, tasks, workers, progress)
@@ -71,10 +72,11 @@ def repair(out: Path, tasks: list[ShardTask], workers: int, progress: bool, say)
     finally:
         remove_temp_files(out)
         shutil.rmtree(out / PARTIAL, ignore_errors=True)
+    for task in todo:
+        if f"{task.split}/{task.name}.tar" not in differ:
+            say(f"repaired: {out / task.split / task.name}.tar")
     if differ:
         raise PrepError(f"--out {out}: the rebuilt {differ[0]}{f' (and {len(differ) - 1} more)' if len(differ) > 1 else ''} "
                         "differs from the original build, so it was removed again: the source files or the "
                         "imaging libraries changed since (meta.json: versions); rebuild everything with --overwrite")
-    for task, _ in damaged:
-        say(f"repaired: {out / task.split / task.name}.tar")
     return sum(len(t.items) for t in todo)

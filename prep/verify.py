@@ -192,9 +192,12 @@ def verify(cfg: VerifyConfig, out=None) -> int:
     say(f"verify: {total} records in {len(shards)} shards: {bad_records} bad records, {bad_shards} bad shards "
         f"(decoder: PIL{' + strict libturbojpeg' if strict else '; libturbojpeg not found'}; "
         + (f"checksums of {checked} shards)" if checked else "no checksums: records built before they were kept)"))
-    if failed:
+    if failed and checked:
         say("verify: repair with the build command plus --repair (prep/build_records.py --source SOURCE "
             f"--out {records} ... --repair: it rebuilds exactly the damaged shards, byte for byte), then resume training")
+    elif failed:
+        say("verify: these records predate the shard checksums: delete the .tar and .idx of each shard listed, "
+            "then run the build command plus --repair (it rebuilds the missing shards), then resume training")
     return 1 if failed else 0
 
 

@@ -38,7 +38,7 @@ def shard_done(out: Path, task: ShardTask) -> bool:
     """A resumable finished shard: readable partial JSON, its tar and index, its mean-image sum."""
     try:
         part = json.loads(partial_path(out, task.split, task.name, "json").read_text())
-        ok = isinstance(part, dict) and {"records", "tar", "skipped", "sums", "crc32"} <= set(part)
+        ok = isinstance(part, dict) and {"records", "tar", "skipped", "sums"} <= set(part)
     except (OSError, ValueError):
         return False
     if ok and part["tar"]:

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from prep import transform
+from prep import transform, verify
 from prep.build_records import PrepConfig, PrepError, build, main
 from prep.records import RecordsError, read_meta, read_mean_image, read_stats, shard_paths
 from prep.sample import make_sample_set, wnid
@@ -663,6 +663,48 @@ def test_verify_finds_a_changed_shard_that_still_decodes(small_source, tmp_path,
     assert "--repair" in lines[-1]
 
 
+def test_repair_of_records_without_checksums_finds_what_the_index_check_finds(small_source, small_records,
+                                                                             tmp_path, capsys):
+    """Records built before the checksums: --repair says what it cannot see, and still rebuilds
+    a truncated shard (the index check against its tar) and a missing one."""
+    out = tmp_path / "out"
+    build(cfg(small_source, out, shard_size=5))
+    meta = read_meta(out)
+    del meta["crc32"]
+    (out / "meta.json").write_text(json.dumps(meta))
+    truncated, lost = out / meta["shards"]["train"][0], out / meta["shards"]["train"][2]
+    truncated.write_bytes(truncated.read_bytes()[:-700])
+    lost.unlink()
+    capsys.readouterr()
+    assert build(cfg(small_source, out, shard_size=5, repair=True))["images_processed"] == 10
+    said = capsys.readouterr().out
+    assert "has no checksums" in said and f"damaged: {truncated}: " in said and f"damaged: {lost}: missing" in said
+    assert {k: v for k, v in tree_bytes(out).items() if k != "meta.json"} == \
+        {k: v for k, v in tree_bytes(small_records).items() if k != "meta.json"}
+
+
+def test_a_shard_finished_by_an_older_build_gets_its_checksums_on_resume(small_source, small_records, tmp_path):
+    """A build interrupted under the code before checksums (its partials have none) resumes
+    without redoing its finished shards and ends with meta.json's checksums all the same."""
+    out = tmp_path / "out"
+
+    class Stop(Exception):
+        pass
+
+    def stop(split, index):
+        raise Stop
+
+    with pytest.raises(Stop):
+        build(cfg(small_source, out, shard_size=5), on_shard=stop)
+    (part,) = (out / ".partial").glob("*/*.json")
+    old = json.loads(part.read_text())
+    del old["crc32"]
+    part.write_text(json.dumps(old))
+    summary = build(cfg(small_source, out, shard_size=5))
+    assert summary["images_processed"] < sum(summary["counts"].values()) + summary["skipped"]   # kept
+    assert tree_bytes(out) == tree_bytes(small_records)
+
+
 def test_repair_refuses_a_shard_that_comes_back_different(small_source, tmp_path, monkeypatch):
     """The rebuilt shard must equal the original build's (other JPEG bytes, as from another
     libjpeg): refused with one line, the rebuilt files removed, the other shards kept."""
@@ -677,6 +719,11 @@ def test_repair_refuses_a_shard_that_comes_back_different(small_source, tmp_path
     assert not damaged.exists() and not damaged.with_suffix(".idx").exists()
     assert (out / read_meta(out)["shards"]["train"][1]).is_file()
     assert not (out / ".partial").exists() and not list(out.rglob(".*.tmp"))
+    monkeypatch.setattr(transform, "encode_jpeg", real)
+    with pytest.raises(PrepError, match="--repair"):                  # the same command: the shard is missing
+        build(cfg(small_source, out, shard_size=5))
+    assert build(cfg(small_source, out, shard_size=5, overwrite=True))["images_processed"] > 0   # what it says
+    assert verify.verify(verify.VerifyConfig(str(out), workers=1, progress=False)) == 0
 
 
 def test_other_source_in_out_is_refused(small_source, tmp_path):

@@ -387,9 +387,10 @@ def fit(s: Session, state: TrainState, stop: StopFlag, log: logs.RunLog) -> int:
     """The epochs: train -> validate -> schedule -> save, until --epochs, --max-steps or a stop."""
     cfg = s.cfg
     phases = Phases(cfg.profile, s.devices)
+    trained = False                 # steps this session: a profile of none must not replace one
     try:
         while state.epoch < cfg.epochs and not steps_spent(cfg, state):
-            reason = train_epoch(s, state, stop, phases, log)
+            reason, trained = train_epoch(s, state, stop, phases, log), True
             if reason == "stopped":
                 return paused(s, state, f"{stop.name or 'stop'} received", stop.exit_code)
             if reason == "max_steps":          # mid-epoch: no validation, the epoch is not over
@@ -400,6 +401,11 @@ def fit(s: Session, state: TrainState, stop: StopFlag, log: logs.RunLog) -> int:
             start = time.perf_counter()
             end_epoch(s, state)
             log.epoch_ended(state.history[-1], state.step, time.perf_counter() - start, s.net, phases)
+        if state.epoch < cfg.epochs:           # --max-steps reached exactly at an epoch's end
+            continue_line(s, state, f"--max-steps {cfg.max_steps} reached")   # last.pt: end_epoch's
+            if cfg.profile and trained:
+                report_profile(s, phases)
+            return 0                            # no final evaluation: the run is not over
     except (NonFiniteLoss, ckpt.NonFiniteState) as exc:
         print(f"error: {exc}; stopped without saving it ({last_finite(s.out)}); try a lower --lr", file=sys.stderr)
         return 3
@@ -412,7 +418,7 @@ def fit(s: Session, state: TrainState, stop: StopFlag, log: logs.RunLog) -> int:
         print(f"error: {exc}\n  saved {s.out / 'last.pt'} after step {state.step}; once the records are "
               f"fixed, continue with: python train.py --resume {s.out}", file=sys.stderr)
         return 2
-    if cfg.profile:
+    if cfg.profile and trained:
         report_profile(s, phases)
     finish(s, state)
     return 0
@@ -565,10 +571,14 @@ def last_finite(out: Path) -> str:
 def paused(s: Session, state: TrainState, why: str, status: int) -> int:
     """Save mid-epoch and say how to continue with exactly the next batch."""
     save_checkpoint(s, state)
+    continue_line(s, state, why)
+    return status
+
+
+def continue_line(s: Session, state: TrainState, why: str) -> None:
     more = " --max-steps N (a larger N, or none)" if why.startswith("--max-steps") else ""
     s.say.line(f"train: {why}: saved {s.out / 'last.pt'} after step {state.step} (epoch {state.epoch + 1}, "
                f"batch {state.batch}). Continue exactly with:\n  python train.py --resume {s.out}{more}")
-    return status
 
 
 def finish(s: Session, state: TrainState) -> None:

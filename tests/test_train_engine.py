@@ -169,6 +169,10 @@ def test_max_steps_stop_skips_the_final_evaluation(tmp_path):
     assert (tmp_path / "last.pt").exists() and not (tmp_path / "eval.json").exists()
     assert resume(tmp_path, config(max_steps=None, final_eval=True)) == 0
     assert (tmp_path / "eval.json").exists()
+    # a chunk that ends exactly at an epoch's end (whole-epoch chunks) is no different
+    edge = tmp_path / "edge"
+    assert start(edge, config(max_steps=BATCHES, final_eval=True, epochs=2)) == 0
+    assert ckpt.load(edge / "last.pt")["epoch"] == 1 and not (edge / "eval.json").exists()
 
 
 def test_resume_applies_explicit_momentum_and_weight_decay(tmp_path):

@@ -116,7 +116,7 @@ def _exported_kind(path: Path) -> str | None:
     try:
         with zipfile.ZipFile(path) as archive:
             names = [n.split("/", 1)[-1] for n in archive.namelist()]
-    except (zipfile.BadZipFile, OSError):
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):   # torch.load says what is wrong with it
         return None
     if "constants.pkl" in names or any(n.startswith("code/") for n in names):
         return "TorchScript"

@@ -6,7 +6,8 @@ The preprocessing is training's: the records' 256x256 image (shorter side to 256
 square, prep.transform), then the central 224 crop or the paper's 10 crops (corners, centre,
 and their mirrors) with the softmax averaged over them, minus the run's mean (RGB or per pixel),
 0-255 scale, not divided by std. ``--checkpoint`` takes a training checkpoint (its records
-folder gives the class names and mean) or a file written by ``python -m engine.export``.
+folder gives the class names and mean) or a file written by ``python -m engine.export`` in its
+default state_dict format (the traced formats are for other programs).
 Exit status: 0 done, 2 bad input: a missing checkpoint or image is one ``error:`` line before
 anything runs; an image that cannot be read or decoded is one ``error:`` line, the other images
 are still classified, and the exit status is 2 at the end.
@@ -113,6 +114,16 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, OSError) as exc:
         print(f"error: {error_line(exc)}", file=sys.stderr)
         return 2
+    try:
+        failed = classify(trained, files, args.tencrop)
+    except OSError as exc:          # stdout gone (predict.py DIR | head), a device error
+        print(f"error: {error_line(exc)}", file=sys.stderr)
+        return 2
+    return 2 if failed else 0
+
+
+def classify(trained: weights.Trained, files: list[Path], tencrop: bool) -> int:
+    """Print each file's top classes; an unreadable one is an error line. Returns how many failed."""
     failed = 0
     for start in range(0, len(files), BATCH):
         chunk, images = [], []
@@ -125,9 +136,9 @@ def main(argv: list[str] | None = None) -> int:
                 failed += 1
         if not chunk:
             continue
-        for path, row in zip(chunk, probabilities(trained, images, args.tencrop)):
+        for path, row in zip(chunk, probabilities(trained, images, tencrop)):
             top = row.topk(min(TOP, row.numel()))
             print(path)
             for rank, (prob, index) in enumerate(zip(top.values.tolist(), top.indices.tolist()), 1):
                 print(f"  {rank}. {prob:7.2%}  {describe(trained, index)}")
-    return 2 if failed else 0
+    return failed

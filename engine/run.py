@@ -611,7 +611,7 @@ def report_profile(s: Session, phases: Phases) -> None:
 
 def eval_only(cfg: TrainConfig, info: D.DistInfo, say: Reporter) -> int:
     """--eval-only --checkpoint PATH: single-crop and 10-crop error of a checkpoint's weights,
-    written to eval.json in --out (default: beside the checkpoint). The model switches come
+    written to eval-<checkpoint name>.json in --out (default: beside the checkpoint). The model switches come
     from the checkpoint's own config, and so do the records unless --records is given."""
     path = Path(cfg.checkpoint)
     state = ckpt.load(path)
@@ -627,6 +627,9 @@ def eval_only(cfg: TrainConfig, info: D.DistInfo, say: Reporter) -> int:
         first = str(exc).strip().splitlines()[0][:200]
         raise ckpt.CheckpointError(f"{path}: its weights do not fit this model ({first})") from None
     out.mkdir(parents=True, exist_ok=True)
-    write_eval(s, out / "eval.json", {"checkpoint": str(path), "epoch": state["epoch"], "step": state["step"]})
-    say.line(f"train: evaluated {path} (epoch {state['epoch']}, step {state['step']}); wrote {out / 'eval.json'}")
+    # eval-<checkpoint>.json, not eval.json: beside a run's checkpoints that is the run's own final
+    # evaluation (of last.pt), which a resumed run checks to know whether it still has to run it
+    target = out / f"eval-{path.stem}.json"
+    write_eval(s, target, {"checkpoint": str(path), "epoch": state["epoch"], "step": state["step"]})
+    say.line(f"train: evaluated {path} (epoch {state['epoch']}, step {state['step']}); wrote {target}")
     return 0

@@ -78,7 +78,7 @@ def test_eval_only_prints_single_and_ten_crop(smoke_run, sample_records, capsys,
     text = capsys.readouterr().out
     assert "1 crop (centre)" in text and "10 crops (voted)" in text and "top-5 error" in text
     # the same weights, the same val set: the same errors as the run's own final table
-    ev, mine = (json.loads(p.read_text()) for p in (out / "eval.json", tmp_path / "ev" / "eval.json"))
+    ev, mine = (json.loads(p.read_text()) for p in (out / "eval.json", tmp_path / "ev" / "eval-best.json"))
     assert f"{100 * ev['center']['top1_err']:.2f}%" in text
     assert mine["checkpoint"] == str(out / "best.pt")
     for view in ("center", "tencrop"):      # another batch size: the summed loss may differ in the last bits

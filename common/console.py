@@ -19,3 +19,8 @@ def make_console(**kwargs) -> Console:
     if not console.is_terminal and "width" not in kwargs and not os.environ.get("COLUMNS", "").isdigit():
         console.width = NON_TERMINAL_WIDTH
     return console
+
+
+def counted(n: int, noun: str) -> str:
+    """``n`` and the noun, plural unless n is 1: "1 bad record", "0 bad shards"."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"

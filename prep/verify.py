@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from common.config import Parser, check_at_least
+from common.console import counted
 from common.errors import UserError, error_line
 from common.system import usable_cores
 from prep.records import (SPLITS, RecordsError, _header_ok, file_crc32, parse_label, read_index,
@@ -189,7 +190,8 @@ def verify(cfg: VerifyConfig, out=None) -> int:
                     f"{bad_shards} bad shards")
     checked = sum(crc is not None for _, _, crc in shards)
     failed = bad_records + bad_shards
-    say(f"verify: {total} records in {len(shards)} shards: {bad_records} bad records, {bad_shards} bad shards "
+    say(f"verify: {total} records in {len(shards)} shards: {counted(bad_records, 'bad record')}, "
+        f"{counted(bad_shards, 'bad shard')} "
         f"(decoder: PIL{' + strict libturbojpeg' if strict else '; libturbojpeg not found'}; "
         + (f"checksums of {checked} shards)" if checked else "no checksums: records built before they were kept)"))
     if failed and checked:

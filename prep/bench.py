@@ -27,6 +27,7 @@ A flat val/ without --val-labels is left out (train only) instead of stopping th
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import json
 import multiprocessing
@@ -154,7 +155,7 @@ def _rounds(args, source: Path, val_labels: str | None, items) -> dict[str, tupl
     for p in paths:  # warm the page cache: every method reads from memory
         Path(p).read_bytes()
     if not args.no_ffcv:
-        import ffcv.writer  # noqa: F401  (import cost, ~20 s of numba, is not FFCV's throughput)
+        importlib.import_module("ffcv.writer")  # untimed: its import (numba compiling) is not FFCV's throughput
     methods = {"floor (decode+resize+encode, 1 process)": lambda tmp: run_floor(paths, 1),
                f"floor (decode+resize+encode, {args.workers} processes)": lambda tmp: run_floor(paths, args.workers),
                "ours (build_records)": lambda tmp: run_ours(source, tmp / "records", args.workers, val_labels)}

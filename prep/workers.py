@@ -153,34 +153,36 @@ def _run_pool(tasks: list[ShardTask], workers: int, progress: bool, on_shard) ->
     before = {p.pid for p in multiprocessing.active_children()}
     pool = ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(counter, running))
     procs: list[multiprocessing.Process] = []
-    ctrl_c = _CtrlC()
-    try:
-        # every worker is started by the submits, before the progress bar starts its refresh thread;
-        # the clock starts before them: the workers decode from their first submit on
-        t0 = time.perf_counter()
-        futures = [pool.submit(_pool_task, i, task) for i, task in enumerate(tasks)]
-        procs = [p for p in multiprocessing.active_children() if p.pid not in before]
-        with _progress(progress) as bar, ctrl_c:
-            job = bar.add_task("records", total=sum(len(t.items) for t in tasks), rate=0.0)
-            pending = set(futures)
-            while pending:
-                ctrl_c.check()
-                finished, pending = wait(pending, timeout=0.25, return_when=FIRST_COMPLETED)
+    # Ctrl-C is caught from before the first submit: one landing before `procs` is known would stop
+    # nothing (the workers ignore SIGINT from their initializer on)
+    with _CtrlC() as ctrl_c:
+        try:
+            # every worker is started by the submits, before the progress bar starts its refresh thread;
+            # the clock starts before them: the workers decode from their first submit on
+            t0 = time.perf_counter()
+            futures = [pool.submit(_pool_task, i, task) for i, task in enumerate(tasks)]
+            procs = [p for p in multiprocessing.active_children() if p.pid not in before]
+            with _progress(progress) as bar:
+                job = bar.add_task("records", total=sum(len(t.items) for t in tasks), rate=0.0)
+                pending = set(futures)
+                while pending:
+                    ctrl_c.check()
+                    finished, pending = wait(pending, timeout=0.25, return_when=FIRST_COMPLETED)
+                    done = _images_done(counter)
+                    bar.update(job, completed=done, rate=done / max(time.perf_counter() - t0, 1e-9))
+                    for future in finished:
+                        split, index, files = future.result()  # a worker's exception is raised here
+                        publish(files)
+                        if on_shard:
+                            on_shard(split, index)
                 done = _images_done(counter)
                 bar.update(job, completed=done, rate=done / max(time.perf_counter() - t0, 1e-9))
-                for future in finished:
-                    split, index, files = future.result()  # a worker's exception is raised here
-                    publish(files)
-                    if on_shard:
-                        on_shard(split, index)
-            done = _images_done(counter)
-            bar.update(job, completed=done, rate=done / max(time.perf_counter() - t0, 1e-9))
-    except BrokenProcessPool:
-        _stop(pool, procs)
-        raise PrepError(_death_message(tasks, procs, running)) from None
-    except BaseException:  # Ctrl-C, a worker's exception, on_shard's exception
-        _stop(pool, procs)
-        raise
+        except BrokenProcessPool:
+            _stop(pool, procs)
+            raise PrepError(_death_message(tasks, procs, running)) from None
+        except BaseException:  # Ctrl-C, a worker's exception, on_shard's exception
+            _stop(pool, procs)
+            raise
     pool.shutdown()
 
 

@@ -17,8 +17,8 @@ import gpu_check  # noqa: E402
 @pytest.mark.slow
 def test_dry_run_runs_every_cpu_step_and_writes_the_report(tmp_path):
     done = subprocess.run([sys.executable, "scripts/gpu_check.py", str(tmp_path / "report"), "--dry-run",
-                           "--no-install", "--budget", "300"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=400)
+                           "--no-install", "--budget", "900"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=1200)   # a step is skipped when its minimum time is not left: room for a slow CI
     report = json.loads((tmp_path / "report" / "gpu_check.json").read_text())
     steps = {s["name"]: s for s in report["steps"]}
     assert done.returncode == 0, [(n, s["status"], s["output_tail"][-500:]) for n, s in steps.items()]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 import socket
 import time
 
@@ -22,9 +23,19 @@ from model import AlexNet, AlexNetConfig
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free on every interface now (rank 0's store binds them all), drawn below Linux's
+    ephemeral range (32768-60999): a port the kernel hands out (bind to 0) can be taken by any
+    other process's outgoing connection before rank 0 binds it, seconds later."""
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-31999")
 
 
 def run_ranks(fn, args: tuple, start_method: str = "spawn", timeout: float = 300.0) -> None:

@@ -183,6 +183,9 @@ class Loader:
         RecordsError naming the culprits; the Loader is unusable afterwards."""
         try:
             outputs = self._pipe.run()
+        except RecordsError as exc:   # the feed's check of the bytes it hands DALI names the record
+            self._failed = RecordsError(f"{exc}; {self._hint()}")
+            raise self._failed from None
         except Exception as exc:    # DALI raises RuntimeError (nvImageCodec...) naming nothing
             self._failed = self._records_error(exc)
             raise self._failed from None
@@ -192,8 +195,7 @@ class Loader:
         """The shard and key of what made DALI fail, found by decoding with PIL the batches
         DALI held (the failed one and those prefetched); the hint says what to do."""
         bad = reader.undecodable(self._feed.table, list(self._feed.fed))
-        hint = (f"run python -m prep.verify {self._records}, repair the records (the build command plus "
-                "--repair), then resume")
+        hint = self._hint()
         if not bad:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             return RecordsError(f"{self._records}: the pipeline failed on a batch ({first}) but "
@@ -201,6 +203,10 @@ class Loader:
         tar, key, why = bad[0]
         more = f" (and {len(bad) - 1} more in this batch)" if len(bad) > 1 else ""
         return RecordsError(f"{tar}: record {key}: {why}{more}; {hint}")
+
+    def _hint(self) -> str:
+        return (f"run python -m prep.verify {self._records}, repair the records (the build command plus "
+                "--repair), then resume")
 
     def _to_torch(self, outputs, n: int, batch):
         """The first n samples as torch tensors on self.device; no host round trip on a GPU.

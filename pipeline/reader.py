@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import reference as ref
-from prep.records import RecordsError, ShardIndex, parse_label, read_index
+from prep.records import RecordsError, ShardIndex, jpeg_structure_error, parse_label, read_index
 
 _ORDER_STREAM, _DRAW_STREAM = 0x6F72, 0x6472   # separate random streams: order, draws
 
@@ -73,6 +73,7 @@ class RecordTable:
         self.cls = np.concatenate([s.cls for s in self.shards])
         self._bytes: dict[int, np.ndarray] = {}
         self._labels = np.full(len(self.jpg), -1, np.int64)    # -1: not read yet
+        self._checked = np.zeros(len(self.jpg), bool)           # structure checked (jpegs)
 
     def __len__(self) -> int:
         return len(self.jpg)
@@ -93,6 +94,22 @@ class RecordTable:
         out = []
         for r, (offset, size) in zip(records.tolist(), which[records].tolist()):
             out.append(self._shard_bytes(int(self.shard_of[r]))[offset:offset + size])
+        return out
+
+    def jpegs(self, records: np.ndarray) -> list[np.ndarray]:
+        """The JPEG bytes of ``records`` (``slices``); a record read for the first time is
+        checked first (``prep.records.jpeg_structure_error``: markers and header, no decode)
+        and a damaged one is a RecordsError naming its shard and key. Do not drop the check:
+        DALI's CPU decoder can crash the process (SIGSEGV) on a damaged header, where this
+        error lets the run save and stop. Once per record (a bit per record), so only a
+        run's first epoch pays it."""
+        out = self.slices(records, self.jpg)
+        first = np.flatnonzero(~self._checked[records])
+        for i in first.tolist():
+            if why := jpeg_structure_error(out[i]):
+                r = int(records[i])
+                raise RecordsError(f"{self.where(r)}: record {self.key(r)}: bad JPEG ({why})")
+        self._checked[records[first]] = True
         return out
 
     def labels(self, records: np.ndarray) -> np.ndarray:
@@ -167,7 +184,7 @@ class Feed:
         batch = self.batch(epoch, index)
         self._cursor = (epoch, index + 1) if index + 1 < self.plan.batches else (epoch + 1, 0)
         self.fed.append(batch)
-        outputs = [self.table.slices(batch.records, self.table.jpg)]
+        outputs = [self.table.jpegs(batch.records)]
         if self.lighting_std is not None:
             outputs += draws(self.plan, epoch, index, len(batch.records), self.lighting_std)
         return tuple(outputs)
@@ -191,11 +208,12 @@ def undecodable(table: RecordTable, batches) -> list[tuple[Path, str, str]]:
     check: PIL, and libturbojpeg's strict mode where installed): the culprits of a failed
     DALI run, which names none."""
     from prep.verify import jpeg_error
-    bad = []
+    bad, seen = [], set()
     for batch in batches:
-        for r, jpeg in zip(batch.records, table.slices(batch.records, table.jpg)):
-            if why := jpeg_error(jpeg.tobytes()):
-                bad.append((table.where(r), table.key(r), why))
+        for r, jpeg in zip(batch.records.tolist(), table.slices(batch.records, table.jpg)):
+            if r not in seen and (why := jpeg_error(jpeg.tobytes())):   # prefetch can hold the
+                bad.append((table.where(r), table.key(r), why))          # next epoch's batch too
+            seen.add(r)
     return bad
 
 

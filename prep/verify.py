@@ -33,8 +33,8 @@ from common.config import Parser, check_at_least
 from common.console import counted
 from common.errors import UserError, error_line
 from common.system import usable_cores
-from prep.records import (SPLITS, RecordsError, _header_ok, file_crc32, parse_label, read_index,
-                          read_meta, shard_paths)
+from prep.records import (SPLITS, RecordsError, _header_ok, file_crc32, jpeg_structure_error, parse_label,
+                          read_index, read_meta, shard_paths)
 from prep.shards import TAR_BLOCK
 
 
@@ -96,9 +96,12 @@ _STRICT: StrictJpeg | None = None   # one per worker process (a decompressor han
 
 
 def jpeg_error(jpeg: bytes) -> str | None:
-    """Why ``jpeg`` is not a good JPEG (PIL, then the strict decoder), or None."""
+    """Why ``jpeg`` is not a good JPEG (the structure check the Loader runs before DALI, PIL,
+    then the strict decoder), or None."""
     from PIL import Image
     global _STRICT
+    if why := jpeg_structure_error(jpeg):
+        return f"bad JPEG ({why})"
     try:
         with Image.open(io.BytesIO(jpeg)) as image:
             image.convert("RGB").load()

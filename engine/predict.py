@@ -7,7 +7,8 @@ square, prep.transform), then the central 224 crop or the paper's 10 crops (corn
 and their mirrors) with the softmax averaged over them, minus the run's mean (RGB or per pixel),
 0-255 scale, not divided by std. ``--checkpoint`` takes a training checkpoint (its records
 folder gives the class names and mean) or a file written by ``python -m engine.export`` in its
-default state_dict format (the traced formats are for other programs).
+default state_dict format (the traced formats are for other programs). Without it: the run
+under runs/ whose checkpoint was written last (its best.pt, else last.pt), named on stderr.
 Exit status: 0 done, 2 bad input: a missing checkpoint or image is one ``error:`` line before
 anything runs; an image that cannot be read or decoded is one ``error:`` line, the other images
 are still classified, and the exit status is 2 at the end.
@@ -88,20 +89,26 @@ def describe(trained: weights.Trained, index: int) -> str:
     return f"{wnid} ({name})" if name and name != wnid else wnid
 
 
-def default_checkpoint() -> Path:
-    """The newest run folder under runs/ that has a checkpoint (folder names are UTC timestamps)."""
-    runs = sorted((p for p in Path("runs").glob("*") if (p / "best.pt").is_file() or (p / "last.pt").is_file()),
-                  key=lambda p: p.name)
-    if not runs:
+def default_checkpoint(runs: Path = Path("runs")) -> Path:
+    """The checkpoint of the run folder under ``runs`` whose best.pt or last.pt was written last,
+    its best.pt if it has one (last.pt before the first validation). By time, not by name: --out
+    names run folders freely (runs/alexnet sorts after every timestamp)."""
+    found = []
+    for run in runs.glob("*"):
+        files = [run / name for name in ("best.pt", "last.pt") if (run / name).is_file()]
+        if files:
+            found.append((max(f.stat().st_mtime_ns for f in files), run.name, files[0]))
+    if not found:
         raise PredictError("no checkpoint: pass --checkpoint FILE (a run's best.pt or an exported alexnet.pt)")
-    return runs[-1]
+    return max(found)[2]
 
 
 def main(argv: list[str] | None = None) -> int:
     p = Parser(prog="predict.py", description=__doc__.split("\n\n")[0])
     p.add_argument("images", nargs="+", help="image files, or folders of them")
     p.add_argument("--checkpoint", default=None, help="checkpoint, run folder or exported weights "
-                                                       "(default: the newest run under runs/)")
+                                                       "(default: the newest checkpoint under runs/, "
+                                                       "a run's best.pt before its last.pt)")
     p.add_argument("--records", default=None, help="records folder for class names and mean "
                                                    "(default: the one the run trained on)")
     p.add_argument("--tencrop", action="store_true", help="average the softmax over the paper's 10 crops")
@@ -109,7 +116,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(sys.argv[1:] if argv is None else list(argv))
     try:
         files = image_files(args.images)
-        checkpoint = args.checkpoint or default_checkpoint()
+        checkpoint = args.checkpoint
+        if not checkpoint:
+            checkpoint = default_checkpoint()
+            # stderr: stdout stays the images' classes only
+            print(f"checkpoint: {checkpoint} (the newest under runs/; --checkpoint to choose)", file=sys.stderr,
+                  flush=True)
         trained = weights.load(checkpoint, records=args.records, device=args.device or weights.default_device())
     except (UserError, OSError) as exc:
         print(f"error: {error_line(exc)}", file=sys.stderr)

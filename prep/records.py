@@ -184,8 +184,9 @@ def read_mean_image(out: str | Path) -> np.ndarray:
     return arr
 
 
-def shard_paths(out: str | Path, split: str) -> list[tuple[Path, Path]]:
-    """[(tar, idx), ...] of ``split`` in meta.json's order; RecordsError if any file is missing."""
+def shard_paths(out: str | Path, split: str, missing_ok: bool = False) -> list[tuple[Path, Path]]:
+    """[(tar, idx), ...] of ``split`` in meta.json's order; RecordsError if any file is missing,
+    unless ``missing_ok`` (prep.verify reports a missing file as a bad shard)."""
     if split not in SPLITS:
         raise RecordsError(f"unknown split {split!r}: expected one of {SPLITS}")
     out = Path(out)
@@ -197,10 +198,10 @@ def shard_paths(out: str | Path, split: str) -> list[tuple[Path, Path]]:
     for rel in meta["shards"][split]:
         tar = out / rel
         idx = tar.with_suffix(".idx")
-        if not tar.is_file():
+        if not missing_ok and not tar.is_file():
             raise RecordsError(f"{tar}: missing shard listed in {out / 'meta.json'}; repair: the build "
                                "command plus --repair")
-        if not idx.is_file():
+        if not missing_ok and not idx.is_file():
             raise RecordsError(f"{idx}: missing DALI index file for {tar.name}; repair: the build command "
                                "plus --repair")
         pairs.append((tar, idx))

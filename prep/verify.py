@@ -5,7 +5,8 @@ decoded, every label read.
 
 Prints one line per record that fails — ``SHARD KEY: what`` (a JPEG that does not decode, a
 .cls that is not a class index of meta.json, a record whose tar header does not match the
-index) — or per shard whose index does not match its tar (``SHARD -: what``). Exit status:
+index) — or per shard whose index does not match its tar or whose .tar or .idx is missing
+(``SHARD -: what``); the other shards are still checked. Exit status:
 0 all records are good, 1 some failed (repair: the build command plus --repair), 2 RECORDS is not a records
 folder (one line on stderr).
 
@@ -119,6 +120,9 @@ def jpeg_error(jpeg: bytes) -> str | None:
 def verify_shard(tar: Path, idx: Path, classes: int, crc32: dict | None = None) -> ShardResult:
     """Every record of one shard; never raises for bad data (it is the result). ``crc32``:
     meta.json's checksums of the tar and the index ({"tar": n, "idx": n}), if it has them."""
+    if missing := [path.name for path in (tar, idx) if not path.is_file()]:
+        what = " and ".join(missing) + (" (its DALI index)" if missing == [idx.name] else "")
+        return ShardResult(tar, 0, [("-", f"missing {what}")])
     failures = []
     for path, kind in ((tar, "tar"), (idx, "idx")):
         if crc32 and (crc := file_crc32(path)) != crc32[kind]:
@@ -127,7 +131,7 @@ def verify_shard(tar: Path, idx: Path, classes: int, crc32: dict | None = None) 
     try:
         index = read_index(tar, idx)
     except RecordsError as exc:
-        return ShardResult(tar, 0, [*failures, ("-", str(exc))])
+        return ShardResult(tar, 0, [*failures, ("-", _reason(str(exc), tar, idx))])
     with open(tar, "rb") as fh:
         for key, (jo, js), (co, cs) in zip(index.keys, index.jpg, index.cls):
             key = key.decode(errors="replace")
@@ -150,8 +154,18 @@ def verify_shard(tar: Path, idx: Path, classes: int, crc32: dict | None = None) 
     return ShardResult(tar, len(index), failures)
 
 
+def _reason(message: str, tar: Path, idx: Path) -> str:
+    """read_index's one line without the leading path where it is the shard's tar (the report's
+    line starts with it already); the index's problem keeps the .idx's name."""
+    for path, name in ((tar, ""), (idx, f"{idx.name}: ")):
+        if message.startswith(prefix := f"{path}: "):
+            return name + message[len(prefix):]
+    return message
+
+
 def _shards(records: Path) -> tuple[list[tuple[Path, Path, dict | None]], int]:
-    """(tar, idx, meta.json's checksums of both or None) of every shard; the class count."""
+    """(tar, idx, meta.json's checksums of both or None) of every shard meta.json lists, its
+    files there or not; the class count."""
     meta = read_meta(records)
     sums = meta.get("crc32") or {}
 
@@ -159,7 +173,8 @@ def _shards(records: Path) -> tuple[list[tuple[Path, Path, dict | None]], int]:
         names = (tar.relative_to(records).as_posix(), idx.relative_to(records).as_posix())
         return {"tar": sums[names[0]], "idx": sums[names[1]]} if all(n in sums for n in names) else None
 
-    shards = [(tar, idx, crc(tar, idx)) for split in SPLITS for tar, idx in shard_paths(records, split)]
+    shards = [(tar, idx, crc(tar, idx)) for split in SPLITS
+              for tar, idx in shard_paths(records, split, missing_ok=True)]
     return shards, len(meta["classes"])
 
 

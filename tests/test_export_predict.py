@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import shutil
 
 import numpy as np
 import pytest
@@ -195,6 +197,33 @@ def test_predict_on_a_folder_classifies_the_good_images_and_names_the_bad(run_di
     captured = capsys.readouterr()
     assert captured.err.strip().splitlines() == [f"error: {folder / 'notes.txt'}: not an image (PIL cannot identify it)"]
     assert [line for line in captured.out.splitlines() if not line.startswith("  ")] == [str(p) for p in good]
+
+
+def test_predict_without_checkpoint_uses_the_newest_and_says_which(run_dir, tmp_path, monkeypatch, capsys):
+    """The run whose checkpoint was written last wins, not the name that sorts last (runs/alexnet
+    sorts after every timestamp); within a run, best.pt before last.pt. Named on stderr."""
+    monkeypatch.chdir(tmp_path)
+    named, stamped = tmp_path / "runs" / "alexnet", tmp_path / "runs" / "20250101-000000"
+    for folder, files in ((named, ("best.pt", "last.pt")), (stamped, ("last.pt",))):
+        folder.mkdir(parents=True)
+        for name in files:
+            shutil.copy(run_dir / "best.pt", folder / name)
+    photo = tmp_path / "photo.png"
+    Image.fromarray(np.zeros((300, 400, 3), np.uint8)).save(photo)
+    stamp = 1_700_000_000
+
+    def picked(times: dict) -> tuple[str, list[str]]:
+        for path, t in times.items():
+            os.utime(path, (t, t))
+        assert predict.main([str(photo), "--device", "cpu"]) == 0
+        captured = capsys.readouterr()
+        assert captured.out.splitlines()[0] == str(photo)             # stdout: the classes only
+        return captured.err
+
+    said = picked({named / "best.pt": stamp, named / "last.pt": stamp + 10, stamped / "last.pt": stamp + 20})
+    assert said == "checkpoint: runs/20250101-000000/last.pt (the newest under runs/; --checkpoint to choose)\n"
+    said = picked({stamped / "last.pt": stamp + 5})          # alexnet's last.pt is newer now: its best.pt
+    assert said == "checkpoint: runs/alexnet/best.pt (the newest under runs/; --checkpoint to choose)\n"
 
 
 def test_lrn_inference_path_equals_the_training_path():

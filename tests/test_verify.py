@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from prep import verify
-from prep.records import read_meta, shard_paths
+from prep.records import file_crc32, read_index, read_meta, shard_paths
+from prep.shards import INDEX_VERSION
 
 
 @pytest.fixture()
@@ -72,6 +73,45 @@ def test_index_tar_mismatch_and_bad_label(rec, capsys):
     assert status == 1
     assert any(line.startswith(f"{train[0]} -: ") for line in lines), lines
     assert any(line.startswith(f"{val} {cls.name[:-4]}: bad .cls") for line in lines)
+
+
+def test_missing_tar_and_missing_idx_are_bad_shards(rec, capsys):
+    """A shard without its .tar and another without its .idx are each one line naming the
+    missing file; every other shard is still verified, exit 1, and the repair advice follows."""
+    shards = shard_paths(rec, "train") + shard_paths(rec, "val")
+    (no_tar, _), (no_idx_tar, no_idx) = shards[0], shards[2]
+    lost = len(read_index(*shards[0])) + len(read_index(*shards[2]))
+    no_tar.unlink()
+    no_idx.unlink()
+    status, lines = _run(rec, capsys)
+    assert status == 1
+    assert lines[:-2] == [f"{no_tar} -: missing {no_tar.name}",
+                          f"{no_idx_tar} -: missing {no_idx.name} (its DALI index)"]
+    assert f"{68 - lost} records in 6 shards: 0 bad records, 2 bad shards" in lines[-2]
+    assert lines[-1].startswith("verify: repair with the build command plus --repair")
+
+
+def test_shard_level_reasons_name_the_file_once(rec, capsys):
+    """A truncated tar and a garbage index: the reason does not repeat the shard's path, and
+    an index's problem names the .idx."""
+    (tar, _), (other, idx) = shard_paths(rec, "train")[:2]
+    tar.write_bytes(tar.read_bytes()[:-700])
+    idx.write_bytes(b"garbage\n")
+    sums = read_meta(rec)["crc32"]
+
+    def changed(shard, path):
+        rel = path.relative_to(rec).as_posix()
+        return (f"{shard} -: changed since the build: CRC-32 of {path.name} is {file_crc32(path):08x}, "
+                f"meta.json says {sums[rel]:08x}")
+
+    status, lines = _run(rec, capsys)
+    assert status == 1
+    assert lines[:-2] == [
+        changed(tar, tar),
+        f"{tar} -: {tar.stat().st_size} bytes is not a whole number of 512-byte tar blocks (truncated?); "
+        "repair it: the build command plus --repair",
+        changed(other, idx),
+        f"{other} -: {idx.name}: not a DALI index (the first line must be '{INDEX_VERSION} <records>')"]
 
 
 def test_not_a_records_folder(tmp_path, capsys):

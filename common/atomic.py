@@ -119,3 +119,18 @@ def append_line(path: str | os.PathLike, line: str) -> None:
     path = Path(path)
     old = path.read_text() if path.exists() else ""
     write_text(path, old + line.rstrip("\n") + "\n")
+
+
+def lock_folder(path: str | os.PathLike) -> int:
+    """Open and flock ``path`` (a lock file in the folder a process writes), non-blocking: the
+    file descriptor to hold while writing (``os.close`` releases it; so does the kernel when the
+    process dies, so a killed process never blocks the next). BlockingIOError if another process
+    holds it; other OSErrors as ``os.open`` raises them."""
+    import fcntl
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd

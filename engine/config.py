@@ -118,7 +118,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_at_least(self, ("batch_size", "epochs", "plateau_patience", "max_steps", "epoch_steps", "workers"))
-        check_at_least(self, ("warmup_steps", "max_lr_drops", "log_every"), minimum=0)
+        check_at_least(self, ("warmup_steps", "max_lr_drops", "log_every", "seed"), minimum=0)
         # every float flag: finite and in its range (nan fails no comparison, so test it first)
         _check_range(self, "lr", 0.0, math.inf, low_open=True)
         _check_range(self, "momentum", 0.0, 1.0, high_open=True)

@@ -12,6 +12,8 @@ only rank 0 does) is agreed on before the next collective, so no rank is left wa
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -22,7 +24,7 @@ from typing import Callable, TypeVar
 import torch
 from torch import nn
 
-from common.atomic import append_line, write_json, write_text
+from common.atomic import append_line, lock_folder, write_json, write_text
 from common.config import from_dict, to_dict
 from common.system import usable_cores
 from common.errors import UserError, error_line
@@ -40,7 +42,7 @@ from .profiling import Phases, trace_profiler
 from .recipe import make_optimizer, set_hyperparameters
 from .report import Reporter, crops_table, epoch_line, epochs_table, profile_table
 from .schedule import PlateauSchedule
-from .signals import StopFlag
+from .signals import Interrupted, StopFlag
 from .state import KEYS, TrainState
 
 REAL_THING = ("The real thing, on ImageNet with two GPUs:\n"
@@ -67,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, OSError) as exc:   # OSError: disk full, read-only, a file where a folder should be ...
         print(f"error: {error_line(exc)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:             # a second Ctrl-C: no traceback, the checkpoints are whole
+        print("train: interrupted at once (second Ctrl-C); the run's last checkpoint on disk is intact: "
+              "continue with python train.py --resume RUN", file=sys.stderr)
+        return 128 + signal.SIGINT
     finally:
         D.shutdown(info)
 
@@ -218,6 +224,9 @@ def run_folder(cfg: TrainConfig) -> Path:
     return out
 
 
+RUN_LOCK = ".train.lock"          # in the run folder; flock'ed by the rank-0 process training it
+
+
 def remove_stale_temps(out: Path) -> None:
     """Temp files of writes a kill interrupted (common.atomic names them .NAME.*.tmp)."""
     for tmp in out.glob(".*.tmp"):
@@ -300,6 +309,9 @@ def train(cfg: TrainConfig, argv: list[str], info: D.DistInfo, say: Reporter) ->
     continuing = cfg.auto_resume and (Path(cfg.out) / "last.pt").exists()
     if cfg.resume or continuing:
         path, out = resume_paths(cfg.resume or cfg.out)
+        if cfg.resume and cfg.out and Path(cfg.out).resolve() != out.resolve():
+            raise RunError(f"--out {cfg.out}: a resumed run continues in its own folder ({out}); to branch it, "
+                           f"copy that folder and resume the copy")
         saved = ckpt.load(path, keys=RESUME_KEYS)
         cfg, saved_cfg = resume_config(cfg, argv, path, saved, say)
         cfg = replace(cfg, out=str(out))
@@ -363,24 +375,38 @@ def check_same_start(s: Session, state: TrainState) -> None:
 
 
 def run_session(s: Session, state: TrainState) -> int:
-    """The run folder brought in line with ``state``, then the epochs under a signal handler."""
+    """The run folder brought in line with ``state``, then the epochs under a signal handler.
+    Rank 0 holds the folder's lock for the session: a second train.py on the same run (a job
+    submitted twice, a requeue while the old job drains) would write the same last.pt and
+    metrics.jsonl and remove the other's temp files."""
+    lock: list[int] = []
+
     def prepare() -> None:
         s.out.mkdir(parents=True, exist_ok=True)     # ENOTDIR/EACCES/EROFS: a one-line OSError
+        try:
+            lock.append(lock_folder(s.out / RUN_LOCK))
+        except BlockingIOError:
+            raise RunError(f"{s.out}: another train.py is running this run (it holds {s.out / RUN_LOCK}); "
+                           "wait for it to end or stop it, then resume") from None
         remove_stale_temps(s.out)
         write_json(s.out / "config.json", {**to_dict(s.cfg), "out": str(s.out), "devices": s.devices,
                                            "world": s.info.world, "classes": s.classes})
         # metrics.jsonl = the checkpoint's history: no epoch twice, none the checkpoint lacks
         write_text(s.out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in state.history))
-    on_main(s, prepare)
-    log = together(s, lambda: logs.RunLog.open(s.cfg, s.say, s.out, s.info.world, s.info.is_main, state.step))
-    stop = StopFlag().install()       # from here on a signal means: finish the step, save, exit
-    s.say.line(f"train: run folder {s.out}; {s.classes} classes; devices {', '.join(s.devices)}; "
-               f"world {s.info.world}")
     try:
-        return fit(s, state, stop, log)
+        on_main(s, prepare)
+        log = together(s, lambda: logs.RunLog.open(s.cfg, s.say, s.out, s.info.world, s.info.is_main, state.step))
+        stop = StopFlag().install()       # from here on a signal means: finish the step, save, exit
+        s.say.line(f"train: run folder {s.out}; {s.classes} classes; devices {', '.join(s.devices)}; "
+                   f"world {s.info.world}")
+        try:
+            return fit(s, state, stop, log)
+        finally:
+            stop.restore()
+            log.close()
     finally:
-        stop.restore()
-        log.close()
+        for fd in lock:
+            os.close(fd)
 
 
 def fit(s: Session, state: TrainState, stop: StopFlag, log: logs.RunLog) -> int:
@@ -399,13 +425,23 @@ def fit(s: Session, state: TrainState, stop: StopFlag, log: logs.RunLog) -> int:
                     report_profile(s, phases)
                 return 0                        # no final evaluation: the run is not over
             start = time.perf_counter()
-            end_epoch(s, state)
+            end_epoch(s, state, stop)
             log.epoch_ended(state.history[-1], state.step, time.perf_counter() - start, s.net, phases)
         if state.epoch < cfg.epochs:           # --max-steps reached exactly at an epoch's end
             continue_line(s, state, f"--max-steps {cfg.max_steps} reached")   # last.pt: end_epoch's
             if cfg.profile and trained:
                 report_profile(s, phases)
             return 0                            # no final evaluation: the run is not over
+        if cfg.profile and trained:
+            report_profile(s, phases)
+        finish(s, state, stop)
+        return 0
+    except Interrupted as exc:                # during a validation: the epoch's steps are kept
+        if state.epoch >= cfg.epochs:         # the final evaluation: last.pt already holds every epoch
+            s.say.line(f"train: {exc} during the final evaluation; {s.out / 'last.pt'} holds every epoch. "
+                       f"Run the evaluation with:\n  python train.py --resume {s.out}")
+            return stop.exit_code
+        return paused(s, state, f"{exc} during validation (a resume validates first)", stop.exit_code)
     except (NonFiniteLoss, ckpt.NonFiniteState) as exc:
         print(f"error: {exc}; stopped without saving it ({last_finite(s.out)}); try a lower --lr", file=sys.stderr)
         return 3
@@ -418,10 +454,6 @@ def fit(s: Session, state: TrainState, stop: StopFlag, log: logs.RunLog) -> int:
         print(f"error: {exc}\n  saved {s.out / 'last.pt'} after step {state.step}; once the records are "
               f"fixed, continue with: python train.py --resume {s.out}", file=sys.stderr)
         return 2
-    if cfg.profile and trained:
-        report_profile(s, phases)
-    finish(s, state)
-    return 0
 
 
 def steps_spent(cfg: TrainConfig, state: TrainState) -> bool:
@@ -465,9 +497,9 @@ def stop_poll(s: Session, stop: StopFlag):
     return poll
 
 
-def end_epoch(s: Session, state: TrainState) -> None:
+def end_epoch(s: Session, state: TrainState, stop: StopFlag | None = None) -> None:
     """Validate on the centre crop, step the lr schedule, save the checkpoint, then log the epoch."""
-    val = validate(s, "center")
+    val = validate(s, "center", stop)
     m = {"epoch": state.epoch + 1, "step": state.step, "lr": state.schedule.lr, **state.sums.metrics(state.batch),
          "val_top1_err": val["top1_err"], "val_top5_err": val["top5_err"], "val_loss": val["loss"],
          "epoch_seconds": state.sums.seconds, "train_images": state.sums.images * s.info.world}
@@ -489,18 +521,23 @@ def end_epoch(s: Session, state: TrainState) -> None:
     on_main(s, append)
 
 
-def validate(s: Session, view: str) -> dict:
+def validate(s: Session, view: str, stop: StopFlag | None = None) -> dict:
     """Every rank evaluates its share of the val split, then the sums are added up. A bad record
     (or a loader that cannot be built) on any rank is raised on every rank before that
     all-reduce: a rank that left alone would leave the others waiting in it. Raised from
     ``end_epoch``, the RecordsError makes ``fit`` save the epoch's trained steps (on every rank
-    together), so a resume after the fix only validates."""
+    together), so a resume after the fix only validates. A signal (``stop``) is Interrupted
+    after the current batch, the same way."""
     start = time.perf_counter()
 
     def local_sums() -> dict:
         loader = s.data.val(view)
         with s.say.bar(f"  val {view}", loader.epoch_size) as advance:
-            return evaluate(s.net, loader, s.settings, on_batch=advance)
+            def on_batch(n: int) -> None:
+                advance(n)
+                if stop is not None:
+                    stop.check()
+            return evaluate(s.net, loader, s.settings, on_batch=on_batch)
     sums = together(s, local_sums)
     keys = ("images", "top1", "top5", "loss_sum")
     totals = D.all_reduce_sum([sums[k] for k in keys], s.devices[0])
@@ -581,20 +618,20 @@ def continue_line(s: Session, state: TrainState, why: str) -> None:
                f"batch {state.batch}). Continue exactly with:\n  python train.py --resume {s.out}{more}")
 
 
-def finish(s: Session, state: TrainState) -> None:
+def finish(s: Session, state: TrainState, stop: StopFlag | None = None) -> None:
     """End of training: the per-epoch table, then single-crop vs 10-crop error on the final weights."""
     if state.history:
         s.say.table(epochs_table(state.history))
     if not s.cfg.final_eval:
         return
-    write_eval(s, s.out / "eval.json", {"epoch": state.epoch, "step": state.step})
+    write_eval(s, s.out / "eval.json", {"epoch": state.epoch, "step": state.step}, stop)
     s.say.line(f"train: done; run folder {s.out} (config.json, metrics.jsonl, last.pt, best.pt, eval.json)")
     if s.cfg.demo:
         s.say.line(REAL_THING)
 
 
-def write_eval(s: Session, path: Path, where: dict) -> None:
-    single, ten = validate(s, "center"), validate(s, "tencrop")
+def write_eval(s: Session, path: Path, where: dict, stop: StopFlag | None = None) -> None:
+    single, ten = validate(s, "center", stop), validate(s, "tencrop", stop)
     s.say.table(crops_table(single, ten, s.classes))
     on_main(s, lambda: write_json(path, {**where, "center": single, "tencrop": ten}))
 

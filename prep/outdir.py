@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import json
 import os
 import shutil
 from pathlib import Path
 from typing import Iterator
 
+from common.atomic import lock_folder
 from prep.config import PrepError
 from prep.workers import PARTIAL
 
@@ -43,16 +43,14 @@ def locked_out(out: Path) -> Iterator[None]:
     created = [p for p in (out, *out.parents) if not p.exists()]
     try:
         out.mkdir(parents=True, exist_ok=True)
-        fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = lock_folder(out / LOCK)
+    except BlockingIOError:
+        raise PrepError(f"--out {out}: another build is writing into it (lock {out / LOCK} is held); "
+                        "wait for it to finish or pick another folder") from None
     except OSError as exc:
         _remove_created(created)
         raise PrepError(_os_message(out, exc)) from None
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise PrepError(f"--out {out}: another build is writing into it (lock {out / LOCK} is held); "
-                            "wait for it to finish or pick another folder") from None
         try:
             yield
         except OSError as exc:  # OUT went bad mid-build (full disk, remounted read-only)

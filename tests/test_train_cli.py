@@ -216,6 +216,17 @@ def test_sigterm_mid_epoch_saves_a_loadable_checkpoint(sample_records, tmp_path)
     assert not list(out.glob(".*.tmp"))            # no half-written file left behind
 
 
+def test_resume_with_another_out_is_refused(smoke_run, tmp_path, capsys):
+    """--out beside --resume would be ignored (the run continues in its own folder): a user who
+    meant to branch the run would overwrite the original's last.pt."""
+    _, out = smoke_run
+    before = (out / "last.pt").read_bytes()
+    assert main(["--resume", str(out), "--out", str(tmp_path / "fork"), "--epochs", "3"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"a resumed run continues in its own folder ({out})" in err
+    assert (out / "last.pt").read_bytes() == before and not (tmp_path / "fork").exists()
+
+
 def test_cli_errors(sample_records, tmp_path, capsys):
     assert main(tiny(tmp_path / "nope", tmp_path / "r1")) == 2
     assert "nope: records folder does not exist" in capsys.readouterr().err

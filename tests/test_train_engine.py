@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from common.atomic import atomic_open
+from common.atomic import atomic_open, lock_folder
 from engine import checkpoint as ckpt
 from engine import run as R
 from engine.config import TrainConfig
@@ -66,7 +66,7 @@ class FakeData:
         return FakeLoader(1000 * self.cfg.seed + epoch, BATCHES, self.cfg.batch_size, self.hooks.get(epoch))
 
     def val(self, view: str) -> FakeLoader:
-        return FakeLoader(99, 2, 3, views=10 if view == "tencrop" else 1)
+        return FakeLoader(99, 2, 3, self.hooks.get(view), views=10 if view == "tencrop" else 1)
 
 
 def config(**kw) -> TrainConfig:
@@ -183,6 +183,61 @@ def test_resume_applies_explicit_momentum_and_weight_decay(tmp_path):
     s = session(tmp_path, cfg)
     R.restore(s, R.new_state(cfg, 1), ckpt.load(tmp_path / "last.pt", keys=R.RESUME_KEYS), tmp_path / "last.pt", False)
     assert [(g["momentum"], g["weight_decay"]) for g in s.optimizer.param_groups] == [(0.5, 0.002)]
+
+
+def sigterm_once(at: int = 0):
+    """A hook that sends SIGTERM while batch ``at`` of the first loader it serves is fetched."""
+    sent = []
+
+    def hook(i, x):
+        if i == at and not sent:
+            sent.append(i)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return x
+    return hook
+
+
+def test_sigterm_during_validation_stops_at_once_and_the_resume_validates(full, tmp_path, capsys):
+    """A validation takes minutes on ImageNet, longer than a scheduler's grace period: a signal
+    there stops after the current batch, keeps the epoch's steps, and a resume validates them
+    without a step twice."""
+    assert start(tmp_path, config(), {"center": sigterm_once()}) == 128 + signal.SIGTERM
+    out = capsys.readouterr()
+    assert "SIGTERM received: saving after this step or batch" in out.err
+    assert "SIGTERM received during validation" in out.out and f"--resume {tmp_path}" in out.out
+    saved = ckpt.load(tmp_path / "last.pt")
+    assert (saved["epoch"], saved["step"], saved["batch"]) == (0, BATCHES, BATCHES)   # the epoch's steps
+    assert metrics(tmp_path) == []                                                      # not validated
+    assert resume(tmp_path, config()) == 0
+    assert_same_tensors(full / "last.pt", tmp_path / "last.pt")
+    assert metrics(tmp_path) == metrics(full)
+
+
+def test_sigterm_during_the_final_evaluation_stops_and_the_resume_evaluates(tmp_path, capsys):
+    cfg = config(final_eval=True)
+    assert start(tmp_path, cfg, {"tencrop": sigterm_once()}) == 128 + signal.SIGTERM
+    assert "during the final evaluation" in capsys.readouterr().out
+    assert not (tmp_path / "eval.json").exists()
+    saved = ckpt.load(tmp_path / "last.pt")
+    assert (saved["epoch"], saved["step"]) == (2, 2 * BATCHES)
+    assert resume(tmp_path, cfg) == 0
+    assert json.loads((tmp_path / "eval.json").read_text())["step"] == 2 * BATCHES
+    assert ckpt.load(tmp_path / "last.pt")["step"] == 2 * BATCHES       # nothing trained again
+
+
+def test_a_second_process_on_the_same_run_is_refused(tmp_path, capsys):
+    """Two train.py on one run folder (a job submitted twice, a requeue while the old job
+    drains) would write the same last.pt and metrics.jsonl: the second refuses, touching nothing."""
+    assert start(tmp_path, config(epochs=1)) == 0
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    held = lock_folder(tmp_path / R.RUN_LOCK)       # another open file: flock refuses it too
+    try:
+        with pytest.raises(R.RunError, match="another train.py is running this run"):
+            resume(tmp_path, config(epochs=2))
+    finally:
+        os.close(held)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+    assert resume(tmp_path, config(epochs=2)) == 0      # the lock released, the run goes on
 
 
 def test_bad_record_saves_the_last_step_and_resumes_exactly(full, tmp_path, capsys):

@@ -165,6 +165,7 @@ def test_demo_preset_and_explicit_flags_win():
     (["--plateau-threshold", "nan"], "--plateau-threshold must be a finite number in [0, 1]"),
     (["--plateau-threshold", "-0.1"], "--plateau-threshold must be a finite number in [0, 1]"),
     (["--max-lr-drops", "-1"], "--max-lr-drops must be an integer >= 0"),
+    (["--seed", "-1"], "--seed must be an integer >= 0"),
 ])
 def test_cli_rejects(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:

@@ -11,6 +11,7 @@ only rank 0 does) is agreed on before the next collective, so no rank is left wa
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -327,8 +328,11 @@ def train(cfg: TrainConfig, argv: list[str], info: D.DistInfo, say: Reporter) ->
         raise RunError(logs.TENSORBOARD_MISSING)
     s = build_session(cfg, info, say, out)
     state = new_state(cfg, info.world)
+    reads = records_signature(s.data.records)
     if saved is not None:
         restore(s, state, saved, path, lr_given=lr_given)
+        check_records(state, reads, path, s.data.records, say)
+    state.records = reads
     check_same_start(s, state)
     if saved is not None and (why := nothing_left(cfg, state)) and not final_eval_missing(s, state):
         # a resumed run with nothing to train says so and touches nothing: no "done", no new
@@ -336,6 +340,35 @@ def train(cfg: TrainConfig, argv: list[str], info: D.DistInfo, say: Reporter) ->
         say.line(f"train: {s.out} {why}; nothing to train")
         return 0
     return run_session(s, state)
+
+
+def records_signature(records: Path) -> dict:
+    """What a resume must find again: the train split's size (each epoch's order is a
+    permutation of that many records) and the class list (the net's outputs, in order)."""
+    meta = read_meta(records)
+    classes = hashlib.sha1(json.dumps(meta["classes"]).encode()).hexdigest()[:16]
+    return {"train": int(meta["counts"]["train"]), "classes": classes}
+
+
+def check_records(state: TrainState, now: dict, path: Path, records: Path, say: Reporter) -> None:
+    """The saved run's records against these: other classes are refused (the outputs would mean
+    other things); another train count is refused mid-epoch (the rest of the epoch's order would
+    not be the rest of the one begun: images twice or never) and said at an epoch's end. Records
+    repaired or rebuilt from the same source pass."""
+    then = state.records
+    if then is None:                       # a checkpoint from before the records were noted
+        return
+    if then["classes"] != now["classes"]:
+        raise RunError(f"{path}: trained on records with other classes (names or order) than {records}; "
+                       "resume with the records it was trained on (--records DIR)")
+    if then["train"] != now["train"]:
+        if state.batch:
+            raise RunError(f"{path}: saved mid-epoch (epoch {state.epoch + 1}, batch {state.batch}) on "
+                           f"{then['train']} train records, but {records} holds {now['train']}: the rest of the "
+                           "epoch would not be the rest of its order; resume with those records or from a "
+                           "checkpoint at an epoch's end")
+        say.line(f"train: {records} holds {now['train']} train records, the run so far read {then['train']}; "
+                 "the epochs from here on read these")
 
 
 def final_eval_missing(s: Session, state: TrainState) -> bool:

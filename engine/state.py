@@ -47,6 +47,9 @@ class TrainState:
     sums: EpochSums = field(default_factory=EpochSums)
     history: list[dict] = field(default_factory=list)   # one metrics dict per completed epoch
     rng: list[dict] = field(default_factory=list)       # every rank's RNG states, captured at save time
+    # what the run reads: {"train": records in the train split, "classes": digest of meta.json's
+    # class list}; None in checkpoints that predate it. A resume compares it (engine.run)
+    records: dict | None = None
 
     def count_step(self) -> None:
         """One optimiser step done: the only writer of ``step`` and ``batch``."""
@@ -60,7 +63,7 @@ class TrainState:
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "step": self.step, "batch": self.batch, "sums": asdict(self.sums),
                 "history": list(self.history), "schedule": self.schedule.state_dict(), "seed": self.seed,
-                "batch_size": self.batch_size, "world": self.world, "rng": self.rng}
+                "batch_size": self.batch_size, "world": self.world, "rng": self.rng, "records": self.records}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.schedule.load_state_dict(state["schedule"])
@@ -69,3 +72,4 @@ class TrainState:
         self.history = list(state["history"])
         self.seed, self.batch_size, self.world = int(state["seed"]), int(state["batch_size"]), int(state["world"])
         self.rng = list(state["rng"])
+        self.records = state.get("records")

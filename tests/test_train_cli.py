@@ -227,6 +227,45 @@ def test_resume_with_another_out_is_refused(smoke_run, tmp_path, capsys):
     assert (out / "last.pt").read_bytes() == before and not (tmp_path / "fork").exists()
 
 
+def test_resume_on_other_records_is_refused_mid_epoch(sample_records, tmp_path, capsys):
+    """A run resumed on records with other classes (here: two names swapped, the same images)
+    would train its outputs towards other meanings; one line, exit 2, the run untouched."""
+    out = tmp_path / "run"
+    assert main(tiny(sample_records, out, "--epochs", "1", "--max-steps", "1", "--no-final-eval")) == 0
+    other = tmp_path / "other"
+    shutil.copytree(sample_records, other)
+    meta = json.loads((other / "meta.json").read_text())
+    meta["classes"][0], meta["classes"][1] = meta["classes"][1], meta["classes"][0]
+    (other / "meta.json").write_text(json.dumps(meta))
+    before = (out / "last.pt").read_bytes()
+    capsys.readouterr()
+    assert main(["--resume", str(out), "--records", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "trained on records with other classes" in err
+    assert (out / "last.pt").read_bytes() == before
+
+
+def test_check_records_counts():
+    """Another train count: refused mid-epoch (the rest of the epoch's permutation would not be
+    the rest of the one begun), said and accepted at an epoch's end; same records pass silently."""
+    from engine.report import Reporter
+    from engine.run import RunError, check_records, new_state
+    cfg = parse_train_args(["--gpus", ""])
+    lines = []
+    say = Reporter(True, False)
+    say.line = lines.append
+    state = new_state(cfg, 1)
+    state.records = {"train": 1000, "classes": "abc"}
+    check_records(state, {"train": 1000, "classes": "abc"}, Path("r/last.pt"), Path("rec"), say)
+    assert lines == []
+    state.batch = 3
+    with pytest.raises(RunError, match="saved mid-epoch .* on 1000 train records, but rec holds 989"):
+        check_records(state, {"train": 989, "classes": "abc"}, Path("r/last.pt"), Path("rec"), say)
+    state.batch = 0
+    check_records(state, {"train": 989, "classes": "abc"}, Path("r/last.pt"), Path("rec"), say)
+    assert lines == ["train: rec holds 989 train records, the run so far read 1000; the epochs from here on read these"]
+
+
 def test_cli_errors(sample_records, tmp_path, capsys):
     assert main(tiny(tmp_path / "nope", tmp_path / "r1")) == 2
     assert "nope: records folder does not exist" in capsys.readouterr().err

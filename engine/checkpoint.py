@@ -106,8 +106,19 @@ def read_file(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError, OSError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or foreign file): {reason[:200]}") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or foreign file): {_reason(exc)}") from None
+
+
+def _reason(exc: BaseException) -> str:
+    """torch.load's message as one line that ends where a sentence does. Its weights-only
+    refusal goes on to suggest weights_only=False, which would run the file's code: not repeated."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if text.startswith("Weights only load failed"):
+        return "torch's safe (weights-only) load refused it"
+    if len(text) <= 200:
+        return text
+    cut = text.rfind(". ", 0, 200)
+    return text[:cut + 1] if cut > 40 else text[:200] + "..."
 
 
 def _exported_kind(path: Path) -> str | None:

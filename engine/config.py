@@ -101,7 +101,7 @@ class TrainConfig:
         "torchrun --max-restarts and schedulers that requeue a job (flags equal to the saved run's change nothing)"))
     eval_only: bool = field(default=False, metadata=_h(
         "only evaluate --checkpoint on the validation set: single-crop and 10-crop error"))
-    checkpoint: str | None = field(default=None, metadata=_h("checkpoint for --eval-only (last.pt or best.pt)"))
+    checkpoint: str | None = field(default=None, metadata=_h("checkpoint for --eval-only: a file, or a run folder (its best.pt)"))
     final_eval: bool = field(default=True, metadata=_h(
         "finish with the single-crop vs 10-crop error table on the validation set"))
     progress: bool = field(default=True, metadata=_h("rich progress bars (only when stdout is a terminal)"))

@@ -192,6 +192,8 @@ def build_net(cfg: TrainConfig, classes: int, devices: list[str]) -> AlexNet:
 
 def build_session(cfg: TrainConfig, info: D.DistInfo, say: Reporter, out: Path) -> Session:
     records, classes = resolve_records(cfg, info.world)
+    # absolute in the checkpoint and config.json: a resume from another directory finds them
+    cfg = replace(cfg, records=str(records.resolve()))
     devices = setup_devices(cfg, info, say)
     if devices[0].startswith("cuda"):
         # let cuDNN time its convolution algorithms for our fixed shapes once and keep the
@@ -422,8 +424,8 @@ def run_session(s: Session, state: TrainState) -> int:
             raise RunError(f"{s.out}: another train.py is running this run (it holds {s.out / RUN_LOCK}); "
                            "wait for it to end or stop it, then resume") from None
         remove_stale_temps(s.out)
-        write_json(s.out / "config.json", {**to_dict(s.cfg), "out": str(s.out), "devices": s.devices,
-                                           "world": s.info.world, "classes": s.classes})
+        if not (s.out / "config.json").exists():    # a resume's flags are written with its first checkpoint,
+            write_config(s)                          # so config.json never describes weights not saved
         # metrics.jsonl = the checkpoint's history: no epoch twice, none the checkpoint lacks
         write_text(s.out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in state.history))
     try:
@@ -579,6 +581,12 @@ def validate(s: Session, view: str, stop: StopFlag | None = None) -> dict:
     return metrics
 
 
+def write_config(s: Session) -> None:
+    """config.json: the run's flags (``--config`` takes it back) and what they resolved to."""
+    write_json(s.out / "config.json", {**to_dict(s.cfg), "out": str(s.out), "devices": s.devices,
+                                       "world": s.info.world, "classes": s.classes})
+
+
 def save_checkpoint(s: Session, state: TrainState, best: bool = False) -> None:
     """last.pt (and best.pt) from the model, the optimiser and the TrainState, written by rank 0.
     Every rank raises the same error together, none is left waiting: NonFiniteState if any of
@@ -599,9 +607,11 @@ def save_checkpoint(s: Session, state: TrainState, best: bool = False) -> None:
                              **state.state_dict()})
             if best:
                 ckpt.link(last, s.out / "best.pt")
+            write_config(s)          # the flags of what last.pt holds, written after it
         except OSError as exc:       # ENOSPC, EROFS, EDQUOT ...: the temp file is gone, last.pt untouched
             raise RunError(f"{last}: cannot write the checkpoint ({exc.strerror or exc}); "
-                           f"the previous one is intact: {last_finite(s.out)}") from None
+                           f"the previous one is intact: {last_finite(s.out)}; once there is room, "
+                           f"continue with python train.py --resume {s.out}") from None
     on_main(s, write)
 
 
@@ -684,6 +694,8 @@ def eval_only(cfg: TrainConfig, info: D.DistInfo, say: Reporter) -> int:
     written to eval-<checkpoint name>.json in --out (default: beside the checkpoint). The model switches come
     from the checkpoint's own config, and so do the records unless --records is given."""
     path = Path(cfg.checkpoint)
+    if path.is_dir():                    # a run folder, as figures, export and predict take
+        path = path / "best.pt" if (path / "best.pt").exists() else path / "last.pt"
     state = ckpt.load(path)
     saved = saved_config(state, path)
     cfg = replace(cfg, **{k: getattr(saved, k) for k in MODEL_FIELDS})

@@ -72,7 +72,8 @@ def test_profile_writes_a_trace_and_a_table(smoke_run):
 def test_eval_only_prints_single_and_ten_crop(smoke_run, sample_records, capsys, tmp_path):
     _, out = smoke_run
     # no --records: the run's own (sample_records, not the default data/records)
-    rc = main(["--eval-only", "--checkpoint", str(out / "best.pt"),
+    # a run folder stands for its best.pt
+    rc = main(["--eval-only", "--checkpoint", str(out),
                "--gpus", "", "--batch-size", "10", "--no-progress", "--out", str(tmp_path / "ev")])
     assert rc == 0
     text = capsys.readouterr().out
@@ -90,7 +91,7 @@ def test_eval_only_prints_single_and_ten_crop(smoke_run, sample_records, capsys,
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(smoke_run, tmp_path, capsys):
     out = tmp_path / "run"                  # a copy: the shared smoke run stays as other tests read it
     shutil.copytree(smoke_run[1], out)
-    before = (out / "last.pt").read_bytes()
+    before, config_before = (out / "last.pt").read_bytes(), (out / "config.json").read_bytes()
     # continue the smoke run with an absurd lr: the loss overflows within a few steps
     rc = main(["--resume", str(out), "--epochs", "2", "--max-steps", "100", "--epoch-steps", "3",
                "--lr", "1e6", "--no-progress"])
@@ -99,6 +100,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(smoke_run, tmp_
     assert err.count("\n") == 1 and err.startswith("error: ")
     assert f"the last finite checkpoint is {out / 'last.pt'} (step 2)" in err
     assert (out / "last.pt").read_bytes() == before
+    assert (out / "config.json").read_bytes() == config_before     # it describes last.pt, not the failed flags
     for path in out.glob("*.pt"):
         state = ckpt.load(path)
         assert ckpt.nonfinite_tensor({"m": state["model"], "o": state["optimizer"]}) is None, path

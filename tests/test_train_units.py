@@ -225,9 +225,15 @@ def test_checkpoint_of_another_program_is_refused(tmp_path):
 def test_checkpoint_load_never_runs_a_pickle(tmp_path):
     marker = tmp_path / "pickle_ran"
     torch.save({"format": ckpt.FORMAT, "evil": _Boom(marker)}, tmp_path / "evil.pt")
-    with pytest.raises(ckpt.CheckpointError, match="evil.pt"):
+    with pytest.raises(ckpt.CheckpointError, match="evil.pt") as err:
         ckpt.load(tmp_path / "evil.pt")
     assert not marker.exists()
+    # one line, and not torch's advice to load it with weights_only=False (which runs its code)
+    assert "\n" not in str(err.value) and "weights_only" not in str(err.value)
+    (tmp_path / "photo.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(200))    # a JPEG given as a checkpoint
+    with pytest.raises(ckpt.CheckpointError, match="photo.jpg: not a readable checkpoint") as err:
+        ckpt.load(tmp_path / "photo.jpg")
+    assert "\n" not in str(err.value) and "weights_only" not in str(err.value)
     (tmp_path / "pickle.pt").write_bytes(pickle.dumps({"a": 1}))
     with pytest.raises(ckpt.CheckpointError, match="pickle.pt: not a readable checkpoint"):
         ckpt.load(tmp_path / "pickle.pt")

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Iterator
 
 from common.atomic import lock_folder
-from prep.config import PrepError
+from prep.config import PrepError, build_command
 from prep.workers import PARTIAL
 
 LOCK = ".build.lock"
@@ -111,6 +111,7 @@ def _check_complete(out: Path, repair: bool) -> None:
 
 def prepare_out(out: Path, identity: dict, overwrite: bool, repair: bool = False) -> bool:
     """Check OUT against what we are about to build; returns True if OUT is already complete."""
+    extra = ("--repair",) if repair else ()
     old = read_identity(out)
     if old == identity:
         if not (out / "meta.json").is_file():
@@ -128,9 +129,10 @@ def prepare_out(out: Path, identity: dict, overwrite: bool, repair: bool = False
             diff = _describe_diff({**old["params"], "source": old["source"]},
                                   {**identity["params"], "source": identity["source"]})
             what = f"records built from another source or with other parameters ({diff})"
+            same = f"; to resume, repair or keep them: {build_command(str(out), old['source'], old['params'], *extra)}"
         else:
-            what = f"unrecognised content ({', '.join(p.name for p in entries)})"
-        raise PrepError(f"--out {out}: holds {what}; pass --overwrite to replace it or pick another folder")
+            what, same = f"unrecognised content ({', '.join(p.name for p in entries)})", ""
+        raise PrepError(f"--out {out}: holds {what}; pass --overwrite to replace it or pick another folder{same}")
     for entry in entries:
         shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
     return False

@@ -32,6 +32,7 @@ import numpy as np
 
 from common.config import Parser, check_at_least
 from common.console import counted
+from prep.config import build_command
 from common.errors import UserError, error_line
 from common.system import usable_cores
 from prep.records import (SPLITS, RecordsError, _header_ok, file_crc32, jpeg_structure_error, parse_label,
@@ -163,9 +164,9 @@ def _reason(message: str, tar: Path, idx: Path) -> str:
     return message
 
 
-def _shards(records: Path) -> tuple[list[tuple[Path, Path, dict | None]], int]:
+def _shards(records: Path) -> tuple[list[tuple[Path, Path, dict | None]], dict]:
     """(tar, idx, meta.json's checksums of both or None) of every shard meta.json lists, its
-    files there or not; the class count."""
+    files there or not; meta.json."""
     meta = read_meta(records)
     sums = meta.get("crc32") or {}
 
@@ -175,14 +176,15 @@ def _shards(records: Path) -> tuple[list[tuple[Path, Path, dict | None]], int]:
 
     shards = [(tar, idx, crc(tar, idx)) for split in SPLITS
               for tar, idx in shard_paths(records, split, missing_ok=True)]
-    return shards, len(meta["classes"])
+    return shards, meta
 
 
 def verify(cfg: VerifyConfig, out=None) -> int:
     """Check every shard over ``workers`` processes; print failures as they come; exit status."""
     out = out or sys.stdout
     records = Path(cfg.records)
-    shards, classes = _shards(records)
+    shards, meta = _shards(records)
+    classes = len(meta["classes"])
     workers = min(cfg.workers or usable_cores(), len(shards))
     tty = cfg.progress and out.isatty()
     strict = StrictJpeg().available
@@ -213,8 +215,8 @@ def verify(cfg: VerifyConfig, out=None) -> int:
         f"(decoder: PIL{' + strict libturbojpeg' if strict else '; libturbojpeg not found'}; "
         + (f"checksums of {checked} shards)" if checked else "no checksums: records built before they were kept)"))
     if failed and checked:
-        say("verify: repair with the build command plus --repair (prep/build_records.py --source SOURCE "
-            f"--out {records} ... --repair: it rebuilds exactly the damaged shards, byte for byte), then resume training")
+        say("verify: repair (it rebuilds exactly the damaged shards, byte for byte), then resume training: "
+            + build_command(str(records), meta["source"], meta["params"], "--repair"))
     elif failed:
         say("verify: these records predate the shard checksums: delete the .tar and .idx of each shard listed, "
             "then run the build command plus --repair (it rebuilds the missing shards), then resume training")

@@ -88,7 +88,13 @@ def test_missing_tar_and_missing_idx_are_bad_shards(rec, capsys):
     assert lines[:-2] == [f"{no_tar} -: missing {no_tar.name}",
                           f"{no_idx_tar} -: missing {no_idx.name} (its DALI index)"]
     assert f"{68 - lost} records in 6 shards: 0 bad records, 2 bad shards" in lines[-2]
-    assert lines[-1].startswith("verify: repair with the build command plus --repair")
+    # the advice is the command to type, and typing it repairs the records
+    command = lines[-1].split("resume training: ", 1)[1]
+    assert command.startswith("python prep/build_records.py --source ") and command.endswith(" --repair")
+    from prep import build_records
+    assert build_records.main(command.split()[2:] + ["--workers", "1", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert _run(rec, capsys)[0] == 0
 
 
 def test_shard_level_reasons_name_the_file_once(rec, capsys):

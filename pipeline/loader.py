@@ -33,6 +33,7 @@ from common.devices import parse_device
 from common.errors import DeviceError, UserError
 from pipeline import graphs, reader, reference as ref
 from pipeline.finish import U8Batch, fixed_windows
+from prep.config import build_command
 from prep.records import RecordsError, read_mean_image, read_meta, read_stats, shard_paths
 
 SPLITS = ("train", "val")
@@ -105,6 +106,8 @@ class Loader:
         meta, stats, files = read_meta(records), read_stats(records), shard_paths(records, split)
         total = _split_count(records, meta, split)
         self.num_classes = len(meta["classes"])
+        self._repair = (build_command(str(records), meta["source"], meta["params"], "--repair")
+                        if "source" in meta and "params" in meta else "the build command plus --repair")
         self._plan_epoch(total, rank, world, batch_size)
         table = reader.RecordTable(files)       # every index checked against its tar
         reader.check_count(table, total, records / "meta.json")
@@ -205,8 +208,7 @@ class Loader:
         return RecordsError(f"{tar}: record {key}: {why}{more}; {hint}")
 
     def _hint(self) -> str:
-        return (f"run python -m prep.verify {self._records}, repair the records (the build command plus "
-                "--repair), then resume")
+        return f"run python -m prep.verify {self._records}, repair the records ({self._repair}), then resume"
 
     def _to_torch(self, outputs, n: int, batch):
         """The first n samples as torch tensors on self.device; no host round trip on a GPU.

@@ -121,6 +121,11 @@ WRITERS = {"state_dict": state_dict_bytes, "torchscript": torchscript_bytes, "ex
 
 def export(source: str | Path, out: str | Path, fmt: str = "state_dict", records: str | Path | None = None) -> Path:
     """Write ``source``'s weights (a run folder, checkpoint or weights file) to ``out`` as ``fmt``."""
+    out = Path(out)
+    if out.is_dir():                  # checked first: the atomic write would name its temp file
+        raise ExportError(f"--out {out}: is a folder; give the file to write")
+    if not out.parent.is_dir():
+        raise ExportError(f"--out {out}: its folder {out.parent} does not exist or is not a folder")
     trained = weights.load(source, records=records, device="cpu")
     data = WRITERS[fmt](trained)
     write_bytes(out, data)

@@ -378,6 +378,8 @@ def make_figures(args: argparse.Namespace, say: Reporter) -> list[Path]:
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
         raise FiguresError(f"{run_dir}: no such run folder")
+    if not any((run_dir / n).exists() for n in ("config.json", "metrics.jsonl", "last.pt", "best.pt")):
+        raise FiguresError(f"{run_dir}: not a run folder (no config.json, metrics.jsonl or checkpoint)")
     written = []
     if "curves" in args.only:
         metrics = read_metrics(run_dir / "metrics.jsonl")

@@ -116,6 +116,16 @@ def test_traced_files_are_refused_by_predict_and_export_with_one_line(run_dir, t
         assert len(lines) == 2 and all(f"{tmp_path / name}: a {kind} file" in line for line in lines), captured
 
 
+def test_export_out_that_is_a_folder_or_under_a_file_is_one_line(run_dir, tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    assert export.main([str(run_dir), "--out", str(tmp_path)]) == 2
+    assert export.main([str(run_dir), "--out", str(tmp_path / "afile" / "w.pt")]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: --out {tmp_path}: is a folder; give the file to write",
+        f"error: --out {tmp_path / 'afile' / 'w.pt'}: its folder {tmp_path / 'afile'} does not exist or is not a folder"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]      # no temp file left behind
+
+
 def test_onnx_without_the_package_is_one_line(run_dir, tmp_path, capsys):
     if importlib.util.find_spec("onnx") is not None:
         pytest.skip("onnx is installed")

@@ -128,8 +128,11 @@ def test_a_run_without_epochs_or_checkpoint_draws_nothing_and_says_so(tmp_path, 
 def test_bad_input_is_one_line_and_exit_2(tmp_path, run_dir, capsys):
     assert figures.main([str(tmp_path / "nope")]) == 2
     assert figures.main([str(run_dir), "--checkpoint", "missing.pt", "--only", "conv1"]) == 2
+    (tmp_path / "empty").mkdir()
+    assert figures.main([str(tmp_path / "empty")]) == 2          # a typo'd path to an existing folder
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"error: {tmp_path / 'nope'}: no such run folder", "error: missing.pt: no such checkpoint file"]
+    assert err == [f"error: {tmp_path / 'nope'}: no such run folder", "error: missing.pt: no such checkpoint file",
+                   f"error: {tmp_path / 'empty'}: not a run folder (no config.json, metrics.jsonl or checkpoint)"]
 
 
 def test_a_training_image_is_its_own_nearest_neighbour(run_dir, sample_records):

@@ -89,6 +89,9 @@ def jpeg_structure_error(data) -> str | None:
     while True:
         if pos + 4 > n - 2 or head[pos] != 0xFF:
             return f"header damaged at byte {pos}: a marker was expected"
+        if head[pos + 1] == 0xFF:                # a fill byte before the marker (the standard allows any)
+            pos += 1
+            continue
         marker, length = head[pos + 1], (head[pos + 2] << 8) | head[pos + 3]
         end = pos + 2 + length
         if length < 2 or end >= n - 2:

@@ -14,6 +14,7 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 from common.config import build_parser, check_at_least
@@ -285,11 +286,19 @@ def merge_explicit(saved: TrainConfig, argv: Sequence[str] | None, given: TrainC
     Returns the merged config and 'name: old -> new' lines for the user.
     """
     names = explicit_flags(argv) - {"resume", "auto_resume", "out", "demo"}
-    changes = {n: getattr(given, n) for n in sorted(names) if getattr(given, n) != getattr(saved, n)}
+    changes = {n: getattr(given, n) for n in sorted(names) if not _same(n, getattr(given, n), getattr(saved, n))}
     lines = [f"{n}: {getattr(saved, n)!r} -> {v!r}" for n, v in changes.items()]
     # how this process continues (--resume or --auto-resume) is this command's, not the saved run's
     values = {**vars_of(saved), **changes, "resume": given.resume, "auto_resume": given.auto_resume}
     return TrainConfig(**values), lines
+
+
+def _same(name: str, given: Any, saved: Any) -> bool:
+    """A flag given again with the saved value; --records is saved as an absolute path, so a
+    relative one naming the same folder is the same."""
+    if name == "records" and given and saved:
+        return Path(given).absolute() == Path(saved).absolute()
+    return given == saved
 
 
 def vars_of(cfg: TrainConfig) -> dict[str, Any]:

@@ -11,6 +11,7 @@ only rank 0 does) is agreed on before the next collective, so no rank is left wa
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -70,9 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, OSError) as exc:   # OSError: disk full, read-only, a file where a folder should be ...
         print(f"error: {error_line(exc)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:             # a second Ctrl-C: no traceback, the checkpoints are whole
-        print("train: interrupted at once (second Ctrl-C); the run's last checkpoint on disk is intact: "
-              "continue with python train.py --resume RUN", file=sys.stderr)
+    except KeyboardInterrupt:             # Ctrl-C at once (a second one, or one before training): no traceback
+        print("train: interrupted; checkpoints on disk are whole (written atomically): a run that has "
+              "one continues with python train.py --resume RUN", file=sys.stderr)
         return 128 + signal.SIGINT
     finally:
         D.shutdown(info)
@@ -193,7 +194,7 @@ def build_net(cfg: TrainConfig, classes: int, devices: list[str]) -> AlexNet:
 def build_session(cfg: TrainConfig, info: D.DistInfo, say: Reporter, out: Path) -> Session:
     records, classes = resolve_records(cfg, info.world)
     # absolute in the checkpoint and config.json: a resume from another directory finds them
-    cfg = replace(cfg, records=str(records.resolve()))
+    cfg = replace(cfg, records=str(records.absolute()))
     devices = setup_devices(cfg, info, say)
     if devices[0].startswith("cuda"):
         # let cuDNN time its convolution algorithms for our fixed shapes once and keep the
@@ -228,6 +229,11 @@ def run_folder(cfg: TrainConfig) -> Path:
 
 
 RUN_LOCK = ".train.lock"          # in the run folder; flock'ed by the rank-0 process training it
+
+
+def _stat_key(what: Path | os.stat_result) -> tuple:
+    st = what if isinstance(what, os.stat_result) else os.stat(what)
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def remove_stale_temps(out: Path) -> None:
@@ -308,13 +314,14 @@ def restore(s: Session, state: TrainState, saved: dict, path: Path, lr_given: bo
 # --- training ---------------------------------------------------------------------------
 
 def train(cfg: TrainConfig, argv: list[str], info: D.DistInfo, say: Reporter) -> int:
-    saved, path, lr_given = None, None, False
+    saved, path, lr_given, read = None, None, False, None
     continuing = cfg.auto_resume and (Path(cfg.out) / "last.pt").exists()
     if cfg.resume or continuing:
         path, out = resume_paths(cfg.resume or cfg.out)
         if cfg.resume and cfg.out and Path(cfg.out).resolve() != out.resolve():
             raise RunError(f"--out {cfg.out}: a resumed run continues in its own folder ({out}); to branch it, "
                            f"copy that folder and resume the copy")
+        read = (path, os.stat(path)) if path.is_file() else None    # before the load: see run_session
         saved = ckpt.load(path, keys=RESUME_KEYS)
         cfg, saved_cfg = resume_config(cfg, argv, path, saved, say)
         cfg = replace(cfg, out=str(out))
@@ -333,7 +340,7 @@ def train(cfg: TrainConfig, argv: list[str], info: D.DistInfo, say: Reporter) ->
     reads = records_signature(s.data.records)
     if saved is not None:
         restore(s, state, saved, path, lr_given=lr_given)
-        check_records(state, reads, path, s.data.records, say)
+        together(s, lambda: check_records(state, reads, path, s.data.records, say))   # node-local copies may differ
     state.records = reads
     check_same_start(s, state)
     if saved is not None and (why := nothing_left(cfg, state)) and not final_eval_missing(s, state):
@@ -341,7 +348,7 @@ def train(cfg: TrainConfig, argv: list[str], info: D.DistInfo, say: Reporter) ->
         # evaluation, no profile of zero steps over the one it measured
         say.line(f"train: {s.out} {why}; nothing to train")
         return 0
-    return run_session(s, state)
+    return run_session(s, state, read)
 
 
 def records_signature(records: Path) -> dict:
@@ -409,11 +416,13 @@ def check_same_start(s: Session, state: TrainState) -> None:
                        f"read the same {s.out / 'last.pt'} (a shared file system)")
 
 
-def run_session(s: Session, state: TrainState) -> int:
+def run_session(s: Session, state: TrainState, read: tuple[Path, os.stat_result] | None = None) -> int:
     """The run folder brought in line with ``state``, then the epochs under a signal handler.
     Rank 0 holds the folder's lock for the session: a second train.py on the same run (a job
     submitted twice, a requeue while the old job drains) would write the same last.pt and
-    metrics.jsonl and remove the other's temp files."""
+    metrics.jsonl and remove the other's temp files. ``read``: the checkpoint a resume loaded
+    and its stat then; if another process replaced it before the lock was ours, resuming from
+    what was read would drop that process's last steps, so the resume is refused."""
     lock: list[int] = []
 
     def prepare() -> None:
@@ -423,9 +432,17 @@ def run_session(s: Session, state: TrainState) -> int:
         except BlockingIOError:
             raise RunError(f"{s.out}: another train.py is running this run (it holds {s.out / RUN_LOCK}); "
                            "wait for it to end or stop it, then resume") from None
+        except OSError as exc:
+            if exc.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            s.say.line(f"train: {s.out / RUN_LOCK}: this file system cannot lock ({exc.strerror}); "
+                       "make sure no other train.py runs this run")
+        if read is not None and _stat_key(read[0]) != _stat_key(read[1]):
+            raise RunError(f"{read[0]}: replaced since this process read it (another train.py was still "
+                           "saving it): resume again")
         remove_stale_temps(s.out)
-        if not (s.out / "config.json").exists():    # a resume's flags are written with its first checkpoint,
-            write_config(s)                          # so config.json never describes weights not saved
+        if state.step == 0 or not (s.out / "config.json").exists():
+            write_config(s)    # a resume's flags are written with its first checkpoint, as they describe it
         # metrics.jsonl = the checkpoint's history: no epoch twice, none the checkpoint lacks
         write_text(s.out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in state.history))
     try:
@@ -607,11 +624,15 @@ def save_checkpoint(s: Session, state: TrainState, best: bool = False) -> None:
                              **state.state_dict()})
             if best:
                 ckpt.link(last, s.out / "best.pt")
-            write_config(s)          # the flags of what last.pt holds, written after it
         except OSError as exc:       # ENOSPC, EROFS, EDQUOT ...: the temp file is gone, last.pt untouched
             raise RunError(f"{last}: cannot write the checkpoint ({exc.strerror or exc}); "
                            f"the previous one is intact: {last_finite(s.out)}; once there is room, "
                            f"continue with python train.py --resume {s.out}") from None
+        try:
+            write_config(s)          # the flags of what last.pt holds, written after it
+        except OSError as exc:
+            raise RunError(f"{s.out / 'config.json'}: cannot write ({exc.strerror or exc}); {last} is saved: "
+                           f"once there is room, continue with python train.py --resume {s.out}") from None
     on_main(s, write)
 
 

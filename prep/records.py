@@ -87,7 +87,11 @@ def jpeg_structure_error(data) -> str | None:
     head = bytes(data[:4096])                   # Python bytes: ~10x faster to index than an array
     pos, frame, tables = 2, False, False
     while True:
-        if pos + 4 > n - 2 or head[pos] != 0xFF:
+        if pos + 4 > n - 2:
+            return f"header damaged at byte {pos}: a marker was expected"
+        if pos + 4 > len(head):                 # fill bytes ran past the first read
+            head = bytes(data[:pos + 4096])
+        if head[pos] != 0xFF:
             return f"header damaged at byte {pos}: a marker was expected"
         if head[pos + 1] == 0xFF:                # a fill byte before the marker (the standard allows any)
             pos += 1

@@ -240,6 +240,31 @@ def test_a_second_process_on_the_same_run_is_refused(tmp_path, capsys):
     assert resume(tmp_path, config(epochs=2)) == 0      # the lock released, the run goes on
 
 
+def test_a_checkpoint_replaced_after_it_was_read_is_not_resumed(tmp_path):
+    """A requeued job reads last.pt while the old job still drains and saves a newer one: the
+    newer steps would be lost, so the resume is refused once the lock is ours."""
+    assert start(tmp_path, config(epochs=1)) == 0
+    read = (tmp_path / "last.pt", os.stat(tmp_path / "last.pt"))
+    assert resume(tmp_path, config(epochs=2)) == 0          # "the old job" saves a newer last.pt
+    s = session(tmp_path, config(epochs=3))
+    state = R.new_state(s.cfg, 1)
+    R.restore(s, state, ckpt.load(tmp_path / "last.pt", keys=R.RESUME_KEYS), tmp_path / "last.pt", False)
+    with pytest.raises(R.RunError, match="last.pt: replaced since this process read it"):
+        R.run_session(s, state, read)
+
+
+def test_a_fresh_run_rewrites_a_failed_runs_config(tmp_path, capsys):
+    """A fresh run that stopped before its first checkpoint (NaN at step 1) leaves config.json;
+    the next fresh run in that folder writes its own flags at start."""
+    def nan(i, x):
+        return x * float("nan")
+    assert start(tmp_path, config(lr=0.5), {0: nan}) == 3
+    assert not (tmp_path / "last.pt").exists()
+    assert json.loads((tmp_path / "config.json").read_text())["lr"] == 0.5
+    assert start(tmp_path, config(lr=0.05, epochs=1), {0: nan}) == 3
+    assert json.loads((tmp_path / "config.json").read_text())["lr"] == 0.05
+
+
 def test_bad_record_saves_the_last_step_and_resumes_exactly(full, tmp_path, capsys):
     def bad(i, x):
         if i == 3:

@@ -124,3 +124,19 @@ def test_not_a_records_folder(tmp_path, capsys):
     assert verify.main([str(tmp_path / "none"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
+
+
+def test_structure_check_takes_fill_bytes_and_names_an_erased_header():
+    """0xFF fill bytes before a marker are legal JPEG; a header erased to 0xFF (a flash block)
+    is a reason, never an exception (verify's workers and the Loader's feed rely on that)."""
+    import io
+    from PIL import Image
+    from prep.records import jpeg_structure_error
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 24), (200, 30, 90)).save(buf, "JPEG", quality=90)
+    good = buf.getvalue()
+    assert jpeg_structure_error(good) is None
+    assert jpeg_structure_error(good[:2] + b"\xff" * 3 + good[2:]) is None
+    erased = good[:2] + b"\xff" * 6000 + good[-2:]
+    assert jpeg_structure_error(erased).startswith("header damaged at byte")
+    assert verify.jpeg_error(erased).startswith("bad JPEG (header damaged")

@@ -32,9 +32,9 @@ import numpy as np
 
 from common.config import Parser, check_at_least
 from common.console import counted
-from prep.config import build_command
 from common.errors import UserError, error_line
 from common.system import usable_cores
+from prep.config import build_command
 from prep.records import (SPLITS, RecordsError, _header_ok, file_crc32, jpeg_structure_error, parse_label,
                           read_index, read_meta, shard_paths)
 from prep.shards import TAR_BLOCK

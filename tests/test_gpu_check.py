@@ -1,9 +1,10 @@
-"""scripts/gpu_check.py: its dry run (CPU, tiny sizes) runs every step that needs no CUDA and
-writes the report; the repeated-shard records read as one long epoch."""
+"""scripts/gpu_check.py's parts (the whole dry run is rehearsed in test_gpu_check_rehearsal.py):
+the steps' PYTHONPATH, the scratch folder, the registry probe, the refusal without a GPU, and
+the repeated-shard records reading as one long epoch."""
 from __future__ import annotations
 
 import json
-import subprocess
+import os
 import sys
 from pathlib import Path
 
@@ -14,33 +15,30 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import gpu_check  # noqa: E402
 
 
-@pytest.mark.slow
-def test_dry_run_runs_every_cpu_step_and_writes_the_report(tmp_path):
-    done = subprocess.run([sys.executable, "scripts/gpu_check.py", str(tmp_path / "report"), "--dry-run",
-                           "--no-install", "--budget", "900"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=1200)   # a step is skipped when its minimum time is not left: room for a slow CI
-    report = json.loads((tmp_path / "report" / "gpu_check.json").read_text())
-    steps = {s["name"]: s for s in report["steps"]}
-    assert done.returncode == 0, [(n, s["status"], s["output_tail"][-500:]) for n, s in steps.items()]
-    ran = {"environment", "gpu tests", "sample set", "records", "loader bench", "model bench fp32",
-           "model bench bf16 channels_last", "model bench fp16 channels_last", "train cpu", "train cpu fp16", "train cpu u8-loader"}
-    assert {n for n, s in steps.items() if s["status"] == "passed"} >= ran
-    assert steps["records"]["results"]["train_images"] == 4 * 12 * 2
-    assert set(steps["loader bench"]["results"]) == {"dali", "dali-u8", "torch", "decode"}
-    assert steps["loader bench"]["results"]["dali-u8"]["finish_images_per_s"] > 0
-    assert steps["model bench fp16 channels_last"]["results"]["ours"] > 0
-    assert steps["train cpu"]["results"]["steps"] == 2
-    assert "--amp fp16" in " ".join(steps["train cpu fp16"]["command"])
-    assert "--loader-device cpu" in " ".join(steps["train cpu u8-loader"]["command"])
-    markdown = (tmp_path / "report" / "gpu_check.md").read_text()
-    assert "| loader bench | passed |" in markdown and "dry run" in markdown
+def test_steps_keep_the_callers_pythonpath_behind_the_checkout(tmp_path, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(["/tmp/site", "/opt/x"]))
+    check = gpu_check.Check(tmp_path / "r", tmp_path / "w", 60, dry=True)
+    assert check.env["PYTHONPATH"].split(os.pathsep) == [str(ROOT), "/tmp/site", "/opt/x"]
+
+
+def test_scratch_inside_the_report_folder_is_refused(tmp_path, capsys):
+    assert gpu_check.main([str(tmp_path / "r"), "--dry-run", "--work", str(tmp_path / "r" / "w")]) == 2
+    assert capsys.readouterr().err.startswith("error: ") and not (tmp_path / "r" / "w").exists()
+
+
+def test_no_registry_is_known_without_asking_pip(monkeypatch):
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    assert gpu_check.registry_answers() is False
+    monkeypatch.delenv("PIP_NO_INDEX")
+    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")     # a closed port
+    assert gpu_check.registry_answers(timeout=1.0) is False
 
 
 def test_without_a_gpu_the_real_run_refuses_in_one_line(tmp_path, capsys):
     import torch
     if torch.cuda.is_available():
         pytest.skip("a GPU is visible here")
-    assert gpu_check.main([str(tmp_path / "r"), "--no-install", "--budget", "60"]) == 2
+    assert gpu_check.main([str(tmp_path / "r"), "--no-install", "--budget", "60", "--work", str(tmp_path / "w")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: no CUDA GPU") and err.count("\n") == 1
 

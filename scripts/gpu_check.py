@@ -422,9 +422,9 @@ def repeat_shards(rec: Path, out: Path, repeat: int) -> None:
 def step_loader_bench(check: Check, sizes: Sizes, records: Path) -> None:
     out = check.work / "loader_bench.json"
     out.unlink(missing_ok=True)
-    step = check.run("loader bench", python("loader bench", "--records", records, "--loaders", "dali,dali-u8,torch,decode",
-                                            "--device", sizes.device, *sizes.loader_args, "--no-progress",
-                                            "--json", out), 120)
+    step = check.run("loader bench", python("loader bench", "--records", records,
+                                            "--loaders", "dali,dali-u8,torch,decode", "--device", sizes.device,
+                                            *sizes.loader_args, "--no-progress", "--json", out), 120)
 
     def parse():
         step.data = _load_json(out)

@@ -26,7 +26,7 @@ from typing import Callable, TypeVar
 import torch
 from torch import nn
 
-from common.atomic import append_line, lock_folder, write_json, write_text
+from common.atomic import LockHeld, append_line, lock_folder, unlock_folder, write_json, write_text
 from common.config import from_dict, to_dict
 from common.system import usable_cores
 from common.errors import UserError, error_line
@@ -428,9 +428,10 @@ def run_session(s: Session, state: TrainState, read: tuple[Path, os.stat_result]
     def prepare() -> None:
         s.out.mkdir(parents=True, exist_ok=True)     # ENOTDIR/EACCES/EROFS: a one-line OSError
         try:
-            lock.append(lock_folder(s.out / RUN_LOCK))
-        except BlockingIOError:
-            raise RunError(f"{s.out}: another train.py is running this run (it holds {s.out / RUN_LOCK}); "
+            lock.append(lock_folder(s.out / RUN_LOCK, s.say.line))
+        except BlockingIOError as exc:
+            who = f" ({exc.who()})" if isinstance(exc, LockHeld) else ""
+            raise RunError(f"{s.out}: another train.py{who} is running this run (it holds {s.out / RUN_LOCK}); "
                            "wait for it to end or stop it, then resume") from None
         except OSError as exc:
             if exc.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
@@ -458,7 +459,7 @@ def run_session(s: Session, state: TrainState, read: tuple[Path, os.stat_result]
             log.close()
     finally:
         for fd in lock:
-            os.close(fd)
+            unlock_folder(fd)
 
 
 def fit(s: Session, state: TrainState, stop: StopFlag, log: logs.RunLog) -> int:

@@ -40,6 +40,7 @@ import contextlib
 import importlib.util
 import json
 import shutil
+import signal
 import time
 from typing import Callable
 
@@ -54,9 +55,9 @@ from prep.finish import collect, finish, summary as _summary
 from prep.outdir import clean_stale, locked_out, prepare_out, remove_temp_files
 from prep.plan import ShardTask, params_of, plan
 from prep.records import DEFAULT_RECORDS, DEFAULT_SAMPLE
-from prep.repair import repair
+from prep.repair import repair, repair_statistics
 from prep.source import Source, scan
-from prep.workers import PARTIAL, run_tasks, shard_done
+from prep.workers import PARTIAL, Stopped, raise_stopped, run_tasks, shard_done
 
 SAMPLE_MARKER = ".sample-complete.json"
 SAMPLE_PARAMS = {"classes": 10, "train_per_class": 100, "val_per_class": 20, "seed": 0}  # the built-in set
@@ -99,11 +100,12 @@ def build(cfg: PrepConfig, *, on_shard: Callable[[str, int], None] | None = None
     with locked_out(out):
         if prepare_out(out, identity, cfg.overwrite, cfg.repair):
             t_run = time.perf_counter()
-            written = repair(out, tasks, cfg.workers or usable_cores(), cfg.progress,
-                             lambda line: print(line, flush=True)) if cfg.repair else 0
+            say = lambda line: print(line, flush=True)  # noqa: E731
+            written = repair(out, tasks, cfg.workers or usable_cores(), cfg.progress, say) if cfg.repair else 0
+            fixed = cfg.repair and repair_statistics(out, tasks, cfg.workers or usable_cores(), cfg.progress, say)
             rate = written / max(time.perf_counter() - t_run, 1e-9)
             ffcv = _maybe_ffcv(cfg, out, src, tasks)
-            return _summary(out, reused=not written, written=written, seconds=time.perf_counter() - t0, ffcv=ffcv,
+            return _summary(out, reused=not (written or fixed), written=written, seconds=time.perf_counter() - t0, ffcv=ffcv,
                             rate=rate)
         for split in ("train", "val"):
             (out / split).mkdir(parents=True, exist_ok=True)
@@ -177,11 +179,17 @@ def print_summary(summary: dict) -> None:
 
 def main(argv=None) -> int:
     cfg = parse_args(PrepConfig, argv, prog="build_records.py", description=__doc__.splitlines()[0])
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:   # kill, a scheduler's stop: as Ctrl-C
+        signal.signal(signal.SIGTERM, raise_stopped)
     try:
         summary = build(cfg)
     except (UserError, OSError) as exc:   # an OS failure outside OUT's own checks is one line too
         print(f"error: {error_line(exc)}", file=sys.stderr)
         return 2
+    except Stopped as exc:
+        print(f"stopped by {signal.Signals(exc.signum).name}: workers stopped, finished shards are kept; "
+              "rerun the same command to resume", file=sys.stderr)
+        return 128 + exc.signum
     except KeyboardInterrupt:
         print("interrupted: finished shards are kept; rerun the same command to resume", file=sys.stderr)
         return 130

@@ -68,16 +68,22 @@ def eigen_colour_image(stats: dict):
     return img
 
 
-def finish(out: Path, src: Source, identity: dict, got: dict) -> dict:
-    """Write stats, stats.png, mean image, skip list, then meta.json (the completion marker)."""
-    if got["counts"]["train"] == 0:
-        raise PrepError(f"--source {src.root}: no decodable training image")
-    stats = finalize(got["sums"])
+def write_statistics(out: Path, sums: PixelSums, mean_sum: np.ndarray, count: int) -> dict:
+    """stats.json, stats.png and mean_image.npy from the exact sums over ``count`` train images."""
+    stats = finalize(sums)
     write_json(out / "stats.json", stats)
     with atomic_open(out / "stats.png", "wb") as fh:
         eigen_colour_image(stats).save(fh, "PNG")
     with atomic_open(out / "mean_image.npy", "wb") as fh:
-        np.save(fh, got["mean_sum"] / got["counts"]["train"])  # float64, 0-255 scale
+        np.save(fh, mean_sum / count)  # float64, 0-255 scale
+    return stats
+
+
+def finish(out: Path, src: Source, identity: dict, got: dict) -> dict:
+    """Write stats, stats.png, mean image, skip list, then meta.json (the completion marker)."""
+    if got["counts"]["train"] == 0:
+        raise PrepError(f"--source {src.root}: no decodable training image")
+    stats = write_statistics(out, got["sums"], got["mean_sum"], got["counts"]["train"])
     write_json(out / "skipped.json", got["skipped"])
     meta = {"format": FORMAT, "classes": list(src.classes), "counts": got["counts"],
             "shards": got["shards"], "crc32": got["crc32"], "source": identity["source"], "params": identity["params"],

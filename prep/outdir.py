@@ -17,8 +17,9 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
-from common.atomic import lock_folder
+from common.atomic import LockHeld, lock_folder, unlock_folder
 from prep.config import PrepError, build_command
+from prep.records import statistics_problems
 from prep.workers import PARTIAL
 
 LOCK = ".build.lock"
@@ -37,15 +38,18 @@ def _os_message(out: Path, exc: OSError) -> str:
 @contextlib.contextmanager
 def locked_out(out: Path) -> Iterator[None]:
     """Create OUT if needed and hold OUT/.build.lock (flock, released by the kernel if the process
-    dies, so a killed build never blocks the next); on any error remove what this call created."""
+    dies, so a killed build never blocks the next; the workers do not keep it, and a lock whose
+    recorded owner is gone is taken over: common.atomic.lock_folder); on any error remove what
+    this call created."""
     if out.exists() and not out.is_dir():
         raise PrepError(f"--out {out}: is a file, not a folder")
     created = [p for p in (out, *out.parents) if not p.exists()]
     try:
         out.mkdir(parents=True, exist_ok=True)
         fd = lock_folder(out / LOCK)
-    except BlockingIOError:
-        raise PrepError(f"--out {out}: another build is writing into it (lock {out / LOCK} is held); "
+    except BlockingIOError as exc:
+        who = f" ({exc.who()})" if isinstance(exc, LockHeld) else ""
+        raise PrepError(f"--out {out}: another build{who} is writing into it (lock {out / LOCK} is held); "
                         "wait for it to finish or pick another folder") from None
     except OSError as exc:
         _remove_created(created)
@@ -60,7 +64,7 @@ def locked_out(out: Path) -> Iterator[None]:
             _remove_created(created)
         raise
     finally:
-        os.close(fd)
+        unlock_folder(fd)
 
 
 def _remove_created(created: list[Path]) -> None:
@@ -95,12 +99,14 @@ def _missing(paths: list[Path]) -> str:
 
 def _check_complete(out: Path, repair: bool) -> None:
     """A finished build must still have every file readers need (its partials are gone). Its
-    shards can be rebuilt one by one (--repair); the statistics only by a whole build."""
+    shards and its statistics files can be rebuilt (--repair); skipped.json only by a whole build."""
     meta = json.loads((out / "meta.json").read_text())
-    missing = [out / n for n in ("stats.json", "skipped.json", "mean_image.npy") if not (out / n).is_file()]
-    if missing:
-        raise PrepError(f"--out {out}: finished build with missing files ({_missing(missing)}); "
+    if not (out / "skipped.json").is_file():
+        raise PrepError(f"--out {out}: finished build with missing files ({out / 'skipped.json'}); "
                         "pass --overwrite to rebuild it")
+    if not repair and (problems := statistics_problems(out, meta)):
+        path, why = problems[0]
+        raise PrepError(f"{path}: {why}; rerun the same command with --repair to rebuild the statistics")
     shards = [p for rel in meta["shards"]["train"] + meta["shards"]["val"]
               for p in (out / rel, (out / rel).with_suffix(".idx"))]
     missing = [p for p in shards if not p.is_file()]
@@ -118,6 +124,9 @@ def prepare_out(out: Path, identity: dict, overwrite: bool, repair: bool = False
             return False                      # unfinished: resume it
         try:
             _check_complete(out, repair)
+            # a build killed after writing meta.json (its completion mark) left these
+            remove_temp_files(out)
+            shutil.rmtree(out / PARTIAL, ignore_errors=True)
             return True
         except PrepError:
             if not overwrite:

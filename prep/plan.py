@@ -21,6 +21,7 @@ class ShardTask:
     root: str
     out: str
     quality: int
+    stats_only: bool = False   # decode and sum the pixels only, write no shard (--repair of the statistics)
 
     @property
     def name(self) -> str:

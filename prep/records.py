@@ -388,3 +388,61 @@ def _header_ok(header: bytes, name: bytes, size: int) -> bool:
         return False
     checksum = sum(header[:148]) + 8 * ord(" ") + sum(header[156:])
     return stored == checksum and member_size == size and header[:100].rstrip(b"\0") == name
+
+
+# ----------------------------------------------------------------------------- the statistics files
+
+def statistics_problems(out: str | Path, meta: dict) -> list[tuple[Path, str]]:
+    """What is wrong with the files training reads beside the shards, as (file, what): stats.json
+    (every field, shapes, finite, pixels = train records x 256², std = √diag(cov), eigval
+    descending and eigvec orthonormal with cov = V·diag(λ)·Vᵀ) and mean_image.npy (256x256x3
+    float64, finite, 0-255, its average = stats' mean). Empty if both are good. Both are sums
+    over the train records, so ``build_records.py ... --repair`` rebuilds them."""
+    out = Path(out)
+    problems: list[tuple[Path, str]] = []
+    size = int(meta.get("params", {}).get("size", 256))
+    stats_path, mean_path = out / "stats.json", out / "mean_image.npy"
+    try:
+        stats = read_stats(out)
+    except RecordsError as exc:
+        problems.append((stats_path, _without_path(str(exc), stats_path)))
+        stats = None
+    if stats is not None:
+        vals, vecs, cov = stats.eigval, stats.eigvec, stats.cov
+        scale = max(float(np.abs(cov).max()), 1.0)       # 0-255² units: tolerances relative to it
+        train = meta["counts"]["train"]
+        if isinstance(train, int) and stats.pixels != train * size * size:
+            problems.append((stats_path, f"pixels {stats.pixels} is not the {train} train records x {size}x{size}"))
+        if not np.all((stats.mean >= 0) & (stats.mean <= 255)):
+            problems.append((stats_path, f"mean {stats.mean.tolist()} is outside 0-255"))
+        if not np.allclose(cov, cov.T, rtol=0, atol=1e-9 * scale):
+            problems.append((stats_path, "cov is not symmetric"))
+        if not np.allclose(stats.std, np.sqrt(np.clip(np.diag(cov), 0, None)), rtol=1e-9, atol=1e-9):
+            problems.append((stats_path, "std is not the square root of cov's diagonal"))
+        if not (vals[0] >= vals[1] >= vals[2] >= -1e-9 * scale):
+            problems.append((stats_path, f"eigval {vals.tolist()} is not descending and non-negative"))
+        if not np.allclose(vecs.T @ vecs, np.eye(3), rtol=0, atol=1e-9):
+            problems.append((stats_path, "eigvec is not orthonormal"))
+        elif not np.allclose(vecs @ np.diag(vals) @ vecs.T, cov, rtol=0, atol=1e-9 * scale):
+            problems.append((stats_path, "eigval/eigvec are not the eigen-decomposition of cov"))
+    if not mean_path.is_file():
+        problems.append((mean_path, "missing"))
+        return problems
+    try:
+        image = np.load(mean_path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        problems.append((mean_path, f"unreadable ({exc})"))
+        return problems
+    if image.shape != (size, size, 3) or image.dtype != np.float64:
+        problems.append((mean_path, f"expected float64 {(size, size, 3)}, got {image.dtype} {image.shape}"))
+    elif not np.all(np.isfinite(image)) or image.min() < 0 or image.max() > 255:
+        problems.append((mean_path, "values are not finite numbers in 0-255"))
+    elif stats is not None and not np.allclose(image.mean(axis=(0, 1)), stats.mean, rtol=0, atol=1e-6):
+        problems.append((mean_path, f"its average {image.mean(axis=(0, 1)).round(4).tolist()} is not stats.json's "
+                                    f"mean {stats.mean.round(4).tolist()}"))
+    return problems
+
+
+def _without_path(message: str, path: Path) -> str:
+    prefix = f"{path}: "
+    return message[len(prefix):] if message.startswith(prefix) else message

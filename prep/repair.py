@@ -11,15 +11,18 @@ only a whole new build (--overwrite) is consistent then.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
+
 from prep.config import PrepError
 from prep.outdir import remove_temp_files
 from prep.plan import ShardTask
-from prep.records import shard_damage
+from prep.records import shard_damage, statistics_problems
 from prep.workers import PARTIAL, partial_path, run_tasks
 
 
@@ -80,3 +83,42 @@ def repair(out: Path, tasks: list[ShardTask], workers: int, progress: bool, say)
                         "differs from the original build, so it was removed again: the source files or the "
                         "imaging libraries changed since (meta.json: versions); rebuild everything with --overwrite")
     return sum(len(t.items) for t in todo)
+
+
+def repair_statistics(out: Path, tasks: list[ShardTask], workers: int, progress: bool, say) -> bool:
+    """Rebuild stats.json, stats.png and mean_image.npy where prep.verify finds them damaged or
+    missing: they are integer sums over the train pixels before JPEG encoding (docs/design.md),
+    so they are recomputed from the source photos (every train photo decoded and resized again,
+    nothing encoded), which gives exactly the original files. Returns True if it rebuilt them.
+    PrepError if the source no longer gives the build's train record count."""
+    from prep import transform
+    from prep.finish import write_statistics
+    from prep.stats import PixelSums
+    meta = json.loads((out / "meta.json").read_text())
+    problems = statistics_problems(out, meta)
+    if not problems and (out / "stats.png").is_file():
+        return False
+    for path, why in problems or [(out / "stats.png", "missing")]:
+        say(f"damaged: {path}: {why}")
+    todo = [dataclasses.replace(t, stats_only=True) for t in tasks if t.split == "train"]
+    (out / PARTIAL / "train").mkdir(parents=True, exist_ok=True)
+    try:
+        run_tasks(todo, min(workers, len(todo)), progress)
+        sums, count = PixelSums(), 0
+        mean_sum = np.zeros((transform.SIZE, transform.SIZE, 3), np.int64)
+        for task in todo:
+            part = json.loads(partial_path(out, task.split, task.name, "json").read_text())
+            count += part["records"]
+            sums.merge(PixelSums.from_json(part["sums"]))
+            mean_sum += np.load(partial_path(out, task.split, task.name, "npy"))
+    finally:
+        remove_temp_files(out)
+        shutil.rmtree(out / PARTIAL, ignore_errors=True)
+    if count != meta["counts"]["train"]:
+        raise PrepError(f"--out {out}: the source now gives {count} decodable train images, the build had "
+                        f"{meta['counts']['train']}: its statistics cannot be recomputed; rebuild everything "
+                        "with --overwrite")
+    write_statistics(out, sums, mean_sum, count)
+    say(f"repaired: {out / 'stats.json'}, {out / 'mean_image.npy'}, {out / 'stats.png'} "
+        "(recomputed from the source photos: exactly the build's)")
+    return True

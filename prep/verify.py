@@ -6,9 +6,11 @@ decoded, every label read.
 Prints one line per record that fails — ``SHARD KEY: what`` (a JPEG that does not decode, a
 .cls that is not a class index of meta.json, a record whose tar header does not match the
 index) — or per shard whose index does not match its tar or whose .tar or .idx is missing
-(``SHARD -: what``); the other shards are still checked. Exit status:
-0 all records are good, 1 some failed (repair: the build command plus --repair), 2 RECORDS is not a records
-folder (one line on stderr).
+(``SHARD -: what``); the other shards are still checked. Then every other file training reads:
+stats.json and mean_image.npy (prep.records.statistics_problems) and meta.json against the
+shards (record counts, classes), one ``FILE: what`` line each. Exit status:
+0 all is good, 1 something failed (repair: the build command plus --repair, which rebuilds the
+shards and the statistics files), 2 RECORDS is not a records folder (one line on stderr).
 
 The decoder is PIL (libjpeg); where libturbojpeg is installed, every JPEG is also decoded
 with its warnings turned into errors, which catches corrupt data that libjpeg decodes
@@ -36,7 +38,7 @@ from common.errors import UserError, error_line
 from common.system import usable_cores
 from prep.config import build_command
 from prep.records import (SPLITS, RecordsError, _header_ok, file_crc32, jpeg_structure_error, parse_label,
-                          read_index, read_meta, shard_paths)
+                          read_index, read_meta, shard_paths, statistics_problems)
 from prep.shards import TAR_BLOCK
 
 
@@ -192,13 +194,19 @@ def verify(cfg: VerifyConfig, out=None) -> int:
         else (lambda line: print(line, file=out, flush=True))
     progress = _bar() if tty else None
     total = bad_records = bad_shards = done = 0
-    with ProcessPoolExecutor(workers) as pool, (progress or _nothing()):
+    found = {split: 0 for split in SPLITS}          # records per split in the indexes that could be read
+    broken = set()                                  # splits with a shard that could not be read
+    with ProcessPoolExecutor(max(workers, 1)) as pool, (progress or _nothing()):
         task = progress.add_task("verify", total=len(shards)) if progress else None
         jobs = [pool.submit(verify_shard, tar, idx, classes, crc) for tar, idx, crc in shards]
         for job in jobs:                     # in shard order, so the report reads in order
             result = job.result()
             shard_level = sum(key == "-" for key, _ in result.failures)
             total, done = total + result.records, done + 1
+            split = result.tar.parent.name
+            found[split] += result.records
+            if shard_level:
+                broken.add(split)
             bad_records += len(result.failures) - shard_level
             bad_shards += shard_level > 0
             for key, why in result.failures:
@@ -208,14 +216,25 @@ def verify(cfg: VerifyConfig, out=None) -> int:
             elif cfg.progress and (done % max(1, len(shards) // 20) == 0 or done == len(shards)):
                 say(f"verify: {done}/{len(shards)} shards, {total} records, {bad_records} bad, "
                     f"{bad_shards} bad shards")
+    files = statistics_problems(records, meta)
+    for split in SPLITS:
+        if split not in broken and found[split] != meta["counts"][split]:
+            files.append((records / "meta.json", f"counts {split} records {meta['counts'][split]}, "
+                                                 f"but its {split} shards hold {found[split]}"))
+    if not isinstance(meta["classes"], list) or not meta["classes"] or \
+            len(set(map(str, meta["classes"]))) != len(meta["classes"]):
+        files.append((records / "meta.json", "classes is not a list of distinct class names"))
+    for path, why in files:
+        say(f"{path}: {why}")
     checked = sum(crc is not None for _, _, crc in shards)
-    failed = bad_records + bad_shards
+    failed = bad_records + bad_shards + len(files)
     say(f"verify: {total} records in {len(shards)} shards: {counted(bad_records, 'bad record')}, "
-        f"{counted(bad_shards, 'bad shard')} "
+        f"{counted(bad_shards, 'bad shard')}, {counted(len(files), 'bad statistics/meta file')} "
         f"(decoder: PIL{' + strict libturbojpeg' if strict else '; libturbojpeg not found'}; "
         + (f"checksums of {checked} shards)" if checked else "no checksums: records built before they were kept)"))
-    if failed and checked:
-        say("verify: repair (it rebuilds exactly the damaged shards, byte for byte), then resume training: "
+    if failed and checked or files and not (bad_records or bad_shards):
+        say("verify: repair (it rebuilds exactly the damaged shards, byte for byte, and the statistics files), "
+            "then resume training: "
             + build_command(str(records), meta["source"], meta["params"], "--repair"))
     elif failed:
         say("verify: these records predate the shard checksums: delete the .tar and .idx of each shard listed, "

@@ -11,6 +11,7 @@ import json
 import multiprocessing
 import os
 import signal
+import sys
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -49,6 +50,29 @@ def shard_done(out: Path, task: ShardTask) -> bool:
     return ok
 
 
+class _Counter:
+    """In place of a ShardWriter where only the statistics are recomputed: counts, writes nothing."""
+    crc32 = None
+
+    def __init__(self):
+        self.count = 0
+
+    def add(self, key: str, jpeg: bytes, label: int) -> None:
+        self.count += 1
+
+    def close(self) -> list:
+        return []
+
+    def abort(self) -> None:
+        pass
+
+    def __enter__(self) -> "_Counter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
 def write_shard(task: ShardTask, tick: Callable[[int], None]) -> list[tuple[Path, Path]]:
     """Decode, resize, encode and write one shard and its skips and pixel sums (.partial/),
     all under temp names: the (temp, final) pairs for ``common.atomic.publish``, the partial
@@ -59,7 +83,7 @@ def write_shard(task: ShardTask, tick: Callable[[int], None]) -> list[tuple[Path
     mean_sum = ImageSum((transform.SIZE, transform.SIZE, 3)) if task.split == "train" else None
     pending: list[tuple[Path, Path]] = []
     try:
-        with ShardWriter(tar, tar.with_suffix(".idx")) as writer:
+        with (_Counter() if task.stats_only else ShardWriter(tar, tar.with_suffix(".idx"))) as writer:
             for rel, label, key in task.items:
                 try:
                     pixels = transform.decode_record((root / rel).read_bytes())
@@ -74,7 +98,7 @@ def write_shard(task: ShardTask, tick: Callable[[int], None]) -> list[tuple[Path
                 if mean_sum is not None:  # train: exact sums of the pixels before JPEG encoding
                     sums.add_image(pixels)
                     mean_sum.add(pixels)
-                writer.add(key, transform.encode_jpeg(pixels, task.quality), label)
+                writer.add(key, b"" if task.stats_only else transform.encode_jpeg(pixels, task.quality), label)
                 tick(1)
             if writer.count:
                 pending += writer.close()
@@ -86,7 +110,7 @@ def write_shard(task: ShardTask, tick: Callable[[int], None]) -> list[tuple[Path
             pending.append(write_unsynced(partial_path(out, task.split, task.name, "npy"), buf.getvalue()))
         pending.append(write_unsynced(partial_path(out, task.split, task.name, "json"), json_text({
             "records": writer.count, "tar": f"{task.split}/{tar.name}" if writer.count else None,
-            "skipped": skipped, "sums": sums.to_json(), "crc32": writer.crc32 if writer.count else None}).encode()))
+            "skipped": skipped, "sums": sums.to_json(), "crc32": writer.crc32 if writer.count and not task.stats_only else None}).encode()))
     except BaseException:
         for tmp, _ in pending:
             tmp.unlink(missing_ok=True)
@@ -100,10 +124,29 @@ _SHARED_COUNTER = None
 _RUNNING = None
 
 
-def _init_worker(counter, running) -> None:
+def _die_with_parent(parent: int) -> None:
+    """Have the kernel SIGKILL this worker when the build's process dies (Linux's
+    PR_SET_PDEATHSIG), whatever killed it (kill -9 included): an orphaned worker would sit idle
+    forever. If the parent is already gone (it died before the prctl), exit at once. Elsewhere
+    than Linux nothing is set: the parent's own handlers stop the workers on SIGINT/SIGTERM."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)        # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _init_worker(counter, running, parent: int) -> None:
     global _SHARED_COUNTER, _RUNNING
     _SHARED_COUNTER, _RUNNING = counter, running
+    _die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the parent stops the pool, once
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the parent's handler is not the worker's
 
 
 def _tick_shared(n: int) -> None:
@@ -151,7 +194,7 @@ def _run_pool(tasks: list[ShardTask], workers: int, progress: bool, on_shard) ->
     counter = multiprocessing.Value("q", 0)
     running = multiprocessing.RawArray("q", len(tasks))  # each slot is written by one worker at a time
     before = {p.pid for p in multiprocessing.active_children()}
-    pool = ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(counter, running))
+    pool = ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(counter, running, os.getpid()))
     procs: list[multiprocessing.Process] = []
     # Ctrl-C is caught from before the first submit: one landing before `procs` is known would stop
     # nothing (the workers ignore SIGINT from their initializer on)
@@ -186,34 +229,51 @@ def _run_pool(tasks: list[ShardTask], workers: int, progress: bool, on_shard) ->
     pool.shutdown()
 
 
-class _CtrlC:
-    """Ctrl-C while the pool runs, raised only where this process holds no lock.
+class Stopped(KeyboardInterrupt):
+    """The build was stopped by a signal (SIGINT: Ctrl-C, SIGTERM: kill, a job scheduler):
+    ``signum`` names it. A KeyboardInterrupt, so every cleanup that handles Ctrl-C handles it."""
 
-    A KeyboardInterrupt raised at an arbitrary bytecode can land inside concurrent.futures'
-    wait() between taking and releasing a future's lock, and the shutdown that follows then
-    waits on that lock forever. So SIGINT only sets a flag, and ``check()`` raises it at the
-    top of the wait loop (at most 0.25 s later). Installed only where SIGINT has Python's
-    default handler in the main thread: a nohup'ed build keeps ignoring it."""
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def raise_stopped(signum, frame) -> None:
+    """A signal handler: raise Stopped where the main thread is."""
+    raise Stopped(signum)
+
+
+class _CtrlC:
+    """Ctrl-C (SIGINT) or SIGTERM while the pool runs, raised only where this process holds no lock.
+
+    An exception raised at an arbitrary bytecode can land inside concurrent.futures' wait()
+    between taking and releasing a future's lock, and the shutdown that follows then waits on
+    that lock forever. So the signal only sets a flag, and ``check()`` raises Stopped at the
+    top of the wait loop (at most 0.25 s later). Installed only in the main thread and only
+    where the signal is not ignored: a nohup'ed build keeps ignoring SIGINT."""
 
     def __init__(self) -> None:
-        self.hit, self._old = False, None
+        self.hit, self._old = 0, {}
 
     def __enter__(self) -> "_CtrlC":
-        if (threading.current_thread() is threading.main_thread()
-                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
-            self._old = signal.signal(signal.SIGINT, self._handle)
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                if signal.getsignal(signum) not in (signal.SIG_IGN, None):
+                    self._old[signum] = signal.signal(signum, self._handle)
         return self
 
     def _handle(self, signum, frame) -> None:
-        self.hit = True
+        self.hit = self.hit or signum
 
     def check(self) -> None:
-        if self.hit:
+        if self.hit == signal.SIGINT:
             raise KeyboardInterrupt
+        if self.hit:
+            raise Stopped(self.hit)
 
     def __exit__(self, *exc) -> None:
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        for signum, old in self._old.items():
+            signal.signal(signum, old)
 
 
 def _images_done(counter) -> int:

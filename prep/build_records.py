@@ -51,15 +51,16 @@ from common.config import parse_args
 from common.errors import UserError, error_line
 from common.system import usable_cores
 from prep.config import PrepConfig, PrepError  # noqa: F401  (re-exported: the public entry point)
-from prep.finish import collect, finish, summary as _summary
+from prep.finish import collect, finish, names_of, summary as _summary, write_keys
 from prep.outdir import clean_stale, locked_out, prepare_out, remove_temp_files
 from prep.plan import ShardTask, params_of, plan
-from prep.records import DEFAULT_RECORDS, DEFAULT_SAMPLE
+from prep.records import DEFAULT_RECORDS, DEFAULT_SAMPLE, KEYS_FILE
 from prep.repair import repair, repair_statistics
-from prep.source import Source, scan
+from prep.source import Source, read_class_names, scan
 from prep.workers import PARTIAL, Stopped, raise_stopped, run_tasks, shard_done
 
 SAMPLE_MARKER = ".sample-complete.json"
+SYNSET_MAPPING = "LOC_synset_mapping.txt"   # ImageNet's class names, read from SOURCE where it is there
 SAMPLE_PARAMS = {"classes": 10, "train_per_class": 100, "val_per_class": 20, "seed": 0}  # the built-in set
 SAMPLE_VERSION = 6  # bump when prep/sample.py draws different images: an older data/sample is redrawn
 
@@ -94,19 +95,26 @@ def build(cfg: PrepConfig, *, on_shard: Callable[[str, int], None] | None = None
     out = Path(cfg.out) if cfg.out else DEFAULT_RECORDS
     if cfg.source is None:
         ensure_sample(source, cfg.progress)
-    src = scan(source, cfg.val_labels)
+    src = scan(source, cfg.val_labels, cfg.val_fraction)
+    names = names_of(src.classes, _class_names(cfg, source))
     identity = {"source": str(source.resolve()), "params": params_of(cfg, src)}
     tasks = plan(src, cfg, out)
+    warnings = [] if src.val or cfg.val_fraction else [
+        f"{source} has no val/ folder: 0 val records, and training needs some; rebuild with --val-fraction 0.1 "
+        "(and --overwrite) to hold out a tenth of every class of train/"]
     with locked_out(out):
         if prepare_out(out, identity, cfg.overwrite, cfg.repair):
+            _update_names(out, names, warnings)
+            if cfg.repair:
+                _repair_keys(out, tasks)
             t_run = time.perf_counter()
             say = lambda line: print(line, flush=True)  # noqa: E731
             written = repair(out, tasks, cfg.workers or usable_cores(), cfg.progress, say) if cfg.repair else 0
             fixed = cfg.repair and repair_statistics(out, tasks, cfg.workers or usable_cores(), cfg.progress, say)
             rate = written / max(time.perf_counter() - t_run, 1e-9)
             ffcv = _maybe_ffcv(cfg, out, src, tasks)
-            return _summary(out, reused=not (written or fixed), written=written, seconds=time.perf_counter() - t0, ffcv=ffcv,
-                            rate=rate)
+            return {**_summary(out, reused=not (written or fixed), written=written, seconds=time.perf_counter() - t0,
+                               ffcv=ffcv, rate=rate), "warnings": warnings}
         for split in ("train", "val"):
             (out / split).mkdir(parents=True, exist_ok=True)
             (out / PARTIAL / split).mkdir(parents=True, exist_ok=True)
@@ -122,11 +130,35 @@ def build(cfg: PrepConfig, *, on_shard: Callable[[str, int], None] | None = None
                 remove_temp_files(out)  # what they were writing; their finished shards stay
             raise
         run_s = time.perf_counter() - t_run
-        finish(out, src, identity, collect(out, tasks, src))
+        finish(out, src, identity, collect(out, tasks, src), tasks, names)
         written = sum(len(t.items) for t in todo)
         ffcv = _maybe_ffcv(cfg, out, src, tasks)
-        return _summary(out, reused=False, written=written, seconds=time.perf_counter() - t0, ffcv=ffcv,
-                        rate=written / run_s if run_s > 0 else 0.0)
+        return {**_summary(out, reused=False, written=written, seconds=time.perf_counter() - t0, ffcv=ffcv,
+                           rate=written / run_s if run_s > 0 else 0.0), "warnings": warnings}
+
+
+def _class_names(cfg: PrepConfig, source: Path) -> dict[str, str]:
+    """--class-names, else SOURCE/LOC_synset_mapping.txt where it exists, else none."""
+    if cfg.class_names:
+        return read_class_names(Path(cfg.class_names))
+    auto = source / SYNSET_MAPPING
+    return read_class_names(auto) if auto.is_file() else {}
+
+
+def _update_names(out: Path, names: dict[str, str], warnings: list[str]) -> None:
+    """A finished build given other class names: meta.json gets them (names change no record)."""
+    meta = json.loads((out / "meta.json").read_text())
+    if names and meta.get("names") != names:
+        write_json(out / "meta.json", {**meta, "names": names})
+        warnings.append(f"class names updated in {out / 'meta.json'}")
+
+
+def _repair_keys(out: Path, tasks: list[ShardTask]) -> None:
+    """keys.tsv of a finished build rewritten where lost (they follow from the plan and skipped.json)."""
+    meta = json.loads((out / "meta.json").read_text())
+    if "keys" in meta and not all((out / rel).is_file() for rel in meta["keys"].values()):
+        write_keys(out, tasks, json.loads((out / "skipped.json").read_text()))
+        print(f"repaired: {out}/*/{KEYS_FILE}", flush=True)
 
 
 def _maybe_ffcv(cfg: PrepConfig, out: Path, src: Source, tasks: list[ShardTask]) -> list[str]:
@@ -147,7 +179,7 @@ def print_summary(summary: dict) -> None:
     t = Table(title=f"records in {summary['out']}" + (" (already complete, reused)" if summary["reused"] else ""))
     t.add_column("item")
     t.add_column("value", justify="right")
-    t.add_row("classes", str(summary["classes"]))
+    t.add_row("classes (named)", f"{summary['classes']} ({summary['named']})")
     for split in ("train", "val"):
         t.add_row(f"{split} records / shards", f"{summary['counts'][split]} / {summary['shards'][split]}")
     t.add_row("skipped inputs (skipped.json)", str(summary["skipped"]))
@@ -162,6 +194,8 @@ def print_summary(summary: dict) -> None:
                       markup=False, highlight=False)
     if len(summary["skipped_files"]) > 10:
         console.print(f"  ... and {len(summary['skipped_files']) - 10} more (skipped.json)")
+    for line in summary.get("warnings", []):
+        console.print(f"[bold yellow]warning:[/] {line}", soft_wrap=True, highlight=False)
     for wnid in summary["empty_classes"]:
         console.print(f"[bold yellow]warning:[/] class {wnid} has 0 train images (an empty train/{wnid}/ "
                       "folder is almost always a copying mistake)")

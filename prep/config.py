@@ -28,6 +28,12 @@ class PrepConfig:
     quality: int = field(default=90, metadata={"help": "JPEG quality of the 256x256 records (1-100)"})
     val_labels: str | None = field(default=None, metadata={
         "help": "labels for a flat SOURCE/val: Kaggle's LOC_val_solution.csv or 'filename wnid' lines"})
+    val_fraction: float = field(default=0.0, metadata={
+        "help": "for a source without val/: hold out this part of every class of train/ as val records "
+                "(e.g. 0.1; the same photos on every build)"})
+    class_names: str | None = field(default=None, metadata={
+        "help": "class names, ImageNet's LOC_synset_mapping.txt format ('n01440764 tench, Tinca tinca' lines), "
+                "stored in meta.json; default: SOURCE/LOC_synset_mapping.txt where it exists"})
     ffcv: bool = field(default=False, metadata={"help": "also write OUT/train.beton and OUT/val.beton (FFCV)"})
     overwrite: bool = field(default=False, metadata={
         "help": "replace records in OUT built from another source or with other parameters"})
@@ -44,6 +50,8 @@ class PrepConfig:
             raise ValueError(f"--shard-size must be in 1..{MAX_SHARD}, got {self.shard_size}")
         if not 1 <= self.quality <= 100:
             raise ValueError(f"--quality must be in 1..100, got {self.quality}")
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         if self.seed < 0:
             raise ValueError(f"--seed must be >= 0, got {self.seed}")
 
@@ -55,4 +63,6 @@ def build_command(out: str, source: str, params: dict, *extra: str) -> str:
              f"--quality {params['quality']}", f"--seed {params['seed']}"]
     if params.get("val_labels"):
         flags.append(f"--val-labels {shlex.quote(params['val_labels'])}")
+    if params.get("val_fraction"):
+        flags.append(f"--val-fraction {params['val_fraction']}")
     return " ".join(["python prep/build_records.py", *flags, *extra])

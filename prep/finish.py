@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 
-from common.atomic import atomic_open, write_json
+from common.atomic import atomic_open, write_json, write_text
 from prep import transform
 from prep.config import PrepError
 from prep.plan import ShardTask, versions
-from prep.records import FORMAT, file_crc32
+from prep.records import FORMAT, KEYS_FILE, file_crc32, tsv_escape
 from prep.source import Source
 from prep.stats import PixelSums, finalize
 from prep.workers import PARTIAL, partial_path
@@ -79,15 +79,36 @@ def write_statistics(out: Path, sums: PixelSums, mean_sum: np.ndarray, count: in
     return stats
 
 
-def finish(out: Path, src: Source, identity: dict, got: dict) -> dict:
-    """Write stats, stats.png, mean image, skip list, then meta.json (the completion marker)."""
+def write_keys(out: Path, tasks: list[ShardTask], skipped: list[dict]) -> None:
+    """OUT/<split>/keys.tsv: ``key<TAB>shard<TAB>source path`` of every record (the inputs not
+    skipped), in key order; the path relative to the source, escaped (prep.records.tsv_escape)."""
+    left_out = {(s["split"], s["path"]) for s in skipped}
+    for split in ("train", "val"):
+        lines = ["key\tshard\tpath\n"]
+        for task in (t for t in tasks if t.split == split):
+            lines += [f"{key}\t{task.name}\t{tsv_escape(rel)}\n" for rel, _, key in task.items
+                      if (split, rel) not in left_out]
+        write_text(out / split / KEYS_FILE, "".join(lines))
+
+
+def names_of(classes: tuple[str, ...], names: dict[str, str]) -> dict[str, str]:
+    """meta.json's ``names``: {wnid: name} of the classes the names file knows."""
+    return {w: names[w] for w in classes if w in names}
+
+
+def finish(out: Path, src: Source, identity: dict, got: dict, tasks: list[ShardTask],
+           names: dict[str, str]) -> dict:
+    """Write stats, stats.png, mean image, skip list, keys.tsv, then meta.json (the completion
+    marker); ``names``: {wnid: class name} (names_of)."""
     if got["counts"]["train"] == 0:
         raise PrepError(f"--source {src.root}: no decodable training image")
     stats = write_statistics(out, got["sums"], got["mean_sum"], got["counts"]["train"])
     write_json(out / "skipped.json", got["skipped"])
-    meta = {"format": FORMAT, "classes": list(src.classes), "counts": got["counts"],
+    write_keys(out, tasks, got["skipped"])
+    meta = {"format": FORMAT, "classes": list(src.classes), "names": names, "counts": got["counts"],
             "shards": got["shards"], "crc32": got["crc32"], "source": identity["source"], "params": identity["params"],
-            "empty_classes": list(src.empty_classes), "versions": versions()}
+            "empty_classes": list(src.empty_classes), "versions": versions(),
+            "keys": {split: f"{split}/{KEYS_FILE}" for split in ("train", "val")}}
     write_json(out / "meta.json", meta)
     shutil.rmtree(out / PARTIAL, ignore_errors=True)
     return stats
@@ -97,6 +118,7 @@ def summary(out: Path, *, reused: bool, written: int, seconds: float, ffcv: list
     meta = json.loads((out / "meta.json").read_text())
     skipped = json.loads((out / "skipped.json").read_text())
     return {"out": str(out), "source": meta["source"], "classes": len(meta["classes"]),
+            "named": len(meta.get("names") or {}),
             "counts": meta["counts"], "shards": {k: len(v) for k, v in meta["shards"].items()},
             "skipped": len(skipped), "skipped_files": skipped, "reused": reused,
             "empty_classes": meta.get("empty_classes", []),

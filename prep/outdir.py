@@ -104,6 +104,10 @@ def _check_complete(out: Path, repair: bool) -> None:
     if not (out / "skipped.json").is_file():
         raise PrepError(f"--out {out}: finished build with missing files ({out / 'skipped.json'}); "
                         "pass --overwrite to rebuild it")
+    lost = [out / rel for rel in (meta.get("keys") or {}).values() if not (out / rel).is_file()]
+    if lost and not repair:
+        raise PrepError(f"--out {out}: finished build with missing files ({_missing(lost)}); "
+                        "rerun the same command with --repair to rewrite them")
     if not repair and (problems := statistics_problems(out, meta)):
         path, why = problems[0]
         raise PrepError(f"{path}: {why}; rerun the same command with --repair to rebuild the statistics")

@@ -57,7 +57,9 @@ def params_of(cfg: PrepConfig, src: Source) -> dict:
     return {"shard_size": shard_size_of(cfg, src), "quality": cfg.quality, "seed": cfg.seed,
             "val_labels": str(Path(cfg.val_labels).resolve()) if cfg.val_labels else None,
             "size": transform.SIZE, "resample": transform.RESAMPLE_NAME,
-            "jpeg_draft_min_factor": transform.DRAFT_FACTOR, "source_digest": src.digest()}
+            "jpeg_draft_min_factor": transform.DRAFT_FACTOR, "source_digest": src.digest(),
+            # only where set: records built before the flag existed keep their identity
+            **({"val_fraction": cfg.val_fraction} if cfg.val_fraction else {})}
 
 
 def versions() -> dict:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +54,11 @@ class Source:
             for it in items:
                 h.update(f"{split}\t{it.rel}\t{it.label}\t{it.size}\n".encode())
         return h.hexdigest()
+
+
+def control_char(text: str) -> str | None:
+    """The first control character (newline, tab, escape...: Unicode category Cc) in ``text``, or None."""
+    return next((c for c in text if unicodedata.category(c) == "Cc"), None)
 
 
 def printable(name: str) -> str:
@@ -154,8 +160,48 @@ def _flat_val_items(root: Path, labels_path: Path, index: dict[str, int], skippe
     return items
 
 
-def scan(root: str | Path, val_labels: str | None = None) -> Source:
-    """List train and val inputs; SourceError for a missing/empty source or bad labels."""
+def hold_out(train: list[Item], fraction: float) -> tuple[list[Item], list[Item]]:
+    """(train, val): per class, round(fraction x its images) held out as val (at most all but
+    one). Which ones depends only on each file's path (the smallest SHA-256 of it), so the same
+    photos are held out on every build, whatever the seed and whatever else is in the folder."""
+    by_class: dict[int, list[Item]] = {}
+    for it in train:
+        by_class.setdefault(it.label, []).append(it)
+    held: set[str] = set()
+    for items in by_class.values():
+        k = min(int(fraction * len(items) + 0.5), len(items) - 1)
+        ranked = sorted(items, key=lambda it: hashlib.sha256(it.rel.encode()).digest())
+        held.update(it.rel for it in ranked[:k])
+    return [it for it in train if it.rel not in held], [it for it in train if it.rel in held]
+
+
+def read_class_names(path: Path) -> dict[str, str]:
+    """{wnid: name} from ImageNet's LOC_synset_mapping.txt format: ``n01440764 tench, Tinca tinca``
+    (the first word is the wnid, the rest of the line the name). SourceError for an unreadable
+    file, a line without a name, or a name with a control character."""
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SourceError(f"--class-names {path}: cannot read ({exc.__class__.__name__}: {exc})") from None
+    names = {}
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.strip().split(None, 1)
+        if len(parts) != 2:
+            raise SourceError(f"--class-names {path}:{n}: expected 'wnid name', got {line!r}")
+        if control_char(parts[1]) is not None:
+            raise SourceError(f"--class-names {path}:{n}: the name has a control character: {parts[1]!r}")
+        names[parts[0]] = parts[1].strip()
+    if not names:
+        raise SourceError(f"--class-names {path}: empty")
+    return names
+
+
+def scan(root: str | Path, val_labels: str | None = None, val_fraction: float = 0.0) -> Source:
+    """List train and val inputs; SourceError for a missing/empty source or bad labels.
+    ``val_fraction``: hold out that part of each class of train/ as val (``hold_out``), for a
+    source without val/."""
     root = Path(root)
     if not root.is_dir():
         raise SourceError(f"--source {root}: no such folder")
@@ -165,6 +211,10 @@ def scan(root: str | Path, val_labels: str | None = None) -> Source:
     classes = [d.name for d in _entries(root, "train", skipped)[1]]
     if not classes:
         raise SourceError(f"{root / 'train'}: no class folders")
+    for name in classes:   # a class name is printed on one line everywhere (predict, logs): refused, not escaped
+        if (c := control_char(name)) is not None:
+            raise SourceError(f"{root / 'train'}: class folder {name!r} has a control character ({c!r}) in its "
+                              "name; rename the folder")
     index = {w: i for i, w in enumerate(classes)}
     train = _class_items(root, "train", index, skipped)
     if not train:
@@ -178,6 +228,11 @@ def scan(root: str | Path, val_labels: str | None = None) -> Source:
         val = _class_items(root, "val", index, skipped)
         if not val and _entries(root, "val", [])[0]:
             raise SourceError(f"{root / 'val'}: flat layout (no class folders): pass --val-labels")
+    if val_fraction:
+        if (root / "val").exists():
+            raise SourceError(f"--val-fraction: {root / 'val'} exists; the held-out part is for a source "
+                              "without val/ (remove the flag, or the folder)")
+        train, val = hold_out(train, val_fraction)
     present = {it.label for it in train}
     empty = tuple(w for i, w in enumerate(classes) if i not in present)
     return Source(root, tuple(classes), tuple(train), tuple(sorted(val, key=lambda it: it.rel)),

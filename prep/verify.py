@@ -5,8 +5,9 @@ decoded, every label read.
 
 Prints one line per record that fails — ``SHARD KEY: what`` (a JPEG that does not decode, a
 .cls that is not a class index of meta.json, a record whose tar header does not match the
-index) — or per shard whose index does not match its tar or whose .tar or .idx is missing
-(``SHARD -: what``); the other shards are still checked. Then every other file training reads:
+index), with the source photo it was made from where the build kept keys.tsv — or per shard
+whose index does not match its tar or whose .tar or .idx is missing (``SHARD -: what``); the
+other shards are still checked. Then every other file training reads:
 stats.json and mean_image.npy (prep.records.statistics_problems) and meta.json against the
 shards (record counts, classes), one ``FILE: what`` line each. Exit status:
 0 all is good, 1 something failed (repair: the build command plus --repair, which rebuilds the
@@ -37,8 +38,8 @@ from common.console import counted
 from common.errors import UserError, error_line
 from common.system import usable_cores
 from prep.config import build_command
-from prep.records import (SPLITS, RecordsError, _header_ok, file_crc32, jpeg_structure_error, parse_label,
-                          read_index, read_meta, shard_paths, statistics_problems)
+from prep.records import (KEYS_FILE, SPLITS, RecordsError, _header_ok, file_crc32, jpeg_structure_error,
+                          parse_label, read_index, read_keys, read_meta, shard_paths, statistics_problems)
 from prep.shards import TAR_BLOCK
 
 
@@ -195,6 +196,12 @@ def verify(cfg: VerifyConfig, out=None) -> int:
     progress = _bar() if tty else None
     total = bad_records = bad_shards = done = 0
     found = {split: 0 for split in SPLITS}          # records per split in the indexes that could be read
+    photos, files = {}, []                          # {split: {key: (shard, source path)}} from keys.tsv
+    for split in SPLITS:
+        try:
+            photos[split] = read_keys(records, split)
+        except RecordsError as exc:
+            files.append((records / split / KEYS_FILE, _reason(str(exc), records / split / KEYS_FILE, records)))
     broken = set()                                  # splits with a shard that could not be read
     with ProcessPoolExecutor(max(workers, 1)) as pool, (progress or _nothing()):
         task = progress.add_task("verify", total=len(shards)) if progress else None
@@ -210,13 +217,18 @@ def verify(cfg: VerifyConfig, out=None) -> int:
             bad_records += len(result.failures) - shard_level
             bad_shards += shard_level > 0
             for key, why in result.failures:
-                say(f"{result.tar} {key}: {why}")
+                photo = photos.get(split, {}).get(key)
+                say(f"{result.tar} {key}: {why}" + (f" (photo: {photo[1]})" if photo else ""))
             if progress:
                 progress.advance(task)
             elif cfg.progress and (done % max(1, len(shards) // 20) == 0 or done == len(shards)):
                 say(f"verify: {done}/{len(shards)} shards, {total} records, {bad_records} bad, "
                     f"{bad_shards} bad shards")
-    files = statistics_problems(records, meta)
+    files += statistics_problems(records, meta)
+    for split in SPLITS:
+        if split in (meta.get("keys") or {}) and split not in broken and len(photos[split]) != meta["counts"][split]:
+            files.append((records / split / KEYS_FILE, f"lists {len(photos[split])} records, meta.json counts "
+                                                       f"{meta['counts'][split]}"))
     for split in SPLITS:
         if split not in broken and found[split] != meta["counts"][split]:
             files.append((records / "meta.json", f"counts {split} records {meta['counts'][split]}, "

@@ -274,3 +274,126 @@ def test_verify_finds_meta_counts_that_disagree_with_the_shards(records, tmp_pat
     status, text = _verify(out)
     assert status == 1 and f"meta.json: counts val records {meta['counts']['val']}, but its val shards hold " \
         f"{meta['counts']['val'] - 1}" in text, text
+
+
+# ---------------------------------------------------------------- names, keys, a held-out val part
+
+def _read_tar(out: Path, shard: str, key: str) -> tuple[bytes, int]:
+    import tarfile
+    with tarfile.open(out / shard) as tar:
+        return tar.extractfile(f"{key}.jpg").read(), int(tar.extractfile(f"{key}.cls").read())
+
+
+def test_keys_tsv_maps_every_record_to_its_source_photo(photo_source, tmp_path):
+    """Every record's key names the photo it was made from: decoding that photo with the
+    build's own transform gives the record's pixels (up to the JPEG encoding)."""
+    from prep import transform
+    from prep.records import read_index, read_keys, read_meta, shard_paths
+    out = tmp_path / "out"
+    build(cfg(photo_source, out))
+    meta = read_meta(out)
+    skipped = {s["path"] for s in json.loads((out / "skipped.json").read_text())}
+    for split in ("train", "val"):
+        keys = read_keys(out, split)
+        records = [(tar, k.decode()) for tar, idx in shard_paths(out, split) for k in read_index(tar, idx).keys]
+        assert sorted(keys) == sorted(k for _, k in records) and len(keys) == meta["counts"][split]
+        for tar, key in records:
+            shard, rel = keys[key]
+            assert shard == tar.stem and rel not in skipped
+            jpeg, label = _read_tar(out, f"{split}/{shard}.tar", key)
+            assert meta["classes"][label] == rel.split("/")[1]
+            want = transform.decode_record((photo_source / rel).read_bytes()).astype(int)
+            got = transform.decode_record(jpeg).astype(int)
+            assert np.abs(got - want).mean() < 4, (key, rel)
+
+
+def test_keys_tsv_escapes_tabs_and_newlines_in_file_names(src, tmp_path):
+    import shutil
+    from prep.records import read_keys
+    source = tmp_path / "src"
+    shutil.copytree(src, source)
+    first = sorted((source / "train").iterdir())[0]
+    photo = next(p for p in sorted(first.iterdir()) if p.suffix.lower() in (".jpeg", ".jpg"))
+    odd = photo.with_name("a\tb\nc\\d.JPEG")
+    photo.rename(odd)
+    out = tmp_path / "out"
+    build(cfg(source, out))
+    paths = [rel for _, rel in {**read_keys(out, "train"), **read_keys(out, "val")}.values()]
+    assert f"train/{first.name}/a\tb\nc\\d.JPEG" in paths
+    assert all(len(line.split("\t")) == 3 for line in (out / "train" / "keys.tsv").read_text().splitlines())
+
+
+def test_a_class_folder_name_with_a_control_character_is_refused_in_one_line(src, tmp_path):
+    import shutil
+    source = tmp_path / "src"
+    shutil.copytree(src, source)
+    wnid = sorted(p.name for p in (source / "train").iterdir())[0]
+    for split in ("train", "val"):                 # accepted silently before: predict printed it on two lines
+        (source / split / wnid).rename(source / split / "n0\nbad")
+    run = subprocess.run([*BUILD, *argv(source, tmp_path / "out", 1)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.count("\n") == 1 and "class folder 'n0\\nbad' has a control character ('\\n')" in run.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def _names_file(path: Path, classes: list[str]) -> Path:
+    path.write_text("".join(f"{w} name of {w}, Latin {i}\n" for i, w in enumerate(classes[:-1])))
+    return path
+
+
+def test_class_names_from_a_file_or_from_source(src, records, tmp_path):
+    import shutil
+    from prep.records import class_names, read_meta
+    classes = read_meta(records)["classes"]
+    out = tmp_path / "out"
+    build(cfg(src, out, class_names=str(_names_file(tmp_path / "names.txt", classes))))
+    named = class_names(read_meta(out))
+    assert named == {**{w: f"name of {w}, Latin {i}" for i, w in enumerate(classes[:-1])}, classes[-1]: classes[-1]}
+    assert class_names(read_meta(records)) == {w: w for w in classes}   # none given: the wnids
+    source = tmp_path / "src"
+    shutil.copytree(src, source)
+    _names_file(source / "LOC_synset_mapping.txt", classes)             # ImageNet's file, read by itself
+    build(cfg(source, tmp_path / "auto"))
+    assert class_names(read_meta(tmp_path / "auto")) == named
+    bad = tmp_path / "bad.txt"
+    bad.write_text(f"{classes[0]}\n")
+    run = subprocess.run([*BUILD, *argv(src, tmp_path / "o2", 1), "--class-names", str(bad)],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and run.stderr.strip() == f"error: --class-names {bad}:1: expected 'wnid name', " \
+        f"got {classes[0]!r}", run.stderr
+
+
+def test_val_fraction_holds_out_a_part_of_every_class(src, tmp_path):
+    import shutil
+    from prep.records import read_keys, read_meta
+    source = tmp_path / "src"
+    shutil.copytree(src, source)
+    shutil.rmtree(source / "val")
+    run = subprocess.run([*BUILD, "--source", str(source), "--out", str(tmp_path / "none"), "--workers", "1"],
+                         capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "300"})
+    assert run.returncode == 0 and "has no val/ folder: 0 val records" in run.stdout and "--val-fraction" in run.stdout
+    per_class = {d.name: sorted(f"train/{d.name}/{p.name}" for p in d.iterdir() if not p.name.startswith("."))
+                 for d in (source / "train").iterdir()}
+    got = []
+    for seed, out in ((0, tmp_path / "a"), (5, tmp_path / "b")):
+        build(cfg(source, out, val_fraction=0.25, seed=seed))
+        skipped = {s["path"] for s in json.loads((out / "skipped.json").read_text())}
+        train = {rel for _, rel in read_keys(out, "train").values()}
+        val = {rel for _, rel in read_keys(out, "val").values()}
+        assert not train & val and train | val | skipped == {r for rels in per_class.values() for r in rels}
+        for wnid, rels in per_class.items():   # round(0.25 x files) of every class held out (undecodable ones skipped)
+            held = {r for r in rels if _held(r, rels, 0.25)}
+            assert len(held) == int(0.25 * len(rels) + 0.5) > 0 and held - skipped == val & set(rels), wnid
+        meta = read_meta(out)
+        assert meta["counts"]["val"] == len(val) and meta["params"]["val_fraction"] == 0.25
+        got.append(val)
+    assert got[0] == got[1]                     # the same photos whatever the seed
+    with pytest.raises(Exception, match="--val-fraction: .*val exists"):
+        build(cfg(src, tmp_path / "c", val_fraction=0.1))
+
+
+def _held(rel: str, rels: list[str], fraction: float) -> bool:
+    """The independent rule: the round(fraction x n) paths of a class with the smallest SHA-256."""
+    import hashlib
+    k = int(fraction * len(rels) + 0.5)
+    return rel in sorted(rels, key=lambda r: hashlib.sha256(r.encode()).digest())[:k]

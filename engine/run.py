@@ -430,8 +430,8 @@ def run_session(s: Session, state: TrainState, read: tuple[Path, os.stat_result]
         try:
             lock.append(lock_folder(s.out / RUN_LOCK, s.say.line))
         except BlockingIOError as exc:
-            who = f" ({exc.who()})" if isinstance(exc, LockHeld) else ""
-            raise RunError(f"{s.out}: another train.py{who} is running this run (it holds {s.out / RUN_LOCK}); "
+            who = f", {exc.who()}" if isinstance(exc, LockHeld) else ""
+            raise RunError(f"{s.out}: another train.py is running this run (it holds {s.out / RUN_LOCK}{who}); "
                            "wait for it to end or stop it, then resume") from None
         except OSError as exc:
             if exc.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):

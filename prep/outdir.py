@@ -48,8 +48,8 @@ def locked_out(out: Path) -> Iterator[None]:
         out.mkdir(parents=True, exist_ok=True)
         fd = lock_folder(out / LOCK)
     except BlockingIOError as exc:
-        who = f" ({exc.who()})" if isinstance(exc, LockHeld) else ""
-        raise PrepError(f"--out {out}: another build{who} is writing into it (lock {out / LOCK} is held); "
+        who = f" by {exc.who()}" if isinstance(exc, LockHeld) else ""
+        raise PrepError(f"--out {out}: another build is writing into it (lock {out / LOCK} is held{who}); "
                         "wait for it to finish or pick another folder") from None
     except OSError as exc:
         _remove_created(created)

@@ -72,7 +72,8 @@ def all_records(out: Path, split: str) -> list[tuple[str, bytes, int]]:
 
 def tree_bytes(out: Path) -> dict[str, bytes]:
     """Every file of a records folder (for byte-identity checks); meta's source path dropped."""
-    files = {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    files = {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*"))
+             if p.is_file() and p.name != ".build.lock"}     # the lock names its last owner (pid, time)
     meta = json.loads(files["meta.json"])
     meta.pop("source")
     files["meta.json"] = json.dumps(meta).encode()
@@ -598,12 +599,15 @@ def test_complete_output_is_reused_and_checked(small_source, tmp_path):
     assert tree_bytes(out) == before  # the refusal changed nothing
     build(cfg(small_source, out, shard_size=5, quality=80, overwrite=True))
     assert read_meta(out)["params"]["quality"] == 80
+    whole = tree_bytes(out)
     (out / read_meta(out)["shards"]["val"][0]).unlink()
     with pytest.raises(PrepError, match="missing shard files.*rerun the same command with --repair"):
         build(cfg(small_source, out, shard_size=5, quality=80))
-    (out / "stats.json").unlink()                 # the statistics come only from a whole build
-    with pytest.raises(PrepError, match=r"missing files \(.*stats.json\); pass --overwrite"):
-        build(cfg(small_source, out, shard_size=5, quality=80, repair=True))
+    (out / "stats.json").unlink()                 # the statistics: recomputed from the source by --repair
+    with pytest.raises(PrepError, match=r"stats.json: missing .*rerun the same command with --repair"):
+        build(cfg(small_source, out, shard_size=5, quality=80))
+    assert not build(cfg(small_source, out, shard_size=5, quality=80, repair=True))["reused"]
+    assert tree_bytes(out) == whole
 
 
 def _flip_a_bit_inside_a_jpeg(tar: Path) -> None:

@@ -171,7 +171,7 @@ def test_a_lock_held_by_a_live_build_names_it(src, tmp_path):
     finally:
         unlock_folder(fd)
     assert rerun.returncode == 2
-    assert f"another build (pid {os.getpid()} on {os.uname().nodename}, since " in rerun.stderr, rerun.stderr
+    assert f"is held by pid {os.getpid()} on {os.uname().nodename}, since " in rerun.stderr, rerun.stderr
 
 
 # The CLI killed right after it wrote meta.json (the completion mark), before it removed .partial/.

@@ -55,7 +55,7 @@ from prep.finish import collect, finish, names_of, summary as _summary, write_ke
 from prep.outdir import clean_stale, locked_out, prepare_out, remove_temp_files
 from prep.plan import ShardTask, params_of, plan
 from prep.records import DEFAULT_RECORDS, DEFAULT_SAMPLE, KEYS_FILE
-from prep.repair import repair, repair_statistics
+from prep.repair import repair, repair_statistics, statistics_from_records
 from prep.source import Source, read_class_names, scan
 from prep.workers import PARTIAL, Stopped, raise_stopped, run_tasks, shard_done
 
@@ -95,6 +95,12 @@ def build(cfg: PrepConfig, *, on_shard: Callable[[str, int], None] | None = None
     out = Path(cfg.out) if cfg.out else DEFAULT_RECORDS
     if cfg.source is None:
         ensure_sample(source, cfg.progress)
+    if cfg.repair and not source.is_dir() and _built_from(out, source):
+        with locked_out(out):   # the source is gone: only the statistics can be recomputed (from the records)
+            fixed = statistics_from_records(out, cfg.workers or usable_cores(), cfg.progress,
+                                            lambda line: print(line, flush=True))
+            return {**_summary(out, reused=not fixed, written=0, seconds=time.perf_counter() - t0, ffcv=[]),
+                    "warnings": []}
     src = scan(source, cfg.val_labels, cfg.val_fraction)
     names = names_of(src.classes, _class_names(cfg, source))
     identity = {"source": str(source.resolve()), "params": params_of(cfg, src)}
@@ -135,6 +141,14 @@ def build(cfg: PrepConfig, *, on_shard: Callable[[str, int], None] | None = None
         ffcv = _maybe_ffcv(cfg, out, src, tasks)
         return {**_summary(out, reused=False, written=written, seconds=time.perf_counter() - t0, ffcv=ffcv,
                            rate=written / run_s if run_s > 0 else 0.0), "warnings": warnings}
+
+
+def _built_from(out: Path, source: Path) -> bool:
+    """True where OUT holds a finished build whose meta.json names ``source``."""
+    try:
+        return json.loads((out / "meta.json").read_text())["source"] == str(source.resolve())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def _class_names(cfg: PrepConfig, source: Path) -> dict[str, str]:

@@ -12,6 +12,7 @@ only a whole new build (--overwrite) is consistent then.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import shutil
 from concurrent.futures import ThreadPoolExecutor
@@ -121,4 +122,53 @@ def repair_statistics(out: Path, tasks: list[ShardTask], workers: int, progress:
     write_statistics(out, sums, mean_sum, count)
     say(f"repaired: {out / 'stats.json'}, {out / 'mean_image.npy'}, {out / 'stats.png'} "
         "(recomputed from the source photos: exactly the build's)")
+    return True
+
+
+def statistics_from_records(out: Path, threads: int, progress: bool, say) -> bool:
+    """``--repair`` where the source is gone: stats.json, stats.png and mean_image.npy recomputed
+    from the train records' JPEGs (PIL's decoder, threads). Close to the build's but not equal:
+    the build summed the pixels before JPEG encoding. Shards cannot be rebuilt without the
+    source, so a damaged one is refused (PrepError). Returns True if it rebuilt the statistics."""
+    from PIL import Image
+
+    from prep import transform
+    from prep.finish import write_statistics
+    from prep.records import read_index
+    from prep.stats import ImageSum, PixelSums
+    meta = json.loads((out / "meta.json").read_text())
+    damaged = [why for rel in meta["shards"]["train"] + meta["shards"]["val"] if (why := shard_damage(out, meta, rel))]
+    if damaged:
+        raise PrepError(f"{damaged[0]}{f' (and {len(damaged) - 1} more)' if len(damaged) > 1 else ''}; the source "
+                        f"{meta['source']} is gone, so shards cannot be rebuilt: restore it, then --repair")
+    problems = statistics_problems(out, meta)
+    if not problems and (out / "stats.png").is_file():
+        return False
+    for path, why in problems or [(out / "stats.png", "missing")]:
+        say(f"damaged: {path}: {why}")
+
+    def shard_sums(rel: str) -> tuple[PixelSums, np.ndarray, int]:
+        tar = out / rel
+        index = read_index(tar, tar.with_suffix(".idx"))
+        sums, image = PixelSums(), ImageSum((transform.SIZE, transform.SIZE, 3))
+        with open(tar, "rb") as fh:
+            for offset, size in index.jpg:
+                fh.seek(int(offset))              # the index points at the member's data
+                with Image.open(io.BytesIO(fh.read(int(size)))) as im:
+                    pixels = np.asarray(im.convert("RGB"))
+                sums.add_image(pixels)
+                image.add(pixels)
+        return sums, image.total(), len(index)
+
+    sums, count = PixelSums(), 0
+    mean_sum = np.zeros((transform.SIZE, transform.SIZE, 3), np.int64)
+    with ThreadPoolExecutor(threads) as pool:
+        for part, image, n in pool.map(shard_sums, meta["shards"]["train"]):
+            sums.merge(part)
+            mean_sum += image
+            count += n
+    write_statistics(out, sums, mean_sum, count)
+    say(f"repaired: {out / 'stats.json'}, {out / 'mean_image.npy'}, {out / 'stats.png'} (recomputed from the "
+        "records' JPEGs, as the source is gone: close to the build's, not equal, since the build summed the "
+        "pixels before JPEG encoding)")
     return True

@@ -397,3 +397,28 @@ def _held(rel: str, rels: list[str], fraction: float) -> bool:
     import hashlib
     k = int(fraction * len(rels) + 0.5)
     return rel in sorted(rels, key=lambda r: hashlib.sha256(r.encode()).digest())[:k]
+
+
+def test_repair_without_the_source_recomputes_the_statistics_from_the_records(photo_source, tmp_path):
+    """The source gone: --repair recomputes the statistics from the records' JPEGs and says so;
+    they differ from the build's (pixels summed before JPEG encoding) by JPEG noise only."""
+    import shutil
+    from prep.records import read_stats
+    source, out = tmp_path / "src", tmp_path / "out"
+    shutil.copytree(photo_source, source)
+    build(cfg(source, out))
+    good, good_mean = read_stats(out), np.load(out / "mean_image.npy")
+    shutil.rmtree(source)
+    (out / "stats.json").unlink()
+    (out / "mean_image.npy").unlink()
+    run = subprocess.run([*BUILD, *argv(source, out, 1), "--repair"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "recomputed from the records' JPEGs, as the source is gone" in run.stdout, run.stdout
+    got = read_stats(out)
+    assert got.pixels == good.pixels
+    assert np.abs(got.mean - good.mean).max() < 1.0 and np.abs(got.eigval - good.eigval).max() < 0.05 * good.eigval[0]
+    assert np.abs(np.load(out / "mean_image.npy") - good_mean).mean() < 1.0
+    assert _verify(out)[0] == 0
+    (out / "train" / "shard-000000.tar").unlink()          # a shard cannot come back without the source
+    run = subprocess.run([*BUILD, *argv(source, out, 1), "--repair"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and run.stderr.count("\n") == 1 and "is gone, so shards cannot be rebuilt" in run.stderr

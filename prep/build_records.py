@@ -3,6 +3,7 @@
     python prep/build_records.py                      # built-in sample set -> data/records
     python prep/build_records.py --source /data/imagenet --out /data/records [--workers 32]
         [--shard-size 1000] [--quality 90] [--val-labels LOC_val_solution.csv] [--ffcv] [--overwrite] [--repair]
+        [--class-names LOC_synset_mapping.txt] [--val-fraction 0.1]
 
 Writes (see prep/records.py for the readers and README "records" for the details):
     OUT/train/shard-NNNNNN.tar + .idx   train records, globally shuffled (seeded) at write time
@@ -11,6 +12,7 @@ Writes (see prep/records.py for the readers and README "records" for the details
     OUT/stats.png                       the three eigen-colours as swatches (mean ± k·√λ·p)
     OUT/mean_image.npy                  per-pixel mean train image (float64 256x256x3, 0-255)
     OUT/skipped.json                    inputs left out, with the reason
+    OUT/train/keys.tsv, OUT/val/keys.tsv  key, shard, source path of every record
     OUT/meta.json                       classes, counts, shards, source, params, versions (written last)
     OUT/train.beton, OUT/val.beton      FFCV's format, with --ffcv
 
@@ -19,6 +21,10 @@ appear only when complete (temp name + rename) and its integer pixel sums are ke
 OUT/.partial/ until the build finishes, so a rerun after Ctrl-C or a kill redoes only the
 unfinished shards and ends with exactly the output of an uninterrupted run. A worker process
 that dies (out-of-memory killer, a crash) ends the build with one line naming its shard, exit 2.
+Workers die with the build (PR_SET_PDEATHSIG on Linux) and keep no copy of OUT's lock. Exit
+status: 0 done, 2 one `error:` line (bad input, an OS failure, a dead worker), 130 Ctrl-C,
+143 SIGTERM (one line; rerun to resume). A rerun after any kill ends with exactly the tree of an
+uninterrupted build (a kill after meta.json: the rerun removes what finishing had left).
 meta.json keeps the CRC-32 of every shard: the same command with ``--repair`` rebuilds exactly
 the shards damaged or lost since (prep/repair.py), and prep.verify reports them.
 

@@ -7,6 +7,7 @@
 Layout of OUT:
     meta.json, stats.json, skipped.json, mean_image.npy (float64 256x256x3, 0-255)
     train/shard-000000.tar + .idx, ...   val/shard-000000.tar + .idx, ...
+    train/keys.tsv, val/keys.tsv         key -> shard, source photo (read_keys); names: class_names(meta)
     train.beton, val.beton               (only with --ffcv)
 """
 from __future__ import annotations

@@ -110,7 +110,8 @@ def write_shard(task: ShardTask, tick: Callable[[int], None]) -> list[tuple[Path
             pending.append(write_unsynced(partial_path(out, task.split, task.name, "npy"), buf.getvalue()))
         pending.append(write_unsynced(partial_path(out, task.split, task.name, "json"), json_text({
             "records": writer.count, "tar": f"{task.split}/{tar.name}" if writer.count else None,
-            "skipped": skipped, "sums": sums.to_json(), "crc32": writer.crc32 if writer.count and not task.stats_only else None}).encode()))
+            "skipped": skipped, "sums": sums.to_json(),
+            "crc32": writer.crc32 if writer.count else None}).encode()))
     except BaseException:
         for tmp, _ in pending:
             tmp.unlink(missing_ok=True)

@@ -350,6 +350,11 @@ def test_class_names_from_a_file_or_from_source(src, records, tmp_path):
     named = class_names(read_meta(out))
     assert named == {**{w: f"name of {w}, Latin {i}" for i, w in enumerate(classes[:-1])}, classes[-1]: classes[-1]}
     assert class_names(read_meta(records)) == {w: w for w in classes}   # none given: the wnids
+    shards = {n: b for n, b in tree_bytes(out).items() if n != "meta.json"}
+    (tmp_path / "other.txt").write_text(f"{classes[0]} another name\n")
+    again = build(cfg(src, out, class_names=str(tmp_path / "other.txt")))   # names alone: meta.json updated
+    assert again["reused"] and class_names(read_meta(out))[classes[0]] == "another name"
+    assert {n: b for n, b in tree_bytes(out).items() if n != "meta.json"} == shards
     source = tmp_path / "src"
     shutil.copytree(src, source)
     _names_file(source / "LOC_synset_mapping.txt", classes)             # ImageNet's file, read by itself

@@ -1,9 +1,9 @@
 """Forward+backward images/s: our two-tower AlexNet vs a plain nn.Sequential of the same layers.
 
-    python -m model.bench                                   # CPU, batch 128
-    python -m model.bench --device cuda:0 --amp bf16 --channels-last --steps 20 --json out.json
-    python -m model.bench --device cuda:0,cuda:1            # ours split over two GPUs
-    python -m model.bench --device cuda:0 --amp fp16 --channels-last   # fp16 with a loss scale
+    python -m bench.model                                   # CPU, batch 128
+    python -m bench.model --device cuda:0 --amp bf16 --channels-last --steps 20 --json out.json
+    python -m bench.model --device cuda:0,cuda:1            # ours split over two GPUs
+    python -m bench.model --device cuda:0 --amp fp16 --channels-last   # fp16 with a loss scale
 
 The reference is what a user would write: the same layers as one nn.Sequential, grouped
 convolutions (groups=2) for conv2/4/5 and torch.nn.LocalResponseNorm(5, alpha=5e-4, beta=0.75, k=2)
@@ -152,7 +152,7 @@ def print_table(result: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(BenchConfig, argv, prog="python -m model.bench", description=__doc__.split("\n")[0])
+    cfg = parse_args(BenchConfig, argv, prog="python -m bench.model", description=__doc__.split("\n")[0])
     try:
         result = run(cfg)
     except (UserError, OSError) as exc:   # e.g. a device that does not exist

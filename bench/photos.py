@@ -1,6 +1,6 @@
 """A small ImageNet-layout tree of real photographs, from the photos scikit-image ships offline.
 
-    python -m prep.photos DIR [--n 60]         # also: python -m prep.bench --photos 60
+    python -m bench.photos DIR [--n 60]         # also: python -m bench.prep --photos 60
 
 The generated sample set is synthetic; the records' resize has to hold up on real photos (fine
 texture, edges, noise), so tests and the prep benchmark also run on crops of ``skimage.data``'s
@@ -134,7 +134,7 @@ def make_photo_set(root: str | Path, n: int = 60, seed: int = 0, val_every: int 
 
 
 def main(argv=None) -> int:
-    ap = Parser(prog="python -m prep.photos", description=__doc__.splitlines()[0])
+    ap = Parser(prog="python -m bench.photos", description=__doc__.splitlines()[0])
     ap.add_argument("root")
     ap.add_argument("--n", type=int, default=60)
     ap.add_argument("--seed", type=int, default=0)

@@ -1,8 +1,8 @@
 """Prep throughput: our records writer vs FFCV's DatasetWriter vs the bare decode+resize+encode loop (the floor).
 
-    python -m prep.bench                              # on the built-in sample set (data/sample)
-    python -m prep.bench --source /data/imagenet-subset --workers 8 --repeat 3 --json prep_bench.json
-    python -m prep.bench --photos 2000 --repeat 3    # on N crops of real photographs (scikit-image),
+    python -m bench.prep                              # on the built-in sample set (data/sample)
+    python -m bench.prep --source /data/imagenet-subset --workers 8 --repeat 3 --json prep_bench.json
+    python -m bench.prep --photos 2000 --repeat 3    # on N crops of real photographs (scikit-image),
                                                       # ImageNet's sizes (--photo-sizes mixed: smaller)
 
 All three process the same source files (train + val of --source), side by side in one run,
@@ -44,7 +44,7 @@ from common.system import usable_cores
 from common.timing import interleaved
 from prep import transform
 from prep.build_records import PrepConfig, build, ensure_sample
-from prep.records import DEFAULT_SAMPLE
+from records.format import DEFAULT_SAMPLE
 from prep.source import SourceError, scan
 
 QUALITY = 90
@@ -105,7 +105,7 @@ def _source(args, tmp: Path) -> tuple[Path, str | None]:
     """(source folder, val labels) to bench: --photos N crops, --source, or the sample set. A flat
     val/ without labels is dropped (a train-only view of the source under ``tmp``)."""
     if args.photos:
-        from prep.photos import make_photo_set
+        from bench.photos import make_photo_set
         return make_photo_set(tmp / "photos", n=args.photos, seed=0, sizes=args.photo_sizes), None
     source = Path(args.source) if args.source else DEFAULT_SAMPLE
     if args.source is None:
@@ -124,7 +124,7 @@ def _source(args, tmp: Path) -> tuple[Path, str | None]:
 
 
 def main(argv=None) -> int:
-    ap = Parser(prog="python -m prep.bench", description=__doc__.splitlines()[0])
+    ap = Parser(prog="python -m bench.prep", description=__doc__.splitlines()[0])
     ap.add_argument("--source", default=None, help="ImageNet-style folder; default: the built-in sample set")
     ap.add_argument("--val-labels", default=None, help="labels of a flat SOURCE/val (as build_records.py)")
     ap.add_argument("--photos", type=int, default=0,

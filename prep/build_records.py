@@ -53,7 +53,7 @@ from prep.config import PrepConfig, PrepError  # noqa: F401  (re-exported: the p
 from prep.finish import collect, finish, summary as _summary
 from prep.outdir import clean_stale, locked_out, prepare_out, remove_temp_files
 from prep.plan import ShardTask, params_of, plan
-from prep.records import DEFAULT_RECORDS, DEFAULT_SAMPLE
+from records.format import DEFAULT_RECORDS, DEFAULT_SAMPLE
 from prep.repair import repair
 from prep.source import Source, scan
 from prep.workers import PARTIAL, run_tasks, shard_done

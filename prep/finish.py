@@ -12,7 +12,8 @@ from common.atomic import atomic_open, write_json
 from prep import transform
 from prep.config import PrepError
 from prep.plan import ShardTask, versions
-from prep.records import FORMAT, file_crc32
+from records.folder import file_crc32
+from records.format import FORMAT
 from prep.source import Source
 from prep.stats import PixelSums, finalize
 from prep.workers import PARTIAL, partial_path

@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Iterator
 
 from common.atomic import lock_folder
-from prep.config import PrepError, build_command
+from prep.config import PrepError
 from prep.workers import PARTIAL
+from records.format import build_command
 
 LOCK = ".build.lock"
 KNOWN = ("train", "val", PARTIAL, "meta.json", "stats.json", "stats.png", "skipped.json", "mean_image.npy",

@@ -19,7 +19,7 @@ from pathlib import Path
 from prep.config import PrepError
 from prep.outdir import remove_temp_files
 from prep.plan import ShardTask
-from prep.records import shard_damage
+from records.folder import shard_damage
 from prep.workers import PARTIAL, partial_path, run_tasks
 
 

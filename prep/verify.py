@@ -34,10 +34,10 @@ from common.config import Parser, check_at_least
 from common.console import counted
 from common.errors import UserError, error_line
 from common.system import usable_cores
-from prep.config import build_command
-from prep.records import (SPLITS, RecordsError, _header_ok, file_crc32, jpeg_structure_error, parse_label,
-                          read_index, read_meta, shard_paths)
-from prep.shards import TAR_BLOCK
+from records.folder import file_crc32, read_meta, shard_paths
+from records.format import SPLITS, TAR_BLOCK, RecordsError, build_command
+from records.index import header_ok, parse_label, read_index
+from records.jpeg import StrictJpeg, jpeg_error, jpeg_structure_error
 
 
 @dataclass(frozen=True)
@@ -55,67 +55,6 @@ class ShardResult:
     tar: Path
     records: int
     failures: list[tuple[str, str]]    # (key or "-", what)
-
-
-class StrictJpeg:
-    """libturbojpeg with TJFLAG_STOPONWARNING: "Corrupt JPEG data" warnings become errors.
-    ``available`` is False where the library is not installed."""
-    STOP_ON_WARNING, PIXEL_RGB = 8192, 0
-
-    def __init__(self):
-        name = ctypes.util.find_library("turbojpeg")
-        self.available = False
-        if name is None:
-            return
-        try:
-            lib = ctypes.CDLL(name)
-            lib.tjInitDecompress.restype = ctypes.c_void_p
-            lib.tjDecompressHeader3.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_ulong] + \
-                [ctypes.POINTER(ctypes.c_int)] * 4
-            lib.tjDecompress2.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_ulong,
-                                          ctypes.c_void_p] + [ctypes.c_int] * 5
-            lib.tjGetErrorStr2.restype = ctypes.c_char_p
-            lib.tjGetErrorStr2.argtypes = [ctypes.c_void_p]
-            self._handle = lib.tjInitDecompress()
-        except (OSError, AttributeError):
-            return
-        self._lib, self.available = lib, bool(self._handle)
-
-    def error(self, jpeg: bytes) -> str | None:
-        """None if ``jpeg`` decodes without a warning, else libjpeg's message."""
-        lib, h = self._lib, self._handle
-        w, ht, sub, cs = (ctypes.c_int() for _ in range(4))
-        if lib.tjDecompressHeader3(h, jpeg, len(jpeg), *(ctypes.byref(v) for v in (w, ht, sub, cs))):
-            return lib.tjGetErrorStr2(h).decode(errors="replace")
-        out = np.empty((ht.value, w.value, 3), np.uint8)
-        if lib.tjDecompress2(h, jpeg, len(jpeg), out.ctypes.data, w.value, 0, ht.value,
-                             self.PIXEL_RGB, self.STOP_ON_WARNING):
-            return lib.tjGetErrorStr2(h).decode(errors="replace")
-        return None
-
-
-_STRICT: StrictJpeg | None = None   # one per worker process (a decompressor handle)
-
-
-def jpeg_error(jpeg: bytes) -> str | None:
-    """Why ``jpeg`` is not a good JPEG (the structure check the Loader runs before DALI, PIL,
-    then the strict decoder), or None."""
-    from PIL import Image
-    global _STRICT
-    if why := jpeg_structure_error(jpeg):
-        return f"bad JPEG ({why})"
-    try:
-        with Image.open(io.BytesIO(jpeg)) as image:
-            image.convert("RGB").load()
-    except Image.UnidentifiedImageError:       # its message names a BytesIO object, not the data
-        return "bad JPEG (no image header PIL can identify)"
-    except Exception as exc:      # PIL raises OSError, SyntaxError, ValueError... for bad data
-        return f"bad JPEG ({exc})"
-    if _STRICT is None:
-        _STRICT = StrictJpeg()
-    if _STRICT.available and (message := _STRICT.error(jpeg)):
-        return f"bad JPEG ({message})"
-    return None
 
 
 def verify_shard(tar: Path, idx: Path, classes: int, crc32: dict | None = None) -> ShardResult:
@@ -140,8 +79,8 @@ def verify_shard(tar: Path, idx: Path, classes: int, crc32: dict | None = None) 
             jpg_header, jpeg = fh.read(TAR_BLOCK), fh.read(int(js))
             fh.seek(int(co) - TAR_BLOCK)
             cls_header, label = fh.read(TAR_BLOCK), fh.read(int(cs))
-            if not (_header_ok(jpg_header, f"{key}.jpg".encode(), int(js))
-                    and _header_ok(cls_header, f"{key}.cls".encode(), int(cs))):
+            if not (header_ok(jpg_header, f"{key}.jpg".encode(), int(js))
+                    and header_ok(cls_header, f"{key}.cls".encode(), int(cs))):
                 failures.append((key, "the tar header does not match the index"))
                 continue
             try:

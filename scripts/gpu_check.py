@@ -229,7 +229,7 @@ def repeat_shards(rec: Path, out: Path, repeat: int) -> None:
 
 def step_loader_bench(check: Check, sizes: Sizes, records: Path) -> None:
     out = check.report / "loader_bench.json"
-    step = check.run("loader bench", [sys.executable, "-m", "pipeline.bench", "--records", records,
+    step = check.run("loader bench", [sys.executable, "-m", "bench.loaders", "--records", records,
                                       "--loaders", "dali,dali-u8,torch,decode", "--device", sizes.device,
                                       *sizes.loader_args, "--no-progress", "--json", out], 150)
     loaders = _load_json(out).get("loaders", {})
@@ -244,7 +244,7 @@ MODEL_CONFIGS = (("fp32", ()), ("bf16 channels_last", ("--amp", "bf16", "--chann
 def step_model_bench(check: Check, sizes: Sizes) -> None:
     for label, args in MODEL_CONFIGS:
         out = check.report / f"model_bench_{label.split()[0]}.json"
-        step = check.run(f"model bench {label}", [sys.executable, "-m", "model.bench", "--device", sizes.device,
+        step = check.run(f"model bench {label}", [sys.executable, "-m", "bench.model", "--device", sizes.device,
                                                   *args, *sizes.model_args, "--no-progress", "--json", out], 90)
         step.results = _load_json(out).get("median_images_per_s", {})
 

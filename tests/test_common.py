@@ -99,16 +99,16 @@ def test_check_at_least_names_the_flag_and_skips_none():
 
 def test_every_one_line_error_is_a_user_error():
     """Entry points catch UserError: every class whose message is a user's one line must be one."""
+    from bench.loaders import BenchError
     from engine.checkpoint import CheckpointError
     from engine.distributed import DeviceError as EngineDeviceError
-    from engine.export import ExportError
-    from engine.figures import FiguresError
-    from engine.predict import PredictError
     from engine.run import RunError
-    from engine.weights import WeightsError
-    from pipeline.bench import BenchError
-    from pipeline.loader import LoaderError
-    from prep.records import RecordsError
+    from pipeline.errors import LoaderError
+    from records.format import RecordsError
+    from tools.export import ExportError
+    from tools.figures import FiguresError
+    from tools.predict import PredictError
+    from tools.weights import WeightsError
     for cls in (CheckpointError, EngineDeviceError, ExportError, FiguresError, PredictError, RunError,
                 WeightsError, BenchError, LoaderError, RecordsError, ConfigError, DeviceError):
         assert issubclass(cls, UserError), cls

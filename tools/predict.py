@@ -6,7 +6,7 @@ The preprocessing is training's: the records' 256x256 image (shorter side to 256
 square, prep.transform), then the central 224 crop or the paper's 10 crops (corners, centre,
 and their mirrors) with the softmax averaged over them, minus the run's mean (RGB or per pixel),
 0-255 scale, not divided by std. ``--checkpoint`` takes a training checkpoint (its records
-folder gives the class names and mean) or a file written by ``python -m engine.export`` in its
+folder gives the class names and mean) or a file written by ``python -m tools.export`` in its
 default state_dict format (the traced formats are for other programs). Without it: the run
 under runs/ whose checkpoint was written last (its best.pt, else last.pt), named on stderr.
 Exit status: 0 done, 2 bad input: a missing checkpoint or image is one ``error:`` line before
@@ -26,8 +26,8 @@ from common.errors import UserError, error_line
 from pipeline import reference
 from prep.transform import ImageError, decode_record
 
-from . import weights
-from .voting import vote
+from tools import weights
+from engine.voting import vote
 
 TOP = 5
 BATCH = 32           # images per forward (x10 views with --tencrop)

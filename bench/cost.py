@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from rich.table import Table
 
 from common.atomic import write_json
+from common.cli import run_command
 from common.config import check_at_least, parse_args
 from common.console import make_console
-from common.errors import UserError, error_line
 from common.timing import interleaved
 from records.folder import shard_paths
 from records.format import DEFAULT_RECORDS
@@ -79,11 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(CostConfig, sys.argv[1:] if argv is None else argv, prog="bench.cost",
                      description=__doc__.splitlines()[0])
     console = make_console()
-    try:
-        streams = {name: endless(make(name, cfg)) for name in VIEWS}
-    except (UserError, OSError) as err:
-        print(f"error: {error_line(err)}", file=sys.stderr)
-        return 2
+    return run_command(lambda: measure_and_print(cfg, console))
+
+
+def measure_and_print(cfg: CostConfig, console) -> None:
+    streams = {name: endless(make(name, cfg)) for name in VIEWS}
     for stream in streams.values():
         next(stream)                             # start-up is not measured
     result = measure(streams, cfg)
@@ -98,7 +98,6 @@ def main(argv: list[str] | None = None) -> int:
     console.print(table)
     if cfg.json:
         write_json(cfg.json, {"config": vars(cfg), "results": result})
-    return 0
 
 
 if __name__ == "__main__":

@@ -41,9 +41,10 @@ from rich.table import Table
 
 from common.atomic import write_json
 from common.charts import bar_chart
+from common.cli import run_command
 from common.config import check_at_least, parse_args
 from common.console import make_console
-from common.errors import UserError, error_line
+from common.errors import UserError
 from common.system import machine, usable_cores
 from common.timing import interleaved, timed
 from pipeline.finish import U8Batch, finish
@@ -361,12 +362,10 @@ def run(cfg: BenchConfig, console: Console | None = None) -> dict:
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(BenchConfig, argv, prog="python -m bench.loaders",
                      description=__doc__.split("\n\n")[0])
-    try:
+
+    def work() -> None:
         run(cfg)
-    except (UserError, OSError) as err:
-        print(f"error: {error_line(err)}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(work)
 
 
 if __name__ == "__main__":

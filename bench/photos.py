@@ -23,14 +23,14 @@ scikit-image is a test extra (``pip install .[test]``), imported only here.
 from __future__ import annotations
 
 import io
-import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from common.cli import run_command
 from common.config import Parser
-from common.errors import error_line
+from common.errors import UserError
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry",
           "retina", "camera", "coins", "moon", "grass", "gravel", "brick", "clock")
@@ -143,16 +143,14 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.n < 1:
         ap.error(f"--n {a.n}: at least one photo")
-    try:
-        make_photo_set(a.root, a.n, a.seed, sizes=a.sizes)
-    except ImportError:
-        print("error: scikit-image is not installed (it ships the photos): pip install '.[test]'", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"error: {error_line(exc)}", file=sys.stderr)
-        return 2
-    print(f"wrote {a.n} photo crops to {a.root}")
-    return 0
+
+    def work() -> None:
+        try:
+            make_photo_set(a.root, a.n, a.seed, sizes=a.sizes)
+        except ImportError:
+            raise UserError("scikit-image is not installed (it ships the photos): pip install '.[test]'") from None
+        print(f"wrote {a.n} photo crops to {a.root}")
+    return run_command(work)
 
 
 if __name__ == "__main__":

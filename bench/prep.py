@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from common.cli import fail
 from common.config import Parser
 from common.errors import UserError, error_line
 from common.system import usable_cores
@@ -142,8 +143,7 @@ def main(argv=None) -> int:
             source, val_labels = _source(args, Path(data_tmp))
             src = scan(source, val_labels)
         except (UserError, OSError) as exc:
-            print(f"error: {error_line(exc)}", file=sys.stderr)
-            return 2
+            return fail(error_line(exc))
         items = [(str(source / it.rel), it.label) for it in src.train + src.val]
         best = _rounds(args, source, val_labels, items)
         report(len(items), best, args)

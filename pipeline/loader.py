@@ -27,10 +27,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.system import usable_cores
 from common.config import ConfigError, at_least
 from common.devices import parse_device
 from common.errors import DeviceError
+from common.system import usable_cores
 from pipeline import graphs, reader, reference as ref
 from pipeline.errors import LoaderError
 from pipeline.finish import U8Batch, fixed_windows

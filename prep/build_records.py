@@ -4,7 +4,7 @@
     python prep/build_records.py --source /data/imagenet --out /data/records [--workers 32]
         [--shard-size 1000] [--quality 90] [--val-labels LOC_val_solution.csv] [--ffcv] [--overwrite] [--repair]
 
-Writes (see prep/records.py for the readers and README "records" for the details):
+Writes (see records/ for the readers and README "records" for the details):
     OUT/train/shard-NNNNNN.tar + .idx   train records, globally shuffled (seeded) at write time
     OUT/val/shard-NNNNNN.tar + .idx     val records in sorted order
     OUT/stats.json                      exact RGB mean/std/cov/eigen-decomposition of train pixels
@@ -30,24 +30,20 @@ This file ties them together (``build``) and is the command line (``main``).
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script: make the repo root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import contextlib
 import importlib.util
 import json
 import shutil
+import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from common.atomic import write_json
+from common.cli import run_command
 from common.config import parse_args
-from common.errors import UserError, error_line
 from common.system import usable_cores
 from prep.config import PrepConfig, PrepError  # noqa: F401  (re-exported: the public entry point)
 from prep.finish import collect, finish, summary as _summary
@@ -177,17 +173,12 @@ def print_summary(summary: dict) -> None:
 
 def main(argv=None) -> int:
     cfg = parse_args(PrepConfig, argv, prog="build_records.py", description=__doc__.splitlines()[0])
-    try:
-        summary = build(cfg)
-    except (UserError, OSError) as exc:   # an OS failure outside OUT's own checks is one line too
-        print(f"error: {error_line(exc)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: finished shards are kept; rerun the same command to resume", file=sys.stderr)
-        return 130
-    if cfg.progress:
-        print_summary(summary)
-    return 0
+
+    def work() -> None:
+        summary = build(cfg)     # an OS failure outside OUT's own checks is one line too
+        if cfg.progress:
+            print_summary(summary)
+    return run_command(work, interrupted="interrupted: finished shards are kept; rerun the same command to resume")
 
 
 if __name__ == "__main__":

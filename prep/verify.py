@@ -20,24 +20,19 @@ A damaged shard is repaired by the build command plus ``--repair``.
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import io
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
+from common.cli import run_command
 from common.config import Parser, check_at_least
 from common.console import counted
-from common.errors import UserError, error_line
 from common.system import usable_cores
 from records.folder import file_crc32, read_meta, shard_paths
 from records.format import SPLITS, TAR_BLOCK, RecordsError, build_command
 from records.index import header_ok, parse_label, read_index
-from records.jpeg import StrictJpeg, jpeg_error, jpeg_structure_error
+from records.jpeg import StrictJpeg, jpeg_error
 
 
 @dataclass(frozen=True)
@@ -188,11 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = VerifyConfig(**vars(args))
     except ValueError as exc:
         parser.error(str(exc))
-    try:
-        return verify(cfg)
-    except (UserError, OSError) as exc:
-        print(f"error: {error_line(exc)}", file=sys.stderr)
-        return 2
+    return run_command(lambda: verify(cfg))
 
 
 if __name__ == "__main__":

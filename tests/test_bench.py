@@ -245,9 +245,9 @@ def test_table_has_no_column_for_loaders_that_did_not_run_and_cuts_no_header():
         return {"images_per_s": rate, "min": rate - 1, "max": rate + 1, "per_core": rate / 2, "what": "x",
                 "epoch_batches": 100, "threads": 2, "batch_size": 32, "batches": 10, "warmup": 8,
                 "repeats": 3, **ratios}
-    loaders = {"dali": entry(300.0, vs_decode=0.75, vs_torch=1.5), "torch": entry(200.0, vs_decode=0.5, vs_torch=1.0),
+    entries = {"dali": entry(300.0, vs_decode=0.75, vs_torch=1.5), "torch": entry(200.0, vs_decode=0.5, vs_torch=1.0),
                "decode": entry(400.0, vs_decode=1.0, vs_torch=2.0)}
-    result = {"machine": {"cpu": "AMD EPYC 7B13", "cores": 2, "device": "cpu"}, "loaders": loaders}
+    result = {"machine": {"cpu": "AMD EPYC 7B13", "cores": 2, "device": "cpu"}, "loaders": entries}
     console = Console(file=io.StringIO(), width=80)
     loaders.render(result, console)
     text = console.file.getvalue()

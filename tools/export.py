@@ -34,8 +34,9 @@ import numpy as np
 import torch
 
 from common.atomic import write_bytes
+from common.cli import run_command
 from common.config import Parser
-from common.errors import UserError, error_line
+from common.errors import UserError
 
 from tools import weights
 
@@ -140,14 +141,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--records", default=None, help="records folder for the class list and mean "
                                                    "(default: the one the run trained on)")
     args = p.parse_args(sys.argv[1:] if argv is None else list(argv))
-    try:
+
+    def work() -> None:
         source = export(args.source, args.out, args.format, args.records)
-    except (UserError, OSError) as exc:
-        print(f"error: {error_line(exc)}", file=sys.stderr)
-        return 2
-    size = Path(args.out).stat().st_size / 2 ** 20
-    print(f"export: {source} -> {args.out} ({args.format}, {size:.1f} MiB)")
-    return 0
+        size = Path(args.out).stat().st_size / 2 ** 20
+        print(f"export: {source} -> {args.out} ({args.format}, {size:.1f} MiB)")
+    return run_command(work)
 
 
 if __name__ == "__main__":

@@ -30,8 +30,9 @@ from PIL import Image
 
 from common.atomic import atomic_open, write_json
 from common.charts import pyplot, save_figure
+from common.cli import run_command
 from common.config import ConfigError, Parser, check_at_least
-from common.errors import UserError, error_line
+from common.errors import UserError
 from model.kernels import BACKGROUND, conv1_kernels, kernel_grid
 from pipeline import Loader, LoaderOptions, reference
 from records.folder import shard_paths
@@ -377,13 +378,11 @@ def make_figures(args: argparse.Namespace, say: Reporter) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else list(argv))
     say = Reporter(enabled=True, progress=sys.stdout.isatty())
-    try:
+
+    def work() -> None:
         written = make_figures(args, say)
-    except (UserError, OSError) as exc:
-        print(f"error: {error_line(exc)}", file=sys.stderr)
-        return 2
-    say.line("figures: wrote " + (", ".join(str(p) for p in written) or "nothing"))
-    return 0
+        say.line("figures: wrote " + (", ".join(str(p) for p in written) or "nothing"))
+    return run_command(work)
 
 
 if __name__ == "__main__":

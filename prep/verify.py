@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.cli import run_command
-from common.config import Parser, check_at_least
+from common.config import check_at_least, parse_args
 from common.console import counted
 from common.system import usable_cores
 from records.folder import file_crc32, read_meta, shard_paths
@@ -37,7 +37,7 @@ from records.jpeg import StrictJpeg, jpeg_error
 
 @dataclass(frozen=True)
 class VerifyConfig:
-    records: str = field(metadata={"help": "records folder (prep/build_records.py)"})
+    records: str = field(metadata={"help": "records folder (prep/build_records.py)", "positional": True})
     workers: int | None = field(default=None, metadata={"help": "processes; default: every usable core"})
     progress: bool = field(default=True, metadata={"help": "progress bar in a terminal (plain lines otherwise)"})
 
@@ -172,17 +172,7 @@ class _nothing:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-    parser = Parser(prog="python -m prep.verify", description=__doc__.split("\n\n")[0])
-    parser.add_argument("records", help=VerifyConfig.__dataclass_fields__["records"].metadata["help"])
-    parser.add_argument("--workers", type=int, default=None, help="processes; default: every usable core")
-    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
-                        help="progress bar in a terminal (plain lines otherwise)")
-    args = parser.parse_args(argv)
-    try:
-        cfg = VerifyConfig(**vars(args))
-    except ValueError as exc:
-        parser.error(str(exc))
+    cfg = parse_args(VerifyConfig, argv, prog="python -m prep.verify", description=__doc__.split("\n\n")[0])
     return run_command(lambda: verify(cfg))
 
 

@@ -198,3 +198,16 @@ def test_timed_clocks():
                         "while time.process_time() < end: pass"], check=True)
         return 1
     assert timed(child).cpu >= 0.29
+
+
+def test_a_positional_field_is_an_operand_not_a_flag(capsys):
+    @dataclass(frozen=True)
+    class Check:
+        records: str = field(metadata={"help": "records folder", "positional": True})
+        workers: int | None = None
+
+    assert parse_args(Check, ["data/records", "--workers", "2"]) == Check("data/records", 2)
+    with pytest.raises(SystemExit) as exit_:
+        parse_args(Check, ["--records", "data/records"], prog="check")
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.startswith("check: error: ")

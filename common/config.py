@@ -121,7 +121,8 @@ def build_parser(cls: type, prog: str | None = None, description: str | None = N
     purpose: stages take comma-separated strings and validate them. ``groups`` sorts the
     flags under headings in --help ({title: field names}; fields not named go last under
     "other"); ``aliases`` adds option strings ({"batch_size": ["-b"]}); ``metavars`` names
-    values in --help ({"records": "DIR"}; an int is N unless named).
+    values in --help ({"records": "DIR"}; an int is N unless named). A field whose metadata
+    holds ``positional=True`` is an operand (``prog RECORDS``) instead of a flag.
     """
     parser = Parser(prog=prog, description=description, allow_abbrev=False,
                     formatter_class=HelpFormatter, usage=usage)
@@ -148,7 +149,9 @@ def _add_field(container, f: dataclasses.Field, hint: Any, aliases: Sequence[str
     flags = [a for a in aliases if not a.startswith("--")] + [_flag(f.name)] + [a for a in aliases if a.startswith("--")]
     help_text = f.metadata.get("help", "")
     default = f.default if f.default is not dataclasses.MISSING else None
-    if tp is bool and not optional and not default:
+    if f.metadata.get("positional"):      # a required operand (a folder to check), not a --flag
+        container.add_argument(f.name, help=help_text, type=_converter(tp, optional), metavar=metavar)
+    elif tp is bool and not optional and not default:
         container.add_argument(*flags, dest=f.name, default=default, help=help_text, action="store_true")
     elif tp is bool and not optional:
         action = container.add_argument(*flags, dest=f.name, default=default, help=help_text,

@@ -4,12 +4,8 @@ Every such error's message is one line that names the file or flag and what is w
 entry points catch ``UserError`` (and ``OSError``), print ``error: MESSAGE`` to stderr and
 exit with status 2. Anything else is a bug and keeps its traceback.
 
-    from common.errors import UserError, error_line
-    try:
-        run(cfg)
-    except (UserError, OSError) as exc:
-        print(f"error: {error_line(exc)}", file=sys.stderr)
-        return 2
+    from common.cli import run_command
+    return run_command(lambda: run(cfg))     # UserError/OSError -> "error: ..." on stderr, exit 2
 """
 from __future__ import annotations
 

@@ -8,6 +8,5 @@ loss scaler), voting.py (10-crop softmax voting, top-k), checkpoint.py (atomic, 
 finite-only), distributed.py (devices, DDP, the ranks' agreement), profiling.py (per-phase step
 timing, trace), signals.py (SIGINT/SIGTERM), logs.py (step lines, TensorBoard), report.py (rich
 output), run.py (main: setup, then train -> validate -> schedule -> save per epoch).
-Tools on a trained run: figures.py (curves, Figure 3, Figure 4), export.py (weights-only and
-traced files), predict.py (classify images), weights.py (a trained net from any of those).
+The tools for a trained run (figures, export, predict, weights) live in tools/, off the training path.
 """

@@ -101,7 +101,7 @@ def read_file(path: Path) -> Any:
     """``torch.load(weights_only=True)`` of a checkpoint or weights file, on the CPU; a traced
     export or an unreadable file is a CheckpointError naming it."""
     if kind := _exported_kind(path):
-        raise CheckpointError(f"{path}: a {kind} file (engine.export --format ...), which holds a traced net, "
+        raise CheckpointError(f"{path}: a {kind} file (tools.export --format ...), which holds a traced net, "
                               "not weights: give a checkpoint, a run folder or a state_dict export")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)

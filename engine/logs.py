@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from model.kernels import conv1_kernels, kernel_grid
+
 from .loop import LoopSettings
 from .profiling import PHASES, Phases
 from .report import Reporter
@@ -153,11 +155,10 @@ def validated(say: Reporter, view: str, images: int, seconds: float) -> None:
 
 
 def conv1_image(net):
-    """The conv1 kernels as engine.figures draws them (uint8 HWC), or None for a net without
+    """The conv1 kernels as tools.figures draws them (uint8 HWC), or None for a net without
     AlexNet's towers."""
     if net is None or not hasattr(net, "towers"):
         return None
-    from .figures import conv1_kernels, kernel_grid    # figures pulls in the plotting helpers
     return kernel_grid(conv1_kernels(net))
 
 

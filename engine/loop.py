@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from pipeline.finish import U8Batch, finish
-from prep.records import RecordsError
+from records.format import RecordsError
 
 from .precision import Precision
 from .profiling import Phases, NullProfiler

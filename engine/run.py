@@ -32,7 +32,8 @@ from common.system import usable_cores
 from common.errors import UserError, error_line
 from model import AlexNet
 from pipeline import Loader
-from prep.records import DEFAULT_RECORDS, RecordsError, read_meta
+from records.folder import read_meta
+from records.format import DEFAULT_RECORDS, RecordsError
 
 from . import checkpoint as ckpt
 from . import distributed as D

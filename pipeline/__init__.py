@@ -6,6 +6,7 @@ pipeline/reference.py (the numpy/PIL oracle of the same views).
 """
 from pipeline import reference
 from pipeline.finish import U8Batch, finish
-from pipeline.loader import Draws, Loader, LoaderError, LoaderOptions
+from pipeline.errors import LoaderError
+from pipeline.loader import Draws, Loader, LoaderOptions
 
 __all__ = ["Loader", "LoaderOptions", "LoaderError", "Draws", "U8Batch", "finish", "reference"]

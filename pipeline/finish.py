@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from pipeline import reference as ref
+from pipeline.errors import LoaderError
 
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -51,7 +52,6 @@ def finish(batch: U8Batch, device: str | torch.device | None = None,
     channels_last=True returns the NCHW view of an NHWC buffer (torch.channels_last for 4-D,
     the same strides per crop for 5-D): no copy. False: contiguous NCHW."""
     if dtype not in FLOATS:
-        from pipeline.loader import LoaderError
         raise LoaderError(f"finish: dtype must be one of {', '.join(map(str, FLOATS))}, got {dtype}")
     device = batch.pixels.device if device is None else torch.device(device)
     pixels = batch.pixels.to(device, non_blocking=True)

@@ -11,7 +11,7 @@
 
 Every argument is checked (and the records' meta/stats/index files read) before a DALI
 graph is built, so bad input fails with one line: ``LoaderError`` for arguments,
-``prep.records.RecordsError`` for the records folder (each shard's index is checked against
+``records.format.RecordsError`` for the records folder (each shard's index is checked against
 its tar). A record that fails to decode during an epoch raises one ``RecordsError`` naming
 its shard and key.
 
@@ -27,21 +27,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.system import usable_cores
 from common.config import ConfigError, at_least
 from common.devices import parse_device
-from common.errors import DeviceError, UserError
+from common.errors import DeviceError
+from common.system import usable_cores
 from pipeline import graphs, reader, reference as ref
+from pipeline.errors import LoaderError
 from pipeline.finish import U8Batch, fixed_windows
-from prep.config import build_command
-from prep.records import RecordsError, read_mean_image, read_meta, read_stats, shard_paths
+from records.folder import read_mean_image, read_meta, read_stats, shard_paths
+from records.format import RecordsError, build_command
 
 SPLITS = ("train", "val")
 MEANS = ("channel", "pixel")
-
-
-class LoaderError(UserError, ValueError):
-    """A Loader argument is wrong; the message is one line naming it."""
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import reference as ref
-from prep.records import RecordsError, ShardIndex, jpeg_structure_error, parse_label, read_index
+from records.format import RecordsError
+from records.index import ShardIndex, parse_label, read_index
+from records.jpeg import jpeg_error, jpeg_structure_error
 
 _ORDER_STREAM, _DRAW_STREAM = 0x6F72, 0x6472   # separate random streams: order, draws
 
@@ -98,7 +100,7 @@ class RecordTable:
 
     def jpegs(self, records: np.ndarray) -> list[np.ndarray]:
         """The JPEG bytes of ``records`` (``slices``); a record read for the first time is
-        checked first (``prep.records.jpeg_structure_error``: markers and header, no decode)
+        checked first (``records.jpeg.jpeg_structure_error``: markers and header, no decode)
         and a damaged one is a RecordsError naming its shard and key. Do not drop the check:
         DALI's CPU decoder can crash the process (SIGSEGV) on a damaged header, where this
         error lets the run save and stop. Once per record (a bit per record), so only a
@@ -207,7 +209,6 @@ def undecodable(table: RecordTable, batches) -> list[tuple[Path, str, str]]:
     """(tar, key, why) of every record of ``batches`` that does not decode (prep.verify's
     check: PIL, and libturbojpeg's strict mode where installed): the culprits of a failed
     DALI run, which names none."""
-    from prep.verify import jpeg_error
     bad, seen = [], set()
     for batch in batches:
         for r, jpeg in zip(batch.records.tolist(), table.slices(batch.records, table.jpg)):

@@ -5,7 +5,7 @@
         [--shard-size 1000] [--quality 90] [--val-labels LOC_val_solution.csv] [--ffcv] [--overwrite] [--repair]
         [--class-names LOC_synset_mapping.txt] [--val-fraction 0.1]
 
-Writes (see prep/records.py for the readers and README "records" for the details):
+Writes (see records/ for the readers and README "records" for the details):
     OUT/train/shard-NNNNNN.tar + .idx   train records, globally shuffled (seeded) at write time
     OUT/val/shard-NNNNNN.tar + .idx     val records in sorted order
     OUT/stats.json                      exact RGB mean/std/cov/eigen-decomposition of train pixels
@@ -36,34 +36,31 @@ This file ties them together (``build``) and is the command line (``main``).
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script: make the repo root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import contextlib
 import importlib.util
 import json
 import shutil
 import signal
+import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from common.atomic import write_json
+from common.cli import run_command
 from common.config import parse_args
-from common.errors import UserError, error_line
 from common.system import usable_cores
 from prep.config import PrepConfig, PrepError  # noqa: F401  (re-exported: the public entry point)
 from prep.finish import collect, finish, names_of, summary as _summary, write_keys
 from prep.outdir import clean_stale, locked_out, prepare_out, remove_temp_files
 from prep.plan import ShardTask, params_of, plan
-from prep.records import DEFAULT_RECORDS, DEFAULT_SAMPLE, KEYS_FILE
 from prep.repair import repair, repair_statistics, statistics_from_records
 from prep.source import Source, read_class_names, scan
 from prep.workers import PARTIAL, Stopped, raise_stopped, run_tasks, shard_done
+from records.format import DEFAULT_RECORDS, DEFAULT_SAMPLE
+from records.keys import KEYS_FILE
 
 SAMPLE_MARKER = ".sample-complete.json"
 SYNSET_MAPPING = "LOC_synset_mapping.txt"   # ImageNet's class names, read from SOURCE where it is there
@@ -235,21 +232,18 @@ def main(argv=None) -> int:
     cfg = parse_args(PrepConfig, argv, prog="build_records.py", description=__doc__.splitlines()[0])
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:   # kill, a scheduler's stop: as Ctrl-C
         signal.signal(signal.SIGTERM, raise_stopped)
-    try:
-        summary = build(cfg)
-    except (UserError, OSError) as exc:   # an OS failure outside OUT's own checks is one line too
-        print(f"error: {error_line(exc)}", file=sys.stderr)
-        return 2
-    except Stopped as exc:
-        print(f"stopped by {signal.Signals(exc.signum).name}: workers stopped, finished shards are kept; "
-              "rerun the same command to resume", file=sys.stderr)
-        return 128 + exc.signum
-    except KeyboardInterrupt:
-        print("interrupted: finished shards are kept; rerun the same command to resume", file=sys.stderr)
-        return 130
-    if cfg.progress:
-        print_summary(summary)
-    return 0
+
+    def work() -> int:
+        try:
+            summary = build(cfg)     # an OS failure outside OUT's own checks is one line too
+        except Stopped as exc:
+            print(f"stopped by {signal.Signals(exc.signum).name}: workers stopped, finished shards are kept; "
+                  "rerun the same command to resume", file=sys.stderr)
+            return 128 + exc.signum
+        if cfg.progress:
+            print_summary(summary)
+        return 0
+    return run_command(work, interrupted="interrupted: finished shards are kept; rerun the same command to resume")
 
 
 if __name__ == "__main__":

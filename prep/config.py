@@ -1,7 +1,6 @@
 """The records build's typed config and its one error class (shared by the prep modules)."""
 from __future__ import annotations
 
-import shlex
 from dataclasses import dataclass, field
 
 from common.errors import UserError
@@ -55,14 +54,3 @@ class PrepConfig:
         if self.seed < 0:
             raise ValueError(f"--seed must be >= 0, got {self.seed}")
 
-
-def build_command(out: str, source: str, params: dict, *extra: str) -> str:
-    """The build_records command that reproduces the build meta.json describes (``source`` and
-    ``params`` as it holds them), plus ``extra`` flags: what a user types to repair or extend it."""
-    flags = [f"--source {shlex.quote(source)}", f"--out {shlex.quote(out)}", f"--shard-size {params['shard_size']}",
-             f"--quality {params['quality']}", f"--seed {params['seed']}"]
-    if params.get("val_labels"):
-        flags.append(f"--val-labels {shlex.quote(params['val_labels'])}")
-    if params.get("val_fraction"):
-        flags.append(f"--val-fraction {params['val_fraction']}")
-    return " ".join(["python prep/build_records.py", *flags, *extra])

@@ -12,7 +12,9 @@ from common.atomic import atomic_open, write_json, write_text
 from prep import transform
 from prep.config import PrepError
 from prep.plan import ShardTask, versions
-from prep.records import FORMAT, KEYS_FILE, file_crc32, tsv_escape
+from records.folder import file_crc32
+from records.format import FORMAT
+from records.keys import KEYS_FILE, tsv_escape
 from prep.source import Source
 from prep.stats import PixelSums, finalize
 from prep.workers import PARTIAL, partial_path
@@ -81,7 +83,7 @@ def write_statistics(out: Path, sums: PixelSums, mean_sum: np.ndarray, count: in
 
 def write_keys(out: Path, tasks: list[ShardTask], skipped: list[dict]) -> None:
     """OUT/<split>/keys.tsv: ``key<TAB>shard<TAB>source path`` of every record (the inputs not
-    skipped), in key order; the path relative to the source, escaped (prep.records.tsv_escape)."""
+    skipped), in key order; the path relative to the source, escaped (records.keys.tsv_escape)."""
     left_out = {(s["split"], s["path"]) for s in skipped}
     for split in ("train", "val"):
         lines = ["key\tshard\tpath\n"]

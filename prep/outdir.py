@@ -18,9 +18,11 @@ from pathlib import Path
 from typing import Iterator
 
 from common.atomic import LockHeld, lock_folder, unlock_folder
-from prep.config import PrepError, build_command
-from prep.records import statistics_problems
+from prep.config import PrepError
+from records.folder import statistics_problems
+from records.format import build_command
 from prep.workers import PARTIAL
+from records.format import build_command
 
 LOCK = ".build.lock"
 KNOWN = ("train", "val", PARTIAL, "meta.json", "stats.json", "stats.png", "skipped.json", "mean_image.npy",

@@ -23,7 +23,7 @@ import numpy as np
 from prep.config import PrepError
 from prep.outdir import remove_temp_files
 from prep.plan import ShardTask
-from prep.records import shard_damage, statistics_problems
+from records.folder import shard_damage, statistics_problems
 from prep.workers import PARTIAL, partial_path, run_tasks
 
 
@@ -134,7 +134,7 @@ def statistics_from_records(out: Path, threads: int, progress: bool, say) -> boo
 
     from prep import transform
     from prep.finish import write_statistics
-    from prep.records import read_index
+    from records.index import read_index
     from prep.stats import ImageSum, PixelSums
     meta = json.loads((out / "meta.json").read_text())
     damaged = [why for rel in meta["shards"]["train"] + meta["shards"]["val"] if (why := shard_damage(out, meta, rel))]

@@ -35,7 +35,6 @@ from __future__ import annotations
 import colorsys
 import functools
 import io
-import sys
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -43,8 +42,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from common.cli import run_command
 from common.config import Parser
-from common.errors import UserError, error_line
+from common.errors import UserError
 from common.system import usable_cores
 
 class SampleError(UserError):
@@ -243,13 +243,11 @@ def main(argv=None) -> int:
     ap.add_argument("--val-per-class", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
-    try:
+
+    def work() -> None:
         make_sample_set(a.root, a.classes, a.train_per_class, a.val_per_class, a.seed)
-    except (UserError, OSError, ValueError) as exc:
-        print(f"error: {error_line(exc)}", file=sys.stderr)
-        return 2
-    print(f"wrote sample set to {a.root}")
-    return 0
+        print(f"wrote sample set to {a.root}")
+    return run_command(work, errors=(UserError, OSError, ValueError))
 
 
 if __name__ == "__main__":

@@ -25,9 +25,8 @@ from pathlib import Path
 
 from common.atomic import publish
 from common.errors import naming
+from records.format import INDEX_VERSION, TAR_BLOCK
 
-INDEX_VERSION = "v1.2"
-TAR_BLOCK = 512
 TAR_RECORD = 20 * TAR_BLOCK  # archives end padded to a 10240-byte record, as tar and tarfile do
 
 

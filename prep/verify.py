@@ -8,7 +8,7 @@ Prints one line per record that fails — ``SHARD KEY: what`` (a JPEG that does 
 index), with the source photo it was made from where the build kept keys.tsv — or per shard
 whose index does not match its tar or whose .tar or .idx is missing (``SHARD -: what``); the
 other shards are still checked. Then every other file training reads:
-stats.json and mean_image.npy (prep.records.statistics_problems) and meta.json against the
+stats.json and mean_image.npy (records.folder.statistics_problems) and meta.json against the
 shards (record counts, classes), one ``FILE: what`` line each. Exit status:
 0 all is good, 1 something failed (repair: the build command plus --repair, which rebuilds the
 shards and the statistics files), 2 RECORDS is not a records folder (one line on stderr).
@@ -23,29 +23,25 @@ A damaged shard is repaired by the build command plus ``--repair``.
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import io
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
-from common.config import Parser, check_at_least
+from common.cli import run_command
+from common.config import check_at_least, parse_args
 from common.console import counted
-from common.errors import UserError, error_line
 from common.system import usable_cores
-from prep.config import build_command
-from prep.records import (KEYS_FILE, SPLITS, RecordsError, _header_ok, file_crc32, jpeg_structure_error,
-                          parse_label, read_index, read_keys, read_meta, shard_paths, statistics_problems)
-from prep.shards import TAR_BLOCK
+from records.folder import file_crc32, read_meta, shard_paths, statistics_problems
+from records.format import SPLITS, TAR_BLOCK, RecordsError, build_command
+from records.index import header_ok, parse_label, read_index
+from records.jpeg import StrictJpeg, jpeg_error
+from records.keys import KEYS_FILE, read_keys
 
 
 @dataclass(frozen=True)
 class VerifyConfig:
-    records: str = field(metadata={"help": "records folder (prep/build_records.py)"})
+    records: str = field(metadata={"help": "records folder (prep/build_records.py)", "positional": True})
     workers: int | None = field(default=None, metadata={"help": "processes; default: every usable core"})
     progress: bool = field(default=True, metadata={"help": "progress bar in a terminal (plain lines otherwise)"})
 
@@ -58,67 +54,6 @@ class ShardResult:
     tar: Path
     records: int
     failures: list[tuple[str, str]]    # (key or "-", what)
-
-
-class StrictJpeg:
-    """libturbojpeg with TJFLAG_STOPONWARNING: "Corrupt JPEG data" warnings become errors.
-    ``available`` is False where the library is not installed."""
-    STOP_ON_WARNING, PIXEL_RGB = 8192, 0
-
-    def __init__(self):
-        name = ctypes.util.find_library("turbojpeg")
-        self.available = False
-        if name is None:
-            return
-        try:
-            lib = ctypes.CDLL(name)
-            lib.tjInitDecompress.restype = ctypes.c_void_p
-            lib.tjDecompressHeader3.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_ulong] + \
-                [ctypes.POINTER(ctypes.c_int)] * 4
-            lib.tjDecompress2.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_ulong,
-                                          ctypes.c_void_p] + [ctypes.c_int] * 5
-            lib.tjGetErrorStr2.restype = ctypes.c_char_p
-            lib.tjGetErrorStr2.argtypes = [ctypes.c_void_p]
-            self._handle = lib.tjInitDecompress()
-        except (OSError, AttributeError):
-            return
-        self._lib, self.available = lib, bool(self._handle)
-
-    def error(self, jpeg: bytes) -> str | None:
-        """None if ``jpeg`` decodes without a warning, else libjpeg's message."""
-        lib, h = self._lib, self._handle
-        w, ht, sub, cs = (ctypes.c_int() for _ in range(4))
-        if lib.tjDecompressHeader3(h, jpeg, len(jpeg), *(ctypes.byref(v) for v in (w, ht, sub, cs))):
-            return lib.tjGetErrorStr2(h).decode(errors="replace")
-        out = np.empty((ht.value, w.value, 3), np.uint8)
-        if lib.tjDecompress2(h, jpeg, len(jpeg), out.ctypes.data, w.value, 0, ht.value,
-                             self.PIXEL_RGB, self.STOP_ON_WARNING):
-            return lib.tjGetErrorStr2(h).decode(errors="replace")
-        return None
-
-
-_STRICT: StrictJpeg | None = None   # one per worker process (a decompressor handle)
-
-
-def jpeg_error(jpeg: bytes) -> str | None:
-    """Why ``jpeg`` is not a good JPEG (the structure check the Loader runs before DALI, PIL,
-    then the strict decoder), or None."""
-    from PIL import Image
-    global _STRICT
-    if why := jpeg_structure_error(jpeg):
-        return f"bad JPEG ({why})"
-    try:
-        with Image.open(io.BytesIO(jpeg)) as image:
-            image.convert("RGB").load()
-    except Image.UnidentifiedImageError:       # its message names a BytesIO object, not the data
-        return "bad JPEG (no image header PIL can identify)"
-    except Exception as exc:      # PIL raises OSError, SyntaxError, ValueError... for bad data
-        return f"bad JPEG ({exc})"
-    if _STRICT is None:
-        _STRICT = StrictJpeg()
-    if _STRICT.available and (message := _STRICT.error(jpeg)):
-        return f"bad JPEG ({message})"
-    return None
 
 
 def verify_shard(tar: Path, idx: Path, classes: int, crc32: dict | None = None) -> ShardResult:
@@ -143,8 +78,8 @@ def verify_shard(tar: Path, idx: Path, classes: int, crc32: dict | None = None) 
             jpg_header, jpeg = fh.read(TAR_BLOCK), fh.read(int(js))
             fh.seek(int(co) - TAR_BLOCK)
             cls_header, label = fh.read(TAR_BLOCK), fh.read(int(cs))
-            if not (_header_ok(jpg_header, f"{key}.jpg".encode(), int(js))
-                    and _header_ok(cls_header, f"{key}.cls".encode(), int(cs))):
+            if not (header_ok(jpg_header, f"{key}.jpg".encode(), int(js))
+                    and header_ok(cls_header, f"{key}.cls".encode(), int(cs))):
                 failures.append((key, "the tar header does not match the index"))
                 continue
             try:
@@ -269,22 +204,8 @@ class _nothing:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-    parser = Parser(prog="python -m prep.verify", description=__doc__.split("\n\n")[0])
-    parser.add_argument("records", help=VerifyConfig.__dataclass_fields__["records"].metadata["help"])
-    parser.add_argument("--workers", type=int, default=None, help="processes; default: every usable core")
-    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
-                        help="progress bar in a terminal (plain lines otherwise)")
-    args = parser.parse_args(argv)
-    try:
-        cfg = VerifyConfig(**vars(args))
-    except ValueError as exc:
-        parser.error(str(exc))
-    try:
-        return verify(cfg)
-    except (UserError, OSError) as exc:
-        print(f"error: {error_line(exc)}", file=sys.stderr)
-        return 2
+    cfg = parse_args(VerifyConfig, argv, prog="python -m prep.verify", description=__doc__.split("\n\n")[0])
+    return run_command(lambda: verify(cfg))
 
 
 if __name__ == "__main__":

@@ -53,8 +53,8 @@ from common.config import Parser  # noqa: E402
 ENTRY = {
     "sample set": ("-m", "prep.sample"),
     "records": ("prep/build_records.py",),
-    "model bench": ("-m", "model.bench"),
-    "loader bench": ("-m", "pipeline.bench"),
+    "model bench": ("-m", "bench.model"),
+    "loader bench": ("-m", "bench.loaders"),
     "train": ("train.py",),
     "tests": ("-m", "pytest"),
 }

@@ -59,7 +59,7 @@ def photo_source(tmp_path_factory):
     """A small ImageNet-layout tree of real photographs (crops of scikit-image's photos; some
     under 256 px, grayscale and one CMYK JPEG); skipped when scikit-image is missing."""
     pytest.importorskip("skimage")
-    from prep.photos import make_photo_set
+    from bench.photos import make_photo_set
     return make_photo_set(tmp_path_factory.mktemp("photo_src"), n=24, seed=0)
 
 

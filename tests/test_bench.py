@@ -1,4 +1,4 @@
-"""The loader bench (pipeline/bench.py) and its baselines (pipeline/baselines.py).
+"""The loader bench (bench/loaders.py) and its baselines (bench/baselines.py).
 
 Checks the views against the numpy reference (exact arithmetic, exact FFCV crops), the
 output contract of every loader (shape, dtype, layout, values = a uint8 image plus one
@@ -17,11 +17,11 @@ import pytest
 import torch
 from rich.console import Console
 
-from pipeline import baselines as B
-from pipeline import bench
+from bench import baselines as B
+from bench import loaders
 from pipeline.finish import finish
 from pipeline import reference as ref
-from prep.records import Stats, read_meta, read_stats, shard_paths
+from records.folder import Stats, read_meta, read_stats, shard_paths
 
 BATCH = 8
 
@@ -39,10 +39,10 @@ def ffcv_records(sample_source, tmp_path_factory):
 @pytest.fixture(scope="module")
 def bench_run(ffcv_records):
     """One bench run over every loader (tiny: 2 repeats × 2 batches of 8), output captured."""
-    cfg = bench.BenchConfig(records=str(ffcv_records), loaders="auto", batch_size=BATCH,
+    cfg = loaders.BenchConfig(records=str(ffcv_records), loaders="auto", batch_size=BATCH,
                             batches=2, warmup=1, repeats=2, threads=2, progress=False)
     console = Console(file=io.StringIO(), width=160)
-    result, streams = bench.bench(cfg, console)
+    result, streams = loaders.bench(cfg, console)
     return result, streams, console.file.getvalue()
 
 
@@ -100,9 +100,9 @@ def test_lighting_matrix_is_the_papers_shift_in_levels():
     np.testing.assert_allclose(B.lighting_matrix(stats), want, rtol=1e-12, atol=1e-12)
 
 
-def test_read_index_gives_each_samples_bytes(sample_records):
+def test_shard_samples_give_each_samples_bytes(sample_records):
     for tar, idx in shard_paths(sample_records, "train"):
-        samples = B.read_index(tar, idx)
+        samples = B.shard_samples(tar, idx)
         expected = list(ref.iter_tar(tar))
         assert len(samples) == len(expected)
         with open(tar, "rb") as fh:
@@ -145,11 +145,11 @@ def _is_uint8_plus_constants(images: torch.Tensor) -> bool:
     return bool(near_int) and float(rel.max()) <= 255 + 1e-2
 
 
-@pytest.mark.parametrize("name", bench.ALL_LOADERS)
+@pytest.mark.parametrize("name", loaders.ALL_LOADERS)
 def test_each_loader_gives_the_contracted_batch(bench_run, ffcv_records, name):
     _, streams, _ = bench_run
     images, labels = streams[name].next()
-    if name in bench.FLOORS:       # decode only: the 256×256 RGB records, uint8 HWC
+    if name in loaders.FLOORS:       # decode only: the 256×256 RGB records, uint8 HWC
         assert images.shape == (BATCH, 256, 256, 3) and images.dtype == torch.uint8
         assert labels is None
         return
@@ -175,7 +175,7 @@ def test_bench_table_and_result_are_well_formed(bench_run):
     m = result["machine"]
     assert {"cpu", "cores", "gpu", "versions", "date"} <= set(m) and m["cores"] >= 1
     assert m["versions"]["nvidia-dali-cuda120"] and m["versions"]["ffcv"] and m["versions"]["torch"]
-    assert list(result["loaders"]) == list(bench.ALL_LOADERS)
+    assert list(result["loaders"]) == list(loaders.ALL_LOADERS)
     for name, e in result["loaders"].items():
         assert len(e["runs"]) == 2 and all(r > 0 for r in e["runs"])
         assert e["min"] <= e["images_per_s"] <= e["max"]
@@ -188,26 +188,26 @@ def test_bench_table_and_result_are_well_formed(bench_run):
 def test_summary_numbers_by_hand(monkeypatch):
     """Medians, spreads, per-core rates and ratios of made-up runs, worked out by hand:
     medians dali 250, decode 450, torch 125; 4 threads on 2 usable cores -> per core = /2."""
-    monkeypatch.setattr(bench, "usable_cores", lambda: 2)
+    monkeypatch.setattr(loaders, "usable_cores", lambda: 2)
     stream = SimpleNamespace(last=(torch.zeros(8, 3, 224, 224), torch.zeros(8, dtype=torch.int64)),
                              loader=range(10), u8=None)
     runs = {"dali": [300.0, 200.0, 250.0], "decode": [500.0, 400.0, 450.0], "torch": [100.0, 150.0, 125.0]}
-    cfg = bench.BenchConfig(batch_size=8, batches=2, warmup=1, repeats=3, threads=4)
-    out = bench.summarise(runs, dict.fromkeys(runs, stream), cfg, threads=4)
+    cfg = loaders.BenchConfig(batch_size=8, batches=2, warmup=1, repeats=3, threads=4)
+    out = loaders.summarise(runs, dict.fromkeys(runs, stream), cfg, threads=4)
     dali, decode, torch_ = out["dali"], out["decode"], out["torch"]
     assert (dali["images_per_s"], dali["min"], dali["max"], dali["per_core"]) == (250.0, 200.0, 300.0, 125.0)
     assert dali["vs_decode"] == pytest.approx(5 / 9) and dali["vs_torch"] == pytest.approx(2.0)
     assert torch_["vs_decode"] == pytest.approx(5 / 18) and torch_["per_core"] == 62.5
     assert decode["vs_decode"] == 1.0 and decode["vs_torch"] == pytest.approx(3.6)
     assert "vs_decode_ffcv" not in dali                     # no FFCV floor ran: no ratio to it
-    lines = bench.target_lines(out)                         # 5/9 = 0.56 < 0.75; 2.0 >= 1.5
+    lines = loaders.target_lines(out)                         # 5/9 = 0.56 < 0.75; 2.0 >= 1.5
     assert any("0.56×" in line and "missed" in line for line in lines)
     assert any("2.00×" in line and "met" in line for line in lines)
 
 
 def test_cli_writes_json_atomically(sample_records, tmp_path, capsys):
     out = tmp_path / "bench.json"
-    code = bench.main(["--records", str(sample_records), "--loaders", "dali,decode",
+    code = loaders.main(["--records", str(sample_records), "--loaders", "dali,decode",
                        "--batch-size", str(BATCH), "--batches", "1", "--warmup", "0",
                        "--repeats", "1", "--threads", "1", "--json", str(out), "--no-progress"])
     assert code == 0
@@ -218,24 +218,24 @@ def test_cli_writes_json_atomically(sample_records, tmp_path, capsys):
 
 
 def test_cli_errors_are_one_line(sample_records, tmp_path, capsys):
-    assert bench.main(["--records", str(tmp_path / "nope"), "--no-progress"]) == 2
+    assert loaders.main(["--records", str(tmp_path / "nope"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and str(tmp_path / "nope") in err and err.count("\n") == 1
     # FFCV asked for by name on records without a beton: names the missing file
-    assert bench.main(["--records", str(sample_records), "--loaders", "ffcv", "--no-progress"]) == 2
+    assert loaders.main(["--records", str(sample_records), "--loaders", "ffcv", "--no-progress"]) == 2
     assert "train.beton" in capsys.readouterr().err
     # a batch larger than the split: no batch at all, said in one line
-    assert bench.main(["--records", str(sample_records), "--loaders", "decode",
+    assert loaders.main(["--records", str(sample_records), "--loaders", "decode",
                        "--batch-size", "1000", "--no-progress"]) == 2
     assert "no full batch" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
-        bench.main(["--loaders", "dali,pil"])
+        loaders.main(["--loaders", "dali,pil"])
     assert exc.value.code == 2
 
 
 def test_auto_leaves_out_ffcv_without_a_beton(tmp_path):
     console = Console(file=io.StringIO())
-    names = bench.choose_loaders(bench.BenchConfig(), tmp_path / "train.beton", console)
+    names = loaders.choose_loaders(loaders.BenchConfig(), tmp_path / "train.beton", console)
     assert names == ["dali", "dali-u8", "torch", "decode"] and "train.beton" in console.file.getvalue()
 
 
@@ -245,11 +245,11 @@ def test_table_has_no_column_for_loaders_that_did_not_run_and_cuts_no_header():
         return {"images_per_s": rate, "min": rate - 1, "max": rate + 1, "per_core": rate / 2, "what": "x",
                 "epoch_batches": 100, "threads": 2, "batch_size": 32, "batches": 10, "warmup": 8,
                 "repeats": 3, **ratios}
-    loaders = {"dali": entry(300.0, vs_decode=0.75, vs_torch=1.5), "torch": entry(200.0, vs_decode=0.5, vs_torch=1.0),
+    entries = {"dali": entry(300.0, vs_decode=0.75, vs_torch=1.5), "torch": entry(200.0, vs_decode=0.5, vs_torch=1.0),
                "decode": entry(400.0, vs_decode=1.0, vs_torch=2.0)}
-    result = {"machine": {"cpu": "AMD EPYC 7B13", "cores": 2, "device": "cpu"}, "loaders": loaders}
+    result = {"machine": {"cpu": "AMD EPYC 7B13", "cores": 2, "device": "cpu"}, "loaders": entries}
     console = Console(file=io.StringIO(), width=80)
-    bench.render(result, console)
+    loaders.render(result, console)
     text = console.file.getvalue()
     header = next(line for line in text.splitlines() if "loader" in line)
     assert "×decode" in header and "×torch" in header and "ffcv" not in header

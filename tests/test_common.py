@@ -99,16 +99,16 @@ def test_check_at_least_names_the_flag_and_skips_none():
 
 def test_every_one_line_error_is_a_user_error():
     """Entry points catch UserError: every class whose message is a user's one line must be one."""
+    from bench.loaders import BenchError
     from engine.checkpoint import CheckpointError
     from engine.distributed import DeviceError as EngineDeviceError
-    from engine.export import ExportError
-    from engine.figures import FiguresError
-    from engine.predict import PredictError
     from engine.run import RunError
-    from engine.weights import WeightsError
-    from pipeline.bench import BenchError
-    from pipeline.loader import LoaderError
-    from prep.records import RecordsError
+    from pipeline.errors import LoaderError
+    from records.format import RecordsError
+    from tools.export import ExportError
+    from tools.figures import FiguresError
+    from tools.predict import PredictError
+    from tools.weights import WeightsError
     for cls in (CheckpointError, EngineDeviceError, ExportError, FiguresError, PredictError, RunError,
                 WeightsError, BenchError, LoaderError, RecordsError, ConfigError, DeviceError):
         assert issubclass(cls, UserError), cls
@@ -198,3 +198,16 @@ def test_timed_clocks():
                         "while time.process_time() < end: pass"], check=True)
         return 1
     assert timed(child).cpu >= 0.29
+
+
+def test_a_positional_field_is_an_operand_not_a_flag(capsys):
+    @dataclass(frozen=True)
+    class Check:
+        records: str = field(metadata={"help": "records folder", "positional": True})
+        workers: int | None = None
+
+    assert parse_args(Check, ["data/records", "--workers", "2"]) == Check("data/records", 2)
+    with pytest.raises(SystemExit) as exit_:
+        parse_args(Check, ["--records", "data/records"], prog="check")
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.startswith("check: error: ")

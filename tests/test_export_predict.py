@@ -1,4 +1,4 @@
-"""engine.export (weights-only artefacts, round trip to the same logits) and predict.py (the
+"""tools.export (weights-only artefacts, round trip to the same logits) and predict.py (the
 eval path's answer on the records' own images)."""
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ import torch
 from PIL import Image
 
 from engine import checkpoint as ckpt
-from engine import export, predict, weights
+from tools import export, predict, weights
 from engine.voting import vote
 from model import AlexNet, AlexNetConfig
 from pipeline import Loader, LoaderOptions, reference
-from prep.records import read_meta, shard_paths
+from records.folder import read_meta, shard_paths
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def sharp(run_dir, sample_records):
     trained = weights.load(run_dir, device="cpu")
     tar = shard_paths(sample_records, "val")[0][0]
     views = np.stack([reference.center_view(reference.decode(jpg), trained.mean) for _, jpg, _ in reference.iter_tar(tar)])
-    from engine.figures import fc7
+    from tools.figures import fc7
     feats = fc7(trained.net, torch.from_numpy(views)).double()
     mean = feats.mean(0)
     w = torch.randn(4, feats.shape[1], generator=torch.Generator().manual_seed(3), dtype=torch.float64)
@@ -103,7 +103,7 @@ def test_torchscript_and_export_give_the_same_logits(run_dir, trained, images, t
 
 def test_traced_files_are_refused_by_predict_and_export_with_one_line(run_dir, tmp_path, capsys):
     """TorchScript and torch.export files hold a traced net, not weights: predict.py and
-    engine.export say so in one line (not torch's weights_only warning and internals)."""
+    tools.export say so in one line (not torch's weights_only warning and internals)."""
     photo = tmp_path / "photo.png"
     Image.fromarray(np.zeros((300, 400, 3), np.uint8)).save(photo)
     for fmt, name, kind in (("torchscript", "a.ts", "TorchScript"), ("export", "a.pt2", "torch.export")):

@@ -1,4 +1,4 @@
-"""engine.figures on a tiny run folder: the PNGs and their sizes, the colour-specialisation
+"""tools.figures on a tiny run folder: the PNGs and their sizes, the colour-specialisation
 number on constructed kernels, and Figure 4's neighbours (a training image finds itself)."""
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import torch
 from PIL import Image
 
 from engine import checkpoint as ckpt
-from engine import figures, weights
+from tools import figures, weights
 from model import AlexNet, AlexNetConfig
 from pipeline import Loader, LoaderOptions, reference
-from prep.records import read_stats, shard_paths
+from records.folder import read_stats, shard_paths
 
 METRICS = [  # three epochs, the lr divided by 10 after epoch 2
     {"epoch": 1, "step": 2, "lr": 0.01, "train_loss": 1.4, "train_top1_err": 0.7, "train_top5_err": 0.0,

@@ -51,7 +51,7 @@ def test_parameter_count_is_the_papers(paper_net):
 
 
 def test_benchmark_reference_has_the_same_parameters():
-    from model.bench import reference_net
+    from bench.model import reference_net
     assert count(reference_net()) == PAPER_PARAMS
 
 
@@ -393,7 +393,7 @@ def test_single_tower_net_takes_one_device():
 
 @pytest.mark.parametrize("amp", ["none", "fp16"])
 def test_bench_runs_and_writes_json(tmp_path, amp):
-    from model.bench import main
+    from bench.model import main
     out = tmp_path / "bench.json"
     assert main(["--batch-size", "1", "--steps", "1", "--repeats", "1", "--warmup", "0",
                  "--amp", amp, "--no-progress", "--json", str(out)]) == 0
@@ -405,7 +405,7 @@ def test_bench_runs_and_writes_json(tmp_path, amp):
 
 
 def test_bench_bad_device_is_an_error(capsys):
-    from model.bench import main
+    from bench.model import main
     assert main(["--device", "cuda:9", "--no-progress"]) == 2
     assert "cuda:9" in capsys.readouterr().err
 

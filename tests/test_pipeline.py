@@ -16,7 +16,9 @@ import torch
 
 from pipeline import Loader, LoaderError, LoaderOptions
 from pipeline import graphs, reference as ref
-from prep.records import RecordsError, parse_label, read_mean_image, read_stats, shard_paths
+from records.folder import read_mean_image, read_stats, shard_paths
+from records.format import RecordsError
+from records.index import parse_label
 
 RAW = LoaderOptions(lighting_std=0.0, subtract_mean=False, with_draws=True)   # un-normalised crops
 DRAWS = LoaderOptions(with_draws=True)
@@ -95,7 +97,7 @@ def test_multi_digit_labels(records, tmp_path):
     """Labels of different lengths in one batch (ImageNet's 0..999) come out of the Loader as
     written (trailing whitespace: test_parse_label)."""
     from prep.shards import ShardWriter
-    from prep.records import read_meta
+    from records.folder import read_meta
     labels = [7, 123, 45, 999, 0, 10]
     rec = _copy(records, tmp_path)
     _, jpeg, _ = next(ref.iter_tar(shard_paths(rec, "val")[0][0]))
@@ -285,7 +287,7 @@ def test_reference_draws_match_the_graph_distribution():
 
 
 def test_cost_script_rejects_missing_records(tmp_path, capsys):
-    from pipeline import cost
+    from bench import cost
     assert cost.main(["--records", str(tmp_path / "none")]) == 2
     assert "error:" in capsys.readouterr().err
 
@@ -513,7 +515,7 @@ def test_damaged_header_is_one_error_not_a_crash(records, tmp_path, start, lengt
         fh.seek(offset + start)
         fh.write(junk)
     total = json.loads((rec / "meta.json").read_text())["counts"]["val"]
-    script = ("import sys\nfrom pipeline import Loader\nfrom prep.records import RecordsError\n"
+    script = ("import sys\nfrom pipeline import Loader\nfrom records.format import RecordsError\n"
               "for view in ('center', 'tencrop'):\n"
               f"    try:\n        list(Loader({str(rec)!r}, split='val', view=view, batch_size={total}))\n"
               "    except RecordsError as exc:\n        print(exc)\n")
@@ -530,7 +532,7 @@ def test_structure_check_passes_every_real_record(photo_records, records):
     """Every record prep writes — from real photographs (small, grayscale, CMYK sources) and the
     sample set — passes the check the Loader runs before DALI."""
     import tarfile
-    from prep.records import jpeg_structure_error
+    from records.jpeg import jpeg_structure_error
     seen, expected = 0, 0
     for root in (photo_records, records):
         expected += sum(json.loads((Path(root) / "meta.json").read_text())["counts"].values())

@@ -10,7 +10,7 @@ import torch
 
 from pipeline import Loader, LoaderError, LoaderOptions, U8Batch, finish
 from pipeline import reference as ref
-from prep.records import shard_paths
+from records.folder import shard_paths
 
 DRAWS = LoaderOptions(with_draws=True)
 

@@ -22,7 +22,8 @@ from PIL import Image
 
 from prep import transform, verify
 from prep.build_records import PrepConfig, PrepError, build, main
-from prep.records import RecordsError, read_meta, read_mean_image, read_stats, shard_paths
+from records.folder import read_mean_image, read_meta, read_stats, shard_paths
+from records.format import RecordsError
 from prep.sample import make_sample_set, wnid
 from prep.source import SourceError
 from prep.stats import ImageSum, PixelSums

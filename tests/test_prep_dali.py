@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from prep.records import read_meta, shard_paths
+from records.folder import read_meta, shard_paths
 from test_prep import read_tar
 
 pytest.importorskip("nvidia.dali")

@@ -240,11 +240,11 @@ def read_meta_params(out: Path) -> dict:
 
 
 def test_prep_bench_survives_a_flat_val_and_runs_on_photos(tiny, capsys):
-    from prep import bench
+    from bench import prep as prep_bench
     _flat_val(tiny)
-    assert bench.main(["--source", str(tiny), "--no-ffcv", "--workers", "1"]) == 0
+    assert prep_bench.main(["--source", str(tiny), "--no-ffcv", "--workers", "1"]) == 0
     out = capsys.readouterr()
     assert "train/ only" in out.err and "ours (build_records)" in out.out
     pytest.importorskip("skimage")
-    assert bench.main(["--photos", "6", "--no-ffcv", "--workers", "1"]) == 0
+    assert prep_bench.main(["--photos", "6", "--no-ffcv", "--workers", "1"]) == 0
     assert "6 images" in capsys.readouterr().out

@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 from prep import transform
-from prep.records import read_meta, read_stats, shard_paths
+from records.folder import read_meta, read_stats, shard_paths
 from tests.test_prep import read_tar
 
 
@@ -116,8 +116,8 @@ def test_photo_stats_equal_independent_float64_computation(photo_source, photo_r
 
 
 def test_photo_set_cli_refuses_a_bad_root_with_one_line(tmp_path, capsys):
-    """``python -m prep.photos ROOT`` where ROOT is under a file: exit 2, one line naming it."""
-    from prep.photos import main as photos_main
+    """``python -m bench.photos ROOT`` where ROOT is under a file: exit 2, one line naming it."""
+    from bench.photos import main as photos_main
     (tmp_path / "a-file").write_text("x")
     assert photos_main([str(tmp_path / "a-file" / "set"), "--n", "2"]) == 2
     err = capsys.readouterr().err

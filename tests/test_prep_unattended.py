@@ -288,7 +288,9 @@ def test_keys_tsv_maps_every_record_to_its_source_photo(photo_source, tmp_path):
     """Every record's key names the photo it was made from: decoding that photo with the
     build's own transform gives the record's pixels (up to the JPEG encoding)."""
     from prep import transform
-    from prep.records import read_index, read_keys, read_meta, shard_paths
+    from records.folder import read_meta, shard_paths
+    from records.index import read_index
+    from records.keys import read_keys
     out = tmp_path / "out"
     build(cfg(photo_source, out))
     meta = read_meta(out)
@@ -309,7 +311,7 @@ def test_keys_tsv_maps_every_record_to_its_source_photo(photo_source, tmp_path):
 
 def test_keys_tsv_escapes_tabs_and_newlines_in_file_names(src, tmp_path):
     import shutil
-    from prep.records import read_keys
+    from records.keys import read_keys
     source = tmp_path / "src"
     shutil.copytree(src, source)
     first = sorted((source / "train").iterdir())[0]
@@ -343,7 +345,7 @@ def _names_file(path: Path, classes: list[str]) -> Path:
 
 def test_class_names_from_a_file_or_from_source(src, records, tmp_path):
     import shutil
-    from prep.records import class_names, read_meta
+    from records.folder import class_names, read_meta
     classes = read_meta(records)["classes"]
     out = tmp_path / "out"
     build(cfg(src, out, class_names=str(_names_file(tmp_path / "names.txt", classes))))
@@ -370,7 +372,8 @@ def test_class_names_from_a_file_or_from_source(src, records, tmp_path):
 
 def test_val_fraction_holds_out_a_part_of_every_class(src, tmp_path):
     import shutil
-    from prep.records import read_keys, read_meta
+    from records.folder import read_meta
+    from records.keys import read_keys
     source = tmp_path / "src"
     shutil.copytree(src, source)
     shutil.rmtree(source / "val")
@@ -408,7 +411,7 @@ def test_repair_without_the_source_recomputes_the_statistics_from_the_records(ph
     """The source gone: --repair recomputes the statistics from the records' JPEGs and says so;
     they differ from the build's (pixels summed before JPEG encoding) by JPEG noise only."""
     import shutil
-    from prep.records import read_stats
+    from records.folder import read_stats
     source, out = tmp_path / "src", tmp_path / "out"
     shutil.copytree(photo_source, source)
     build(cfg(source, out))

@@ -22,7 +22,7 @@ from engine.loop import LoopSettings
 from engine.precision import Precision
 from engine.recipe import make_optimizer
 from engine.report import Reporter
-from prep.records import RecordsError
+from records.format import RecordsError
 
 CPU = torch.device("cpu")
 BATCHES, BATCH = 5, 4            # per epoch; images per batch

@@ -28,7 +28,7 @@ from engine.report import Reporter
 from tests.test_train_dist import free_port, run_ranks
 from engine.schedule import PlateauSchedule
 from engine.state import TrainState
-from prep.records import RecordsError
+from records.format import RecordsError
 
 CPU = torch.device("cpu")
 

@@ -19,7 +19,7 @@ from engine.run import resolve_records, stop_poll
 from engine.schedule import PlateauSchedule, lr_at
 from engine.state import TrainState
 from engine.voting import topk_counts, vote
-from prep.records import RecordsError
+from records.format import RecordsError
 
 CPU = LoopSettings(input_device=torch.device("cpu"))
 

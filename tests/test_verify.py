@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 
 from prep import verify
-from prep.records import file_crc32, read_index, read_meta, shard_paths
-from prep.shards import INDEX_VERSION
+from records.folder import file_crc32, read_meta, shard_paths
+from records.format import INDEX_VERSION
+from records.index import read_index
+from records.jpeg import StrictJpeg, jpeg_error
 
 
 @pytest.fixture()
@@ -54,12 +56,12 @@ def test_bad_records_are_named(rec, capsys):
     assert status == 1
     assert any(line.startswith(f"{train} {destroyed}: bad JPEG") for line in lines)
     assert not any(" object at 0x" in line for line in lines)     # what is wrong, not PIL's internals
-    if verify.StrictJpeg().available:
+    if StrictJpeg().available:
         assert any(line.startswith(f"{val} {garbled}: bad JPEG") for line in lines), lines
     # both shards also fail their checksums: two shard lines, besides the two records
     assert sum(line.endswith(f"meta.json says {read_meta(rec)['crc32'][p.relative_to(rec).as_posix()]:08x}")
                for line in lines for p in (train, val)) == 2
-    assert ("2 bad records, 2 bad shards" if verify.StrictJpeg().available else "2 bad shards") in lines[-2]
+    assert ("2 bad records, 2 bad shards" if StrictJpeg().available else "2 bad shards") in lines[-2]
 
 
 def test_index_tar_mismatch_and_bad_label(rec, capsys):
@@ -131,7 +133,7 @@ def test_structure_check_takes_fill_bytes_and_names_an_erased_header():
     is a reason, never an exception (verify's workers and the Loader's feed rely on that)."""
     import io
     from PIL import Image
-    from prep.records import jpeg_structure_error
+    from records.jpeg import jpeg_structure_error
     buf = io.BytesIO()
     Image.new("RGB", (32, 24), (200, 30, 90)).save(buf, "JPEG", quality=90)
     good = buf.getvalue()
@@ -139,4 +141,4 @@ def test_structure_check_takes_fill_bytes_and_names_an_erased_header():
     assert jpeg_structure_error(good[:2] + b"\xff" * 3 + good[2:]) is None
     erased = good[:2] + b"\xff" * 6000 + good[-2:]
     assert jpeg_structure_error(erased).startswith("header damaged at byte")
-    assert verify.jpeg_error(erased).startswith("bad JPEG (header damaged")
+    assert jpeg_error(erased).startswith("bad JPEG (header damaged")

@@ -1,8 +1,8 @@
 """Prep throughput: our records writer vs FFCV's DatasetWriter vs the bare decode+resize+encode loop (the floor).
 
-    python -m prep.bench                              # on the built-in sample set (data/sample)
-    python -m prep.bench --source /data/imagenet-subset --workers 8 --repeat 3 --json prep_bench.json
-    python -m prep.bench --photos 2000 --repeat 3    # on N crops of real photographs (scikit-image),
+    python -m bench.prep                              # on the built-in sample set (data/sample)
+    python -m bench.prep --source /data/imagenet-subset --workers 8 --repeat 3 --json prep_bench.json
+    python -m bench.prep --photos 2000 --repeat 3    # on N crops of real photographs (scikit-image),
                                                       # ImageNet's sizes (--photo-sizes mixed: smaller)
 
 All three process the same source files (train + val of --source), side by side in one run,
@@ -38,13 +38,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from common.cli import fail
 from common.config import Parser
 from common.errors import UserError, error_line
 from common.system import usable_cores
 from common.timing import interleaved
 from prep import transform
 from prep.build_records import PrepConfig, build, ensure_sample
-from prep.records import DEFAULT_SAMPLE
+from records.format import DEFAULT_SAMPLE
 from prep.source import SourceError, scan
 
 QUALITY = 90
@@ -105,7 +106,7 @@ def _source(args, tmp: Path) -> tuple[Path, str | None]:
     """(source folder, val labels) to bench: --photos N crops, --source, or the sample set. A flat
     val/ without labels is dropped (a train-only view of the source under ``tmp``)."""
     if args.photos:
-        from prep.photos import make_photo_set
+        from bench.photos import make_photo_set
         return make_photo_set(tmp / "photos", n=args.photos, seed=0, sizes=args.photo_sizes), None
     source = Path(args.source) if args.source else DEFAULT_SAMPLE
     if args.source is None:
@@ -124,7 +125,7 @@ def _source(args, tmp: Path) -> tuple[Path, str | None]:
 
 
 def main(argv=None) -> int:
-    ap = Parser(prog="python -m prep.bench", description=__doc__.splitlines()[0])
+    ap = Parser(prog="python -m bench.prep", description=__doc__.splitlines()[0])
     ap.add_argument("--source", default=None, help="ImageNet-style folder; default: the built-in sample set")
     ap.add_argument("--val-labels", default=None, help="labels of a flat SOURCE/val (as build_records.py)")
     ap.add_argument("--photos", type=int, default=0,
@@ -142,8 +143,7 @@ def main(argv=None) -> int:
             source, val_labels = _source(args, Path(data_tmp))
             src = scan(source, val_labels)
         except (UserError, OSError) as exc:
-            print(f"error: {error_line(exc)}", file=sys.stderr)
-            return 2
+            return fail(error_line(exc))
         items = [(str(source / it.rel), it.label) for it in src.train + src.val]
         best = _rounds(args, source, val_labels, items)
         report(len(items), best, args)

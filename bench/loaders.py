@@ -1,14 +1,14 @@
 """Loader bench: our DALI train view against FFCV, a PyTorch DataLoader and the decode floors.
 
-    python -m pipeline.bench --records data/records                       # all loaders, CPU
-    python -m pipeline.bench --records data/records --loaders dali,torch,decode \\
+    python -m bench.loaders --records data/records                       # all loaders, CPU
+    python -m bench.loaders --records data/records --loaders dali,torch,decode \\
         --batches 30 --warmup 5 --repeats 5 --threads 2 --json bench.json
-    python -m pipeline.bench --records data/records --device cuda:0       # GPU variants
+    python -m bench.loaders --records data/records --device cuda:0       # GPU variants
 
 Every loader makes the paper's training view from the same records — random 224×224
 window, mirror, PCA lighting, per-channel mean subtracted; float32 (B, 3, 224, 224)
 contiguous NCHW on the 0–255 scale — with the same batch size, the same number of worker
-threads/processes (default: all cores) and the same device (pipeline/baselines.py says how
+threads/processes (default: all cores) and the same device (bench/baselines.py says how
 and where a library falls short). The floors decode the same JPEGs and do nothing else:
 "decode" with DALI's decoder (the ratio our targets use), "decode-ffcv" with FFCV's on the
 beton's copy of the images. FFCV loaders need OUT/train.beton (prep/build_records.py --ffcv).
@@ -41,13 +41,15 @@ from rich.table import Table
 
 from common.atomic import write_json
 from common.charts import bar_chart
+from common.cli import run_command
 from common.config import check_at_least, parse_args
 from common.console import make_console
-from common.errors import UserError, error_line
+from common.errors import UserError
 from common.system import machine, usable_cores
 from common.timing import interleaved, timed
 from pipeline.finish import U8Batch, finish
-from prep.records import DEFAULT_RECORDS, read_stats, shard_paths
+from records.folder import read_stats, shard_paths
+from records.format import DEFAULT_RECORDS
 
 ALL_LOADERS = ("dali", "dali-u8", "ffcv", "torch", "decode", "decode-ffcv")
 NEEDS_BETON = ("ffcv", "decode-ffcv")
@@ -117,7 +119,7 @@ def choose_loaders(cfg: BenchConfig, beton: Path, console: Console) -> list[str]
 
 def make_loader(name: str, cfg: BenchConfig, records: Path, threads: int):
     """One loader of ``name``; every one gets the same batch size, threads and device."""
-    from pipeline import baselines as B
+    from bench import baselines as B
     shards, beton = shard_paths(records, "train"), records / "train.beton"
     if name in ("dali", "dali-u8"):
         from pipeline import Loader
@@ -145,7 +147,7 @@ class Stream:
         self.u8 = None        # the last U8Batch (dali-u8), for timing finish
 
     def next(self):
-        from pipeline.baselines import tensor_pair
+        from bench.baselines import tensor_pair
         batch = next(self._it, None) if self._it is not None else None
         if batch is None:              # first call or epoch boundary: start the next epoch
             self._it = iter(self.loader)
@@ -358,14 +360,12 @@ def run(cfg: BenchConfig, console: Console | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(BenchConfig, argv, prog="python -m pipeline.bench",
+    cfg = parse_args(BenchConfig, argv, prog="python -m bench.loaders",
                      description=__doc__.split("\n\n")[0])
-    try:
+
+    def work() -> None:
         run(cfg)
-    except (UserError, OSError) as err:
-        print(f"error: {error_line(err)}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(work)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Per-image CPU cost of each Loader view against plain DALI decoding, on the CPU.
 
-    python -m pipeline.cost --records data/records --batch-size 64 --threads 2 --repeats 7
+    python -m bench.cost --records data/records --batch-size 64 --threads 2 --repeats 7
 
 CPU-seconds per image (all threads of this process: common.timing's CPU clock) are measured
 next to wall-clock images/s ("train-u8": the uint8 train view, without the device-side
@@ -8,7 +8,7 @@ finish), because on a shared machine the wall clock mostly measures the neighbou
 the CPU time a view burns per image does not depend on them. The floor is
 bench's "decode" loader (the same reader, JPEG decode to uint8 HWC, nothing else). Loaders
 are built and warmed up first, then measured in interleaved repeats; numbers are medians.
-The side-by-side loader bench (FFCV, DataLoader) is pipeline/bench.py.
+The side-by-side loader bench (FFCV, DataLoader) is bench/loaders.py.
 """
 from __future__ import annotations
 
@@ -19,11 +19,12 @@ from dataclasses import dataclass, field
 from rich.table import Table
 
 from common.atomic import write_json
+from common.cli import run_command
 from common.config import check_at_least, parse_args
 from common.console import make_console
-from common.errors import UserError, error_line
 from common.timing import interleaved
-from prep.records import DEFAULT_RECORDS, shard_paths
+from records.folder import shard_paths
+from records.format import DEFAULT_RECORDS
 
 VIEWS = {"decode": None, "train": ("train", "train"), "train-u8": ("train", "train"),
          "center": ("val", "center"), "tencrop": ("val", "tencrop")}
@@ -51,7 +52,7 @@ def endless(loader):
 
 def make(name: str, cfg: CostConfig):
     from pipeline import Loader
-    from pipeline.baselines import DaliDecodeLoader
+    from bench.baselines import DaliDecodeLoader
     if name == "decode":
         return DaliDecodeLoader(shard_paths(cfg.records, "train"), cfg.batch_size, cfg.threads)
     split, view = VIEWS[name]
@@ -75,14 +76,14 @@ def measure(streams: dict, cfg: CostConfig) -> dict[str, dict[str, float]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(CostConfig, sys.argv[1:] if argv is None else argv, prog="pipeline.cost",
+    cfg = parse_args(CostConfig, sys.argv[1:] if argv is None else argv, prog="bench.cost",
                      description=__doc__.splitlines()[0])
     console = make_console()
-    try:
-        streams = {name: endless(make(name, cfg)) for name in VIEWS}
-    except (UserError, OSError) as err:
-        print(f"error: {error_line(err)}", file=sys.stderr)
-        return 2
+    return run_command(lambda: measure_and_print(cfg, console))
+
+
+def measure_and_print(cfg: CostConfig, console) -> None:
+    streams = {name: endless(make(name, cfg)) for name in VIEWS}
     for stream in streams.values():
         next(stream)                             # start-up is not measured
     result = measure(streams, cfg)
@@ -97,7 +98,6 @@ def main(argv: list[str] | None = None) -> int:
     console.print(table)
     if cfg.json:
         write_json(cfg.json, {"config": vars(cfg), "results": result})
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """A small ImageNet-layout tree of real photographs, from the photos scikit-image ships offline.
 
-    python -m prep.photos DIR [--n 60]         # also: python -m prep.bench --photos 60
+    python -m bench.photos DIR [--n 60]         # also: python -m bench.prep --photos 60
 
 The generated sample set is synthetic; the records' resize has to hold up on real photos (fine
 texture, edges, noise), so tests and the prep benchmark also run on crops of ``skimage.data``'s
@@ -23,14 +23,14 @@ scikit-image is a test extra (``pip install .[test]``), imported only here.
 from __future__ import annotations
 
 import io
-import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from common.cli import run_command
 from common.config import Parser
-from common.errors import error_line
+from common.errors import UserError
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry",
           "retina", "camera", "coins", "moon", "grass", "gravel", "brick", "clock")
@@ -134,7 +134,7 @@ def make_photo_set(root: str | Path, n: int = 60, seed: int = 0, val_every: int 
 
 
 def main(argv=None) -> int:
-    ap = Parser(prog="python -m prep.photos", description=__doc__.splitlines()[0])
+    ap = Parser(prog="python -m bench.photos", description=__doc__.splitlines()[0])
     ap.add_argument("root")
     ap.add_argument("--n", type=int, default=60)
     ap.add_argument("--seed", type=int, default=0)
@@ -143,16 +143,14 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.n < 1:
         ap.error(f"--n {a.n}: at least one photo")
-    try:
-        make_photo_set(a.root, a.n, a.seed, sizes=a.sizes)
-    except ImportError:
-        print("error: scikit-image is not installed (it ships the photos): pip install '.[test]'", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"error: {error_line(exc)}", file=sys.stderr)
-        return 2
-    print(f"wrote {a.n} photo crops to {a.root}")
-    return 0
+
+    def work() -> None:
+        try:
+            make_photo_set(a.root, a.n, a.seed, sizes=a.sizes)
+        except ImportError:
+            raise UserError("scikit-image is not installed (it ships the photos): pip install '.[test]'") from None
+        print(f"wrote {a.n} photo crops to {a.root}")
+    return run_command(work)
 
 
 if __name__ == "__main__":

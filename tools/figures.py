@@ -1,6 +1,6 @@
 """Pictures of a run: training curves, the paper's Figure 3 (conv1 kernels) and Figure 4 (neighbours).
 
-    python -m engine.figures RUN_DIR [--checkpoint best.pt] [--records DIR] [--only curves,conv1]
+    python -m tools.figures RUN_DIR [--checkpoint best.pt] [--records DIR] [--only curves,conv1]
 
 writes into RUN_DIR:
 - ``curves.png``: train loss and train/val top-1 and top-5 error per epoch, lr drops marked;
@@ -30,29 +30,24 @@ from PIL import Image
 
 from common.atomic import atomic_open, write_json
 from common.charts import pyplot, save_figure
+from common.cli import run_command
 from common.config import ConfigError, Parser, check_at_least
-from common.errors import UserError, error_line
+from common.errors import UserError
+from model.kernels import BACKGROUND, conv1_kernels, kernel_grid
 from pipeline import Loader, LoaderOptions, reference
-from prep.records import shard_paths
+from records.folder import shard_paths
 
-from . import weights
-from .report import Reporter
+from tools import weights
+from engine.report import Reporter
 
 FIGURES = ("curves", "conv1", "neighbours")
 CURVES_SIZE = (10, 4)        # inches at common.charts.DPI (100): 1000 x 400 pixels
-
-# conv1.png geometry (pixels): the paper's Figure 3 shows each tower's 48 kernels as 3 rows of 16
-KERNEL_COLS = 16
-KERNEL_SCALE = 5             # each 11x11 kernel drawn as 55x55 (nearest neighbour, no smoothing)
-KERNEL_GAP = 2               # between kernels and around a tower's block
-TOWER_GAP = 10               # between the two towers' blocks
 
 # neighbours.png geometry (pixels)
 THUMB = 112                  # each 256x256 record image shown at 112x112
 THUMB_GAP = 4                # between images and around the grid
 QUERY_GAP = 16               # extra space between the query column and its neighbours
 FRAME = 4                    # the class frame drawn inside each neighbour's cell
-BACKGROUND = 255             # white
 
 
 class FiguresError(UserError):
@@ -118,11 +113,6 @@ def plot_curves(metrics: list[dict], path: Path, title: str = "") -> None:
 
 # --- conv1 (the paper's Figure 3) -----------------------------------------------------------
 
-def conv1_kernels(net) -> list[np.ndarray]:
-    """Each tower's conv1 weights, float64 (48, 3, 11, 11) (RGB input channels)."""
-    return [t.conv1.weight.detach().double().cpu().numpy() for t in net.towers]
-
-
 def colour_share(kernels: np.ndarray) -> np.ndarray:
     """Per kernel, the share of its energy (sum of squared weights) that is not grey.
 
@@ -137,32 +127,6 @@ def colour_share(kernels: np.ndarray) -> np.ndarray:
     total = (k ** 2).sum(axis=(1, 2, 3))
     rest = ((k - grey) ** 2).sum(axis=(1, 2, 3))
     return np.divide(rest, total, out=np.zeros_like(total), where=total > 0)
-
-
-def stretch(kernel: np.ndarray) -> np.ndarray:
-    """One (3, k, k) kernel as uint8 (k, k, 3): its min to 0 and max to 255 over all three
-    channels together (so colour balance is kept); a constant kernel is mid-grey."""
-    lo, hi = float(kernel.min()), float(kernel.max())
-    if hi <= lo:
-        return np.full(kernel.shape[1:] + (3,), 128, np.uint8)
-    return np.round((kernel.transpose(1, 2, 0) - lo) * (255.0 / (hi - lo))).astype(np.uint8)
-
-
-def kernel_grid(towers: list[np.ndarray]) -> np.ndarray:
-    """uint8 (H, W, 3): one block per tower, top to bottom, KERNEL_COLS kernels a row."""
-    size = towers[0].shape[-1] * KERNEL_SCALE
-    rows = math.ceil(max(len(t) for t in towers) / KERNEL_COLS)
-    block_h = rows * size + (rows + 1) * KERNEL_GAP
-    width = KERNEL_COLS * size + (KERNEL_COLS + 1) * KERNEL_GAP
-    grid = np.full((len(towers) * block_h + (len(towers) - 1) * TOWER_GAP, width, 3), BACKGROUND, np.uint8)
-    for b, tower in enumerate(towers):
-        top = b * (block_h + TOWER_GAP)
-        for i, kernel in enumerate(tower):
-            r, c = divmod(i, KERNEL_COLS)
-            y, x = top + KERNEL_GAP + r * (size + KERNEL_GAP), KERNEL_GAP + c * (size + KERNEL_GAP)
-            big = stretch(kernel).repeat(KERNEL_SCALE, axis=0).repeat(KERNEL_SCALE, axis=1)
-            grid[y:y + size, x:x + size] = big
-    return grid
 
 
 def conv1_figure(net, out: Path) -> dict:
@@ -337,7 +301,7 @@ def save_png(array: np.ndarray, path: Path) -> None:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = Parser(prog="python -m engine.figures", description=__doc__.split("\n\n")[0],
+    p = Parser(prog="python -m tools.figures", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", help="a run folder (train.py --out)")
     p.add_argument("--checkpoint", default=None,
@@ -414,13 +378,11 @@ def make_figures(args: argparse.Namespace, say: Reporter) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else list(argv))
     say = Reporter(enabled=True, progress=sys.stdout.isatty())
-    try:
+
+    def work() -> None:
         written = make_figures(args, say)
-    except (UserError, OSError) as exc:
-        print(f"error: {error_line(exc)}", file=sys.stderr)
-        return 2
-    say.line("figures: wrote " + (", ".join(str(p) for p in written) or "nothing"))
-    return 0
+        say.line("figures: wrote " + (", ".join(str(p) for p in written) or "nothing"))
+    return run_command(work)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 Shared by the figures, export and predict entry points. A training checkpoint (engine/checkpoint.py)
 names its records folder in its config; the class list (meta.json) and the mean the net was trained
 with (stats.json's RGB mean, or mean_image.npy with ``--mean pixel``) come from there. An exported
-weights file (engine/export.py) carries all three inside, so it needs no records folder.
+weights file (tools/export.py) carries all three inside, so it needs no records folder.
 """
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ import numpy as np
 import torch
 
 from model import AlexNet, AlexNetConfig
-from prep.records import DEFAULT_RECORDS, read_mean_image, read_meta, read_stats
+from records.folder import read_mean_image, read_meta, read_stats
+from records.format import DEFAULT_RECORDS
 
-from . import checkpoint as ckpt
+from engine import checkpoint as ckpt
 from common.errors import UserError
 
 WEIGHTS_FORMAT = "dali-alexnet-weights/1"

@@ -6,7 +6,7 @@ The preprocessing is training's: the records' 256x256 image (shorter side to 256
 square, prep.transform), then the central 224 crop or the paper's 10 crops (corners, centre,
 and their mirrors) with the softmax averaged over them, minus the run's mean (RGB or per pixel),
 0-255 scale, not divided by std. ``--checkpoint`` takes a training checkpoint (its records
-folder gives the class names and mean) or a file written by ``python -m engine.export`` in its
+folder gives the class names and mean) or a file written by ``python -m tools.export`` in its
 default state_dict format (the traced formats are for other programs). Without it: the run
 under runs/ whose checkpoint was written last (its best.pt, else last.pt), named on stderr.
 Exit status: 0 done, 2 bad input: a missing checkpoint or image is one ``error:`` line before
@@ -21,13 +21,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.cli import USER_ERROR, run_command
 from common.config import Parser
-from common.errors import UserError, error_line
+from common.errors import UserError
 from pipeline import reference
 from prep.transform import ImageError, decode_record
 
-from . import weights
-from .voting import vote
+from tools import weights
+from engine.voting import vote
 
 TOP = 5
 BATCH = 32           # images per forward (x10 views with --tencrop)
@@ -114,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tencrop", action="store_true", help="average the softmax over the paper's 10 crops")
     p.add_argument("--device", default=None, help="cpu or cuda:N (default: cuda:0 when a GPU is visible)")
     args = p.parse_args(sys.argv[1:] if argv is None else list(argv))
-    try:
+
+    def work() -> int:
         files = image_files(args.images)
         checkpoint = args.checkpoint
         if not checkpoint:
@@ -123,15 +125,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"checkpoint: {checkpoint} (the newest under runs/; --checkpoint to choose)", file=sys.stderr,
                   flush=True)
         trained = weights.load(checkpoint, records=args.records, device=args.device or weights.default_device())
-    except (UserError, OSError) as exc:
-        print(f"error: {error_line(exc)}", file=sys.stderr)
-        return 2
-    try:
-        failed = classify(trained, files, args.tencrop)
-    except OSError as exc:          # stdout gone (predict.py DIR | head), a device error
-        print(f"error: {error_line(exc)}", file=sys.stderr)
-        return 2
-    return 2 if failed else 0
+        # an OSError from here on: stdout gone (predict.py DIR | head), a device error
+        return USER_ERROR if classify(trained, files, args.tencrop) else 0
+    return run_command(work)
 
 
 def classify(trained: weights.Trained, files: list[Path], tencrop: bool) -> int:

@@ -1,8 +1,8 @@
 """How differently consecutive epochs order the training records, next to two independent
 random permutations (the ideal).
 
-    python -m pipeline.mixing --records data/records --batch-size 50 [--world 2] [--epochs 4]
-    python -m pipeline.mixing --total 1281167 --batch-size 256 --world 8    # no records needed
+    python -m bench.mixing --records data/records --batch-size 50 [--world 2] [--epochs 4]
+    python -m bench.mixing --total 1281167 --batch-size 256 --world 8    # no records needed
 
 For each pair of consecutive epochs: the order correlation (Pearson's r of each record's
 position in epoch e and e+1 on its rank; 0 ± 1/sqrt(n) for independent orders), the share of
@@ -18,9 +18,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from common.cli import run_command
 from common.config import check_at_least, parse_args
 from pipeline import reader
-from prep.records import RecordsError, shard_paths
+from records.folder import shard_paths
 
 
 @dataclass(frozen=True)
@@ -75,12 +76,12 @@ def _positions(batches: np.ndarray, records: np.ndarray) -> np.ndarray:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(MixingConfig, argv, prog="python -m pipeline.mixing", description=__doc__.split("\n\n")[0])
-    try:
-        total = cfg.total or len(reader.RecordTable(shard_paths(cfg.records, "train")))
-    except RecordsError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    cfg = parse_args(MixingConfig, argv, prog="python -m bench.mixing", description=__doc__.split("\n\n")[0])
+    return run_command(lambda: print_mixing(cfg))
+
+
+def print_mixing(cfg: MixingConfig) -> None:
+    total = cfg.total or len(reader.RecordTable(shard_paths(cfg.records, "train")))
     print(f"{total} records, {cfg.world} rank(s), batch {cfg.batch_size}, seed {cfg.seed}")
     for rank in range(cfg.world):
         start, end = reader.shard_range(total, rank, cfg.world)
@@ -93,7 +94,6 @@ def main(argv: list[str] | None = None) -> int:
                   f"(independent: {m['ideal_same_batch']:.2%}), batch-mate pairs again "
                   f"{m['pairs_again']:.3%} (independent: {m['ideal_pairs']:.3%}); "
                   f"{m['n']} of {end - start} records in both")
-    return 0
 
 
 if __name__ == "__main__":

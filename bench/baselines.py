@@ -1,4 +1,4 @@
-"""The loaders ``pipeline.bench`` compares ours against, each making the same training view.
+"""The loaders ``bench.loaders`` compares ours against, each making the same training view.
 
 The training view is the paper's: a random 224×224 window of the 256×256 image (integer
 offsets 0..32 on each axis, no resampling), a left-right mirror with probability 1/2, PCA
@@ -18,7 +18,7 @@ mean subtracted; float32, (B, 3, 224, 224) contiguous NCHW, 0–255 scale (NOT d
   decoded to uint8 HWC batches and nothing else (DALI's CPU or mixed decoder; FFCV's
   SimpleRGBImageDecoder on the beton's JPEGs).
 
-    from pipeline.baselines import torch_loader
+    from bench.baselines import torch_loader
     for images, labels in torch_loader("data/records", batch_size=128, workers=2, stats=stats):
         ...
 """
@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from pipeline import reference as ref
-from prep.records import RecordsError
+from records.index import read_index
 
 
 # ----------------------------------------------------------------------------- records access
@@ -48,21 +48,12 @@ class Sample:
     cls_size: int
 
 
-def read_index(tar: Path, idx: Path) -> list[Sample]:
-    """Parse one DALI webdataset index (``wds2idx``'s format: ``v1.2 N`` then, per sample,
-    groups of ``ext offset size name``) into the byte ranges of each ``.jpg`` / ``.cls``."""
-    lines = Path(idx).read_text().split("\n")
-    head = lines[0].split()
-    if len(head) != 2 or not head[0].startswith("v1."):
-        raise RecordsError(f"{idx}: not a DALI webdataset index (first line {lines[0]!r})")
-    samples = []
-    for n, line in enumerate(lines[1:int(head[1]) + 1], start=2):
-        parts = line.split()
-        comps = {parts[i]: (int(parts[i + 1]), int(parts[i + 2])) for i in range(0, len(parts) - 3, 4)}
-        if "jpg" not in comps or "cls" not in comps:
-            raise RecordsError(f"{idx}:{n}: sample without both .jpg and .cls")
-        samples.append(Sample(str(tar), *comps["jpg"], *comps["cls"]))
-    return samples
+def shard_samples(tar: Path, idx: Path) -> list[Sample]:
+    """Where each record of one shard lives: its index read (and checked against the tar) by
+    records.index, the one parser of the format."""
+    index = read_index(tar, idx)
+    return [Sample(str(tar), int(jo), int(js), int(co), int(cs))
+            for (jo, js), (co, cs) in zip(index.jpg.tolist(), index.cls.tolist())]
 
 
 def crop_view(img: np.ndarray, draw: ref.TrainDraw, shift: np.ndarray, mean: np.ndarray) -> np.ndarray:
@@ -119,7 +110,7 @@ def torch_loader(shards: list[tuple[Path, Path]], stats, batch_size: int, worker
                  device: str = "cpu", seed: int = 0) -> torch.utils.data.DataLoader:
     """A plain PyTorch DataLoader: shuffled, ``workers`` processes, pinned memory only for
     CUDA (the caller moves batches with ``non_blocking=True``), last partial batch dropped."""
-    samples = [s for tar, idx in shards for s in read_index(tar, idx)]
+    samples = [s for tar, idx in shards for s in shard_samples(tar, idx)]
     gen = torch.Generator().manual_seed(seed)
     return torch.utils.data.DataLoader(
         RecordsTrainSet(samples, stats, seed), batch_size=batch_size, shuffle=True,

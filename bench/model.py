@@ -1,9 +1,9 @@
 """Forward+backward images/s: our two-tower AlexNet vs a plain nn.Sequential of the same layers.
 
-    python -m model.bench                                   # CPU, batch 128
-    python -m model.bench --device cuda:0 --amp bf16 --channels-last --steps 20 --json out.json
-    python -m model.bench --device cuda:0,cuda:1            # ours split over two GPUs
-    python -m model.bench --device cuda:0 --amp fp16 --channels-last   # fp16 with a loss scale
+    python -m bench.model                                   # CPU, batch 128
+    python -m bench.model --device cuda:0 --amp bf16 --channels-last --steps 20 --json out.json
+    python -m bench.model --device cuda:0,cuda:1            # ours split over two GPUs
+    python -m bench.model --device cuda:0 --amp fp16 --channels-last   # fp16 with a loss scale
 
 The reference is what a user would write: the same layers as one nn.Sequential, grouped
 convolutions (groups=2) for conv2/4/5 and torch.nn.LocalResponseNorm(5, alpha=5e-4, beta=0.75, k=2)
@@ -23,9 +23,9 @@ import torch.nn.functional as F
 
 from common.atomic import write_json
 from common.charts import bar_chart
+from common.cli import run_command
 from common.config import check_at_least, parse_args, to_dict
 from common.devices import parse_device, sync
-from common.errors import UserError, error_line
 from common.system import machine
 from common.timing import interleaved
 from model import AlexNet, AlexNetConfig
@@ -152,19 +152,18 @@ def print_table(result: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(BenchConfig, argv, prog="python -m model.bench", description=__doc__.split("\n")[0])
-    try:
-        result = run(cfg)
-    except (UserError, OSError) as exc:   # e.g. a device that does not exist
-        print(f"error: {error_line(exc)}", file=sys.stderr)
-        return 2
-    print_table(result)
-    if cfg.json:
-        write_json(cfg.json, result)
-    if cfg.plot:
-        bar_chart(cfg.plot, {n: (result["median_images_per_s"][n], min(v), max(v)) for n, v in result["images_per_s"].items()},
-                  title=f"AlexNet forward+backward, batch {cfg.batch_size}, {cfg.device}", xlabel="images/s")
-    return 0
+    cfg = parse_args(BenchConfig, argv, prog="python -m bench.model", description=__doc__.split("\n")[0])
+
+    def work() -> None:
+        result = run(cfg)             # a UserError: e.g. a device that does not exist
+        print_table(result)
+        if cfg.json:
+            write_json(cfg.json, result)
+        if cfg.plot:
+            bar_chart(cfg.plot, {n: (result["median_images_per_s"][n], min(v), max(v))
+                                 for n, v in result["images_per_s"].items()},
+                      title=f"AlexNet forward+backward, batch {cfg.batch_size}, {cfg.device}", xlabel="images/s")
+    return run_command(work)
 
 
 if __name__ == "__main__":

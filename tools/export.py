@@ -1,6 +1,6 @@
 """Export a trained AlexNet: weights only (no momentum), with its class list and mean inside.
 
-    python -m engine.export RUN_DIR|CHECKPOINT --out alexnet.pt [--format state_dict] [--records DIR]
+    python -m tools.export RUN_DIR|CHECKPOINT --out alexnet.pt [--format state_dict] [--records DIR]
 
 Formats (``--format``):
 - ``state_dict`` (default): a ``torch.save`` dict readable with ``torch.load(f, weights_only=True)``
@@ -9,7 +9,7 @@ Formats (``--format``):
   layer table), ``config`` (the model's switches: towers, lrn, overlap_pool, dropout, init,
   num_classes), ``classes`` (wnids in index order), ``names`` (or None), ``mean`` (float32, 0-255
   scale: (3,) RGB or (256, 256, 3) with ``mean_kind`` "pixel"), ``format``, ``epoch``, ``step``.
-  ``engine.weights.load`` / predict.py read it back into this repo's AlexNet.
+  ``tools.weights.load`` / predict.py read it back into this repo's AlexNet.
 - ``torchscript``: ``torch.jit.trace`` of the net in eval mode (any batch size), loadable with
   ``torch.jit.load``; the same metadata as JSON in its extra file ``meta.json``.
 - ``export``: ``torch.export`` ExportedProgram with a dynamic batch dimension (``torch.export.load``),
@@ -34,10 +34,11 @@ import numpy as np
 import torch
 
 from common.atomic import write_bytes
+from common.cli import run_command
 from common.config import Parser
-from common.errors import UserError, error_line
+from common.errors import UserError
 
-from . import weights
+from tools import weights
 
 FORMATS = ("state_dict", "torchscript", "export", "onnx")
 ONNX_OPSET = 17
@@ -133,21 +134,19 @@ def export(source: str | Path, out: str | Path, fmt: str = "state_dict", records
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = Parser(prog="python -m engine.export", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="python -m tools.export", description=__doc__.split("\n\n")[0])
     p.add_argument("source", help="a run folder (its best.pt), a checkpoint or an exported weights file")
     p.add_argument("--out", required=True, help="the file to write")
     p.add_argument("--format", default="state_dict", choices=FORMATS, help="what to write (default: state_dict)")
     p.add_argument("--records", default=None, help="records folder for the class list and mean "
                                                    "(default: the one the run trained on)")
     args = p.parse_args(sys.argv[1:] if argv is None else list(argv))
-    try:
+
+    def work() -> None:
         source = export(args.source, args.out, args.format, args.records)
-    except (UserError, OSError) as exc:
-        print(f"error: {error_line(exc)}", file=sys.stderr)
-        return 2
-    size = Path(args.out).stat().st_size / 2 ** 20
-    print(f"export: {source} -> {args.out} ({args.format}, {size:.1f} MiB)")
-    return 0
+        size = Path(args.out).stat().st_size / 2 ** 20
+        print(f"export: {source} -> {args.out} ({args.format}, {size:.1f} MiB)")
+    return run_command(work)
 
 
 if __name__ == "__main__":

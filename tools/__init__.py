@@ -1,0 +1,8 @@
+"""Tools for a trained run, off the training path (engine/ does not import them).
+
+    python -m tools.figures RUN_DIR     # curves, the paper's Figure 3 (conv1) and Figure 4 (neighbours)
+    python -m tools.export RUN_DIR      # a weights-only file and a traced one
+    python predict.py IMAGE...          # classify images (tools/predict.py)
+
+weights.py loads a trained net from a checkpoint or either exported file.
+"""

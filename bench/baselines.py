@@ -127,17 +127,21 @@ class DaliDecodeLoader:
     ``graphs.build_decode_only``: the train view's reader (a new order every epoch, full
     batches), executor, prefetch depth and decoder per device, minus every op after the
     decoder. Yields (uint8 (B, 256, 256, 3) HWC images, None), zero-copy torch tensors on
-    ``device``; the decoder is "cpu" (libjpeg-turbo) on CPU, "mixed" (nvJPEG) for CUDA."""
+    ``device``; the decoder is "cpu" (libjpeg-turbo) on CPU, "mixed" (nvJPEG) for CUDA.
+    ``decode="window"``: only the train view's 224×224 windows, (B, 224, 224, 3), drawn as
+    the train view draws them; "none": the feed alone, the batch's JPEG bytes as DALI's
+    TensorList (ragged: no tensor)."""
 
     def __init__(self, shards: list[tuple[Path, Path]], batch_size: int, threads: int,
-                 device: str = "cpu", seed: int = 0):
+                 device: str = "cpu", seed: int = 0, decode: str = "full"):
         from pipeline import graphs
-        self.device = torch.device(device)
+        self.device, self.decode = torch.device(device), decode
         spec = graphs.GraphSpec(files=tuple((str(t), str(i)) for t, i in shards), view="train",
                                 batch_size=batch_size, seed=seed, shuffle=True, num_threads=threads)
-        feed = graphs.default_feed(spec, draws=False, drop_last=True)   # as the train view
+        feed = graphs.default_feed(spec, draws=decode == "window", drop_last=True)   # as the train view
         self._len = feed.plan.batches
-        self.pipe = graphs.build_decode_only(spec, graphs.DeviceSettings.for_device(self.device), feed)
+        self.pipe = graphs.build_decode_only(spec, graphs.DeviceSettings.for_device(self.device),
+                                             feed, decode)
 
     def __len__(self) -> int:
         return self._len
@@ -146,7 +150,7 @@ class DaliDecodeLoader:
         from pipeline.loader import from_dali
         for _ in range(self._len):      # a continuous shuffled stream; an epoch = len batches
             (images,) = self.pipe.run()
-            yield from_dali(images, self.device), None
+            yield (images if self.decode == "none" else from_dali(images, self.device)), None
 
 
 # ----------------------------------------------------------------------------- FFCV

@@ -6,7 +6,10 @@ CPU-seconds per image (all threads of this process: common.timing's CPU clock) a
 next to wall-clock images/s ("train-u8": the uint8 train view, without the device-side
 finish), because on a shared machine the wall clock mostly measures the neighbours, while
 the CPU time a view burns per image does not depend on them. The floor is
-bench's "decode" loader (the same reader, JPEG decode to uint8 HWC, nothing else). Loaders
+bench's "decode" loader (the same reader, JPEG decode to uint8 HWC, nothing else);
+"decode-window" decodes only the train view's 224×224 windows (the least a train view does),
+"feed" only hands DALI the JPEG bytes (our reader, no decode): the rows between them split a
+train view's cost into feed, decode, and what the ops after the decoder add. Loaders
 are built and warmed up first, then measured in interleaved repeats; numbers are medians.
 The side-by-side loader bench (FFCV, DataLoader) is bench/loaders.py.
 """
@@ -26,8 +29,8 @@ from common.timing import interleaved
 from records.folder import shard_paths
 from records.format import DEFAULT_RECORDS
 
-VIEWS = {"decode": None, "train": ("train", "train"), "train-u8": ("train", "train"),
-         "center": ("val", "center"), "tencrop": ("val", "tencrop")}
+VIEWS = {"decode": None, "decode-window": None, "feed": None,
+         "train": ("train", "train"), "train-u8": ("train", "train"), "center": ("val", "center"), "tencrop": ("val", "tencrop")}
 
 
 @dataclass(frozen=True)
@@ -53,8 +56,10 @@ def endless(loader):
 def make(name: str, cfg: CostConfig):
     from pipeline import Loader
     from bench.baselines import DaliDecodeLoader
-    if name == "decode":
-        return DaliDecodeLoader(shard_paths(cfg.records, "train"), cfg.batch_size, cfg.threads)
+    if VIEWS[name] is None:
+        mode = {"decode": "full", "decode-window": "window", "feed": "none"}[name]
+        return DaliDecodeLoader(shard_paths(cfg.records, "train"), cfg.batch_size, cfg.threads,
+                                decode=mode)
     split, view = VIEWS[name]
     import torch
     return Loader(cfg.records, split=split, view=view, batch_size=cfg.batch_size,
@@ -63,7 +68,10 @@ def make(name: str, cfg: CostConfig):
 
 def measure(streams: dict, cfg: CostConfig) -> dict[str, dict[str, float]]:
     """Interleaved repeats (common.timing); per view the medians of ms CPU per image and images/s."""
+    from bench.loaders import settle
+
     def prepare(name: str) -> None:
+        settle()      # the view timed before refills its prefetch queue: not on this one's clock
         for _ in range(2):                       # batches prefetched while it waited
             next(streams[name])
 
@@ -90,11 +98,12 @@ def measure_and_print(cfg: CostConfig, console) -> None:
     floor = result["decode"]["cpu_ms_per_image"]
     table = Table(title=f"CPU cost per image, batch {cfg.batch_size}, {cfg.threads} DALI threads, "
                         f"median of {cfg.repeats}")
-    for col in ("view", "CPU ms / image", "decode cost ÷ this", "images/s (wall)"):
+    window = result["decode-window"]["cpu_ms_per_image"]
+    for col in ("view", "CPU ms / image", "decode cost ÷ this", "ms over decode-window", "images/s (wall)"):
         table.add_column(col, justify="right")
     for name, r in result.items():
         table.add_row(name, f"{r['cpu_ms_per_image']:.3f}", f"{floor / r['cpu_ms_per_image']:.2f}×",
-                      f"{r['images_per_s']:.0f}")
+                      f"{r['cpu_ms_per_image'] - window:+.3f}", f"{r['images_per_s']:.0f}")
     console.print(table)
     if cfg.json:
         write_json(cfg.json, {"config": vars(cfg), "results": result})

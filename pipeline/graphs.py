@@ -41,6 +41,7 @@ per-pixel mean is never applied in the graph, so the train view always decodes o
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -137,14 +138,32 @@ def build(spec: GraphSpec, dev: DeviceSettings, feed: reader.Feed | None = None)
     return pipe
 
 
-def build_decode_only(spec: GraphSpec, dev: DeviceSettings, feed: reader.Feed | None = None) -> Pipeline:
+DECODE_FLOORS = ("full", "window", "none")
+
+
+def build_decode_only(spec: GraphSpec, dev: DeviceSettings, feed: reader.Feed | None = None,
+                      decode: str = "full") -> Pipeline:
     """The decode floor the benches compare the views with: the same reader, executor and
-    decoder as ``build``, whole images out (uint8 HWC), nothing after the decoder."""
+    decoder as ``build``, nothing after the decoder. ``decode``: "full" = whole images out
+    (uint8 HWC); "window" = only the train view's 224×224 window, as ``build`` decodes it
+    (the least any train view does; ``feed`` must carry the train draws); "none" = the JPEG
+    bytes out undecoded (what the feed alone costs)."""
+    if decode not in DECODE_FLOORS:
+        raise ValueError(f"decode must be one of {DECODE_FLOORS}, got {decode!r}")
     pipe = _new_pipeline(spec, dev)
     with pipe:
-        (jpegs,) = _reader(spec, feed or default_feed(spec, draws=False))
-        pipe.set_outputs(_decode(jpegs, replace(spec, mean_image=None), dev))
-    pipe.build()
+        jpegs, *draws = _reader(spec, feed or default_feed(spec, draws=decode == "window"))
+        if decode == "none":
+            pipe.set_outputs(jpegs)
+        elif decode == "window":
+            off_y, off_x = draws[0][0], draws[0][1]
+            window = (off_x / float(ref.MAX_OFFSET), off_y / float(ref.MAX_OFFSET))
+            pipe.set_outputs(_decode(jpegs, spec, dev, window))
+        else:
+            pipe.set_outputs(_decode(jpegs, replace(spec, mean_image=None), dev))
+    with warnings.catch_warnings():   # "window" leaves the feed's alpha unused, on purpose
+        warnings.filterwarnings("ignore", message=".*but the outputs? at the ind")
+        pipe.build()
     return pipe
 
 

@@ -286,6 +286,31 @@ def test_reference_draws_match_the_graph_distribution():
     assert (a.y, a.x, a.flip) == (b.y, b.x, b.flip) and np.array_equal(a.alpha, b.alpha)
 
 
+def test_decode_floors_decode_exactly_the_train_windows(records):
+    """The benches' "decode-window" floor decodes the very windows the train view decodes (the
+    reader's draws, the same ROI decoder): each output equals the reference decode cut at the
+    batch's drawn (y, x), unmirrored; "none" hands back the JPEG bytes as they are."""
+    from pipeline import reader
+    spec = graphs.GraphSpec(files=tuple((str(t), str(i)) for t, i in shard_paths(records, "train")),
+                            view="train", batch_size=8, seed=3, shuffle=True, num_threads=1)
+    dev = graphs.DeviceSettings.for_device(torch.device("cpu"))
+    feed = graphs.default_feed(spec, draws=True, drop_last=True)
+    (windows,) = graphs.build_decode_only(spec, dev, feed, decode="window").run()
+    batch = feed.fed[0]
+    jpegs = feed.table.jpegs(batch.records)
+    drawn = reader.draws(feed.plan, batch.epoch, batch.index, len(jpegs), spec.lighting_std)[0]
+    assert len(set(map(tuple, drawn[:, :2]))) > 1          # windows differ: the draw matters
+    for i, (y, x, _) in enumerate(drawn):
+        image = ref.decode(jpegs[i].tobytes())
+        assert np.array_equal(np.asarray(windows[i]), image[y:y + ref.CROP, x:x + ref.CROP])
+    feed = graphs.default_feed(spec, draws=False, drop_last=True)
+    (raw,) = graphs.build_decode_only(spec, dev, feed, decode="none").run()
+    sent = feed.table.jpegs(feed.fed[0].records)
+    assert all(np.array_equal(np.asarray(raw[i]), sent[i]) for i in range(len(sent)))
+    with pytest.raises(ValueError, match="decode must be one of"):
+        graphs.build_decode_only(spec, dev, feed, decode="roi")
+
+
 def test_cost_script_rejects_missing_records(tmp_path, capsys):
     from bench import cost
     assert cost.main(["--records", str(tmp_path / "none")]) == 2

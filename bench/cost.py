@@ -30,7 +30,8 @@ from records.folder import shard_paths
 from records.format import DEFAULT_RECORDS
 
 VIEWS = {"decode": None, "decode-window": None, "feed": None,
-         "train": ("train", "train"), "train-u8": ("train", "train"), "center": ("val", "center"), "tencrop": ("val", "tencrop")}
+         "train": ("train", "train"), "train-u8": ("train", "train"),
+         "center": ("val", "center"), "tencrop": ("val", "tencrop")}
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,7 @@ def local_response_norm(x: torch.Tensor, size: int = 5, alpha: float = 1e-4, bet
     ``groups`` splits the channels into that many independent blocks (the towers of the
     fused single-device forward: tower 0's kernel 47 has no neighbour in tower 1).
     For an even ``size`` the window is channels i - size//2 .. i + (size-1)//2 (torch's choice).
-    Forward and backward are written out by hand (one pow each way, the window sum one pass
-    over memory in either memory format), where torch.nn.LocalResponseNorm composes pad,
+    Forward and backward are written out by hand (one pow each way), where torch.nn.LocalResponseNorm composes pad,
     avg_pool and several elementwise passes that autograd then replays and keeps alive: keep
     the backward hand-written. Backward keeps only the input (its own dtype) and the float32
     sum s = k + alpha * sum a^2; the power is recomputed from s.
@@ -159,35 +158,42 @@ def _no_autocast(x: torch.Tensor):
 
 
 def _window_sum(t: torch.Tensor, groups: int, front: int, back: int) -> torch.Tensor:
-    """sum_{j = i - front .. i + back, clipped to the group} t_j along the channels, in one
-    pooling pass that keeps t's memory format (a fresh tensor)."""
+    """sum_{j = i - front .. i + back, clipped to the group} t_j along the channels, as a
+    fresh tensor in t's memory format (contiguous or channels_last)."""
     # -1 for the batch, not n * groups: a traced (TorchScript) net keeps any batch size
     _, c, h, w = t.shape
-    cg = c // groups
     if t.is_contiguous():
-        return _pool_sum(t.view(-1, 1, cg, h, w), front, back).view(t.shape)
+        return _pool_sum(t.view(-1, 1, c // groups, h, w), front, back).view(t.shape)
     if not t.is_contiguous(memory_format=torch.channels_last):
-        t = t.contiguous(memory_format=torch.channels_last)
-    # channels_last: the channels are the innermost axis, so (N*H*W*G, 1, 1, Cg) is a view
-    rows = t.permute(0, 2, 3, 1).reshape(-1, 1, 1, cg)
-    total = _pool_sum(rows, front, back)
-    return total.view(-1, h, w, c).permute(0, 3, 1, 2)
+        t = t.contiguous()
+        return _pool_sum(t.view(-1, 1, c // groups, h, w), front, back).view(t.shape)
+    # channels_last: shifted slices added in place keep the layout with no copy; a pool over
+    # the channel rows of the NHWC buffer is one pass but runs slower on the CPU
+    return _window_sum_slices(t.view(-1, groups, c // groups, h, w), front, back).view(t.shape)
 
 
-def _pool_sum(t: torch.Tensor, front: int, back: int) -> torch.Tensor:
-    """Window sum along dim 2 of a contiguous (M, 1, C, H, W) tensor, or along dim 3 of an
-    (M, 1, 1, C) one, as an average pool that divides by 1. The zero padding stands for the
-    missing edge channels (count_include_pad), so the result is exactly the clipped sum."""
+def _window_sum_slices(t5: torch.Tensor, front: int, back: int) -> torch.Tensor:
+    """Window sum along dim 2 of an (N, G, C, H, W) view, whatever its strides."""
+    total = t5.clone()
+    cg = t5.shape[2]
+    for offset in range(-front, back + 1):
+        if offset == 0 or abs(offset) >= cg:
+            continue
+        if offset > 0:   # channel i gets t[i + offset]
+            total[:, :, :-offset] += t5[:, :, offset:]
+        else:            # channel i gets t[i - |offset|]
+            total[:, :, -offset:] += t5[:, :, :offset]
+    return total
+
+
+def _pool_sum(t5: torch.Tensor, front: int, back: int) -> torch.Tensor:
+    """Window sum along dim 2 of a contiguous (M, 1, C, H, W) tensor: an average pool that
+    divides by 1. The zero padding stands for the missing edge channels (count_include_pad),
+    so the result is exactly the clipped sum."""
     size = front + back + 1
-    five = t.dim() == 5
-    kernel = (size, 1, 1) if five else (1, size)
-    pool = F.avg_pool3d if five else F.avg_pool2d
-    length = t.shape[2] if five else t.shape[3]
-    if front == back and length >= size:   # the pool's own padding: at most half the kernel
-        padding = (front, 0, 0) if five else (0, front)
-        return pool(t, kernel, stride=1, padding=padding, divisor_override=1)
-    pad = (0, 0, 0, 0, front, back) if five else (front, back)
-    return pool(F.pad(t, pad), kernel, stride=1, divisor_override=1)
+    if front == back and t5.shape[2] >= size:   # the pool's own padding: at most half the kernel
+        return F.avg_pool3d(t5, (size, 1, 1), stride=1, padding=(front, 0, 0), divisor_override=1)
+    return F.avg_pool3d(F.pad(t5, (0, 0, 0, 0, front, back)), (size, 1, 1), stride=1, divisor_override=1)
 
 
 def _check(x: torch.Tensor, size: int, groups: int) -> None:

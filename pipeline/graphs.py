@@ -73,7 +73,7 @@ class DeviceSettings:
             # so that every DALI build splits the JPEGs alike. DALI's documentation: the best
             # share depends on the number of threads and is found by measuring (the loader
             # bench on the GPU), and it applies only where a hardware JPEG decoder exists
-            # (A100, H100; elsewhere the share is decoded by the GPU's CUDA decoder).
+            # (A100, H100, H200; elsewhere the argument has no effect).
             # depth 3: AlexNet steps are short, so keep one more batch ready than on CPU.
             return cls(device_id=device.index or 0, decoder="mixed",
                        prefetch_queue_depth=3, hw_decoder_load=0.65)

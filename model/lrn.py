@@ -39,11 +39,13 @@ def local_response_norm(x: torch.Tensor, size: int = 5, alpha: float = 1e-4, bet
     """
     _check(x, size, groups)
     args = (size // 2, (size - 1) // 2, float(alpha), float(beta), float(k), groups)
-    if not torch.is_grad_enabled():   # inference: plain ops, which torch.jit.trace can also save
-        with _no_autocast(x):
-            return _forward_eager(x, *args)[0]
     if fuse is None:
         fuse = x.device.type == "cuda" and _triton_available()
+    if not torch.is_grad_enabled():   # inference: no autograd node
+        # traced (TorchScript export): plain ops, which torch.jit.trace can save
+        forward = _forward_eager if torch.jit.is_tracing() else _maths(bool(fuse))[0]
+        with _no_autocast(x):
+            return forward(x, *args)[0]
     return _LRN.apply(x, bool(fuse), *args)
 
 

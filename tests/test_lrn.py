@@ -91,7 +91,8 @@ def test_lrn_backward_keeps_only_the_input_and_the_float32_sum(dtype, fmt):
 @formats()
 def test_gpu_fused_lrn_equals_eager_in_float32_maths(dtype, fmt):
     """CUDA's default (compiled) LRN against the eager one on the same half-precision input:
-    both compute in float32 and round once, so they agree to one unit in the last place."""
+    both compute in float32 and round once, so they agree to one unit in the last place
+    (plus float32's own rounding where dx's two terms cancel to near zero)."""
     x = (torch.randn(4, 96, 27, 27, device="cuda") * 4).relu().to(dtype).contiguous(memory_format=fmt)
     a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
     fused, eager = local_response_norm(a, groups=2), local_response_norm(b, groups=2, fuse=False)
@@ -100,5 +101,6 @@ def test_gpu_fused_lrn_equals_eager_in_float32_maths(dtype, fmt):
     fused.backward(g)
     eager.backward(g)
     for got, want in ((fused, eager), (a.grad, b.grad)):
-        spacing = torch.finfo(dtype).eps * want.float().abs().clamp_min(torch.finfo(dtype).tiny)
-        assert ((got.float() - want.float()).abs() <= spacing).all()
+        w = want.float().abs()
+        bound = torch.finfo(dtype).eps * w + 1e-6 * w.max()
+        assert ((got.float() - want.float()).abs() <= bound).all()

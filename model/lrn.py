@@ -10,6 +10,7 @@ Do not "simplify" this to torch's module with the same alpha: that normalises 5x
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -126,13 +127,37 @@ _EAGER = (_forward_eager, _backward_eager)
 _FUSABLE = (_forward_fusable, _backward_fusable)
 
 
+class _Compiled:
+    """The fusable maths through torch.compile, compiled on first use (dynamic=True: an epoch's
+    last batch or evaluation's batch size needs no recompile). A machine where compiling
+    fails (no C compiler for Triton's launcher, an unsupported GPU) gets one warning and the
+    eager maths from then on, the same formula: a run must not die for want of a faster path."""
+
+    def __init__(self):
+        self.broken = False
+        self.forward = self._guard(torch.compile(_forward_fusable, dynamic=True, fullgraph=True), _forward_eager)
+        self.backward = self._guard(torch.compile(_backward_fusable, dynamic=True, fullgraph=True), _backward_eager)
+
+    def _guard(self, compiled, eager):
+        def run(*args):
+            if not self.broken:
+                try:
+                    return compiled(*args)
+                except torch.OutOfMemoryError:
+                    raise
+                except Exception as exc:   # the compiler's failure, whatever its type
+                    self.broken = True
+                    warnings.warn(f"LRN: torch.compile failed ({type(exc).__name__}: "
+                                  f"{str(exc).splitlines()[0] if str(exc) else ''}); using the eager maths")
+            return eager(*args)
+        return run
+
+
 @functools.cache
 def _compiled() -> tuple:
-    """The fusable maths through torch.compile, built once per process on first use.
-    dynamic=True: the batch size changes (an epoch's last batch, evaluation) without a
-    recompile per size."""
-    return (torch.compile(_forward_fusable, dynamic=True, fullgraph=True),
-            torch.compile(_backward_fusable, dynamic=True, fullgraph=True))
+    """(forward, backward) of the one ``_Compiled`` of this process."""
+    c = _Compiled()
+    return c.forward, c.backward
 
 
 @functools.cache

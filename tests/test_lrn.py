@@ -62,6 +62,22 @@ def test_fused_lrn_forward_and_backward_are_the_formulas(fmt):
     check_against_formula(True, fmt, 5, 2)
 
 
+def test_a_compiler_failure_falls_back_to_the_eager_maths_with_one_warning(monkeypatch):
+    import model.lrn as lrn
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C compiler\nmore detail")
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: broken)
+    c = lrn._Compiled()
+    monkeypatch.setattr(lrn, "_compiled", lambda: (c.forward, c.backward))
+    x = activations().requires_grad_()
+    with pytest.warns(UserWarning, match="torch.compile failed .RuntimeError: no C compiler.; using the eager"):
+        out = local_response_norm(x, groups=2, fuse=True)
+    out.sum().backward()                             # no second warning: the eager maths from now on
+    assert c.broken
+    torch.testing.assert_close(out, lrn_formula(x.detach(), groups=2), rtol=1e-12, atol=0)
+
+
 def test_lrn_other_strides_are_normalised_like_contiguous():
     """A view with neither layout (a channel slice of a channels_last tensor) gives the same."""
     x = activations(channels=20).contiguous(memory_format=torch.channels_last)[:, 2:18]

@@ -23,9 +23,9 @@ def local_response_norm(x: torch.Tensor, size: int = 5, alpha: float = 1e-4, bet
     ``groups`` splits the channels into that many independent blocks (the towers of the
     fused single-device forward: tower 0's kernel 47 has no neighbour in tower 1).
     For an even ``size`` the window is channels i - size//2 .. i + (size-1)//2 (torch's choice).
-    Forward and backward are written out by hand (one pow each way), where torch.nn.LocalResponseNorm composes pad,
-    avg_pool and several elementwise passes that autograd then replays and keeps alive: keep
-    the backward hand-written. Backward keeps only the input (its own dtype) and the float32
+    Forward and backward are written out by hand (one pow each way), where
+    torch.nn.LocalResponseNorm composes pad, avg_pool and several elementwise passes that
+    autograd then replays and keeps alive: keep the backward hand-written. Backward keeps only the input (its own dtype) and the float32
     sum s = k + alpha * sum a^2; the power is recomputed from s.
 
     ``fuse``: run the same maths through ``torch.compile`` so that forward and backward are
@@ -75,7 +75,7 @@ class _LRN(torch.autograd.Function):
         return dx, None, None, None, None, None, None, None
 
 
-# ---- eager maths: torch ops, each window sum a single pooling pass --------------------------
+# ---- eager maths: torch ops (a pool or shifted slices for the window sum) ---------------
 
 def _forward_eager(x, front, back, alpha, beta, k, groups):
     """(y in x's dtype, s in float32 or float64)."""

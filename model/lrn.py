@@ -25,8 +25,9 @@ def local_response_norm(x: torch.Tensor, size: int = 5, alpha: float = 1e-4, bet
     For an even ``size`` the window is channels i - size//2 .. i + (size-1)//2 (torch's choice).
     Forward and backward are written out by hand (one pow each way), where
     torch.nn.LocalResponseNorm composes pad, avg_pool and several elementwise passes that
-    autograd then replays and keeps alive: keep the backward hand-written. Backward keeps only the input (its own dtype) and the float32
-    sum s = k + alpha * sum a^2; the power is recomputed from s.
+    autograd then replays and keeps alive: keep the backward hand-written. Backward keeps
+    only the input (its own dtype) and the float32 sum s = k + alpha * sum a^2; the power is
+    recomputed from s.
 
     ``fuse``: run the same maths through ``torch.compile`` so that forward and backward are
     each a few fused kernels (the window sum, power and products in one read of the input).

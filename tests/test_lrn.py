@@ -120,3 +120,12 @@ def test_gpu_fused_lrn_equals_eager_in_float32_maths(dtype, fmt):
         w = want.float().abs()
         bound = torch.finfo(dtype).eps * w + 1e-6 * w.max()
         assert ((got.float() - want.float()).abs() <= bound).all()
+
+
+def test_bench_lrn_runs_and_names_a_bad_device(capsys):
+    from bench.lrn import main
+    assert main(["--batch-size", "1", "--repeats", "1", "--steps", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "ours" in out and "torch" in out and "kept for backward" in out
+    assert main(["--device", "cuda:9"]) == 2
+    assert "cuda:9" in capsys.readouterr().err

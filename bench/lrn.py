@@ -1,9 +1,9 @@
 """LRN forward+backward time and peak memory on conv1-sized activations: ours vs torch's module.
 
-    python -m model.bench_lrn                                  # CPU, batch 32, (32, 96, 55, 55)
-    python -m model.bench_lrn --dtype bf16 --channels-last
-    python -m model.bench_lrn --against /tmp/lrn_old.py        # also an older model/lrn.py
-    python -m model.bench_lrn --device cuda:0 --dtype bf16 --channels-last --batch-size 128
+    python -m bench.lrn                                  # CPU, batch 32, (32, 96, 55, 55)
+    python -m bench.lrn --dtype bf16 --channels-last
+    python -m bench.lrn --against /tmp/lrn_old.py        # also an older model/lrn.py
+    python -m bench.lrn --device cuda:0 --dtype bf16 --channels-last --batch-size 128
 
 Contenders, interleaved on the same input: "ours" (model.lrn with its device default: the
 compiled maths on CUDA, eager torch ops on the CPU), "torch" (torch.nn.LocalResponseNorm(5,
@@ -133,7 +133,7 @@ def run(cfg: LrnBenchConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(LrnBenchConfig, argv, prog="python -m model.bench_lrn", description=__doc__.split("\n")[0])
+    cfg = parse_args(LrnBenchConfig, argv, prog="python -m bench.lrn", description=__doc__.split("\n")[0])
     try:
         result = run(cfg)
     except (UserError, OSError) as exc:

@@ -6,6 +6,7 @@ model/ or engine/ imports them).
     python -m bench.mixing     # how differently consecutive epochs order the records
     python -m bench.prep       # the records writer against FFCV's writer and the bare decode+resize+encode loop
     python -m bench.model      # forward+backward images/s: our two-tower AlexNet against a plain nn.Sequential
+    python -m bench.lrn        # the LRN's forward+backward time and memory against torch's module
     python -m bench.photos DIR # crops of real photographs at ImageNet's sizes (bench.prep --photos, the tests)
 
 baselines.py holds the loaders bench.loaders compares ours against.

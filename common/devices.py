@@ -1,8 +1,9 @@
 """Devices, each question with one home: which device a string names, and waiting for one.
 
-    from common.devices import parse_device, sync
+    from common.devices import HostCopy, parse_device, sync
     dev = parse_device("cuda:1")        # torch.device("cuda", 1), or DeviceError (one line)
     sync([dev])                         # wait for its queued work: before and after a timed span
+    copy = HostCopy(losses)             # read later with copy.get(), without draining the queue
 
 torch is imported here, so prep (which needs no torch) never imports this module.
 """
@@ -49,3 +50,38 @@ def sync(devices: Iterable[str | torch.device] | str | torch.device) -> None:
         dev = torch.device(dev)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
+
+
+class HostCopy:
+    """A device tensor's values on the host, without making the host wait for the device now.
+
+        copy = HostCopy(torch.stack(losses))   # queued after the work that computes them
+        ...                                    # later: more steps queued meanwhile
+        values = copy.get()                    # waits only if the device is still behind
+
+    On CUDA the values are copied asynchronously into page-locked host memory on the current
+    stream and a CUDA event is recorded behind the copy; ``ready()`` asks the event, ``get()``
+    waits for it (usually long done) and returns the host tensor. A ``.cpu()`` instead waits
+    for everything queued so far, so the device runs dry until the host queues more. Reading
+    the previous span's copy while the current span runs keeps the device fed. On the CPU the
+    values are the tensor itself (a detached clone, so later in-place writes do not show)."""
+
+    def __init__(self, t: torch.Tensor):
+        t = t.detach()
+        if t.device.type == "cuda":
+            self._host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            self._host.copy_(t, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record(torch.cuda.current_stream(t.device))
+        else:
+            self._host, self._event = t.clone(), None
+
+    def ready(self) -> bool:
+        """Whether ``get()`` would return without waiting."""
+        return self._event is None or self._event.query()
+
+    def get(self) -> torch.Tensor:
+        """The values, on the host (waits for the copy if the device has not reached it)."""
+        if self._event is not None:
+            self._event.synchronize()
+        return self._host

@@ -20,7 +20,7 @@ from torch import nn
 from pipeline.finish import U8Batch, finish
 from records.format import RecordsError
 
-from .precision import Precision
+from .precision import DTYPES, Precision
 from .profiling import Phases, NullProfiler
 from .recipe import loss_fn
 from .schedule import lr_at
@@ -74,8 +74,10 @@ def to_device(batch, settings: LoopSettings) -> tuple[torch.Tensor, torch.Tensor
 def finish_u8(batch, settings: LoopSettings) -> tuple[torch.Tensor, torch.Tensor]:
     """(U8Batch, labels) -> the float input on the input device: the uint8 pixels cross to the
     device (1 byte per value instead of 4), then ``pipeline.finish`` subtracts the mean there,
-    in float32, bit-for-bit the float view. channels_last: the NCHW view of the NHWC result,
-    which is already the channels_last layout, so no copy follows.
+    in float32, bit-for-bit the float view, rounded once to the autocast dtype under bf16/fp16
+    (what autocast's cast of the float view gives, without a float32 batch written and read
+    again). channels_last: the NCHW view of the NHWC result, which is already the
+    channels_last layout, so no copy follows.
 
     From a CPU loader to a GPU the pixels are first copied into page-locked memory (one host
     copy per batch, ~19 MB at batch 128) so the host->device copy is asynchronous and overlaps
@@ -84,7 +86,7 @@ def finish_u8(batch, settings: LoopSettings) -> tuple[torch.Tensor, torch.Tensor
     device = settings.input_device
     if device.type == "cuda" and u8.pixels.device.type == "cpu":
         u8 = replace(u8, pixels=u8.pixels.pin_memory())
-    images = finish(u8, device, torch.float32, channels_last=settings.channels_last)
+    images = finish(u8, device, DTYPES.get(settings.amp, torch.float32), channels_last=settings.channels_last)
     return images, labels.to(device, non_blocking=True)
 
 

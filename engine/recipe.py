@@ -49,11 +49,56 @@ def set_hyperparameters(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> N
     for i, group in enumerate(optimizer.param_groups):
         group["momentum"] = cfg.momentum
         group["weight_decay"] = cfg.weight_decay if i == 0 else 0.0
+        # the kernel chosen at construction, not the saved run's (load_state_dict copies the
+        # saved groups' "fused"/"foreach" too: a checkpoint from before fused SGD would
+        # silently turn it off)
+        group["fused"] = optimizer.defaults.get("fused")
+        group["foreach"] = optimizer.defaults.get("foreach")
+    _start_momentum(optimizer)
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
+def make_optimizer(model: nn.Module, cfg: TrainConfig, fused: bool | None = None) -> torch.optim.SGD:
+    """SGD with the paper's momentum and weight decay. ``fused`` (None: wherever torch has the
+    fused kernel for every parameter's device): one kernel updates all parameters of a device,
+    and under fp16 GradScaler hands it the inf flag and the scale as device tensors, so a
+    skipped step is skipped on the device with no read-back (the unfused step reads the flag
+    to the host every step). Same update rule; float rounding may differ in the last place."""
     groups = param_groups(model, cfg.weight_decay, cfg.decay_biases)
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    if fused is None:
+        fused = fused_sgd_available(model)
+    optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, fused=fused or None)
+    _start_momentum(optimizer)
+    return optimizer
+
+
+def _start_momentum(optimizer: torch.optim.Optimizer) -> None:
+    """Give a fused SGD's parameters a zero momentum buffer where they have none.
+
+    Must stay: on its first step torch's fused SGD allocates the buffers uninitialised
+    (empty_like) and fills them in the kernel; when GradScaler skips that step (inf/nan
+    gradients, likely on fp16's first step at scale 2^16) the kernel does not run and the
+    buffers keep whatever memory held, which the next step adds to the weights. A zero
+    buffer gives the same update as torch's first step (b = 0.9 * 0 + g = g exactly)."""
+    if not optimizer.defaults.get("fused"):
+        return
+    for group in optimizer.param_groups:
+        if group["momentum"] == 0:
+            continue
+        for p in group["params"]:
+            state = optimizer.state[p]
+            if state.get("momentum_buffer") is None:
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+def fused_sgd_available(model: nn.Module) -> bool:
+    """torch has the fused SGD kernel for every parameter (floating point, on a device it lists)."""
+    try:   # torch's own list (the check SGD(fused=True) applies); private, so guarded
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+        supported = set(_get_fused_kernels_supported_devices())
+    except ImportError:
+        supported = {"cuda"}
+    params = [p for p in model.parameters() if p.requires_grad]
+    return bool(params) and all(p.is_floating_point() and p.device.type in supported for p in params)
 
 
 def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

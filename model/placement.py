@@ -12,7 +12,10 @@ One device in the list means the towers share it and the forward may fuse them i
 grouped convolutions (same maths, fewer kernels); a device per tower means each tower runs
 separately. On CUDA every op and copy below is asynchronous, so listing tower 0's work and
 then tower 1's lets the two GPUs run at the same time; autograd runs each device's
-backward on its own thread, so the backward overlaps too.
+backward on its own thread, so the backward overlaps too. The input crosses once per step,
+in the autocast dtype under autocast and on a side stream (``scatter``); the activations
+cross at conv3, fc6, fc7 and fc8 on the current streams (each is on the critical path, and
+autograd copies their gradients back).
 """
 from __future__ import annotations
 
@@ -48,8 +51,18 @@ class Placement:
         return self.devices[0]
 
     def scatter(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """The whole input to every tower (each tower's conv1 sees the whole image)."""
-        return [_to(x, d) for d in self.devices]
+        """The whole input to every tower (each tower's conv1 sees the whole image).
+
+        Under autocast the input is first cast to the autocast dtype, which conv1 would do on
+        every device anyway (the same numbers: autocast's cast of an already-cast tensor is a
+        no-op), so half the bytes cross and tower 0 casts once. A copy to another GPU runs on
+        a side stream of the input's GPU (``_cross``): tower 0's first kernels do not queue
+        behind it."""
+        kind = x.device.type
+        # the tensors autocast casts: float32/16/bf16, never float64
+        if torch.is_autocast_enabled(kind) and x.dtype in (torch.float32, torch.float16, torch.bfloat16):
+            x = x.to(torch.get_autocast_dtype(kind))
+        return [x if d == x.device else _cross(x, d) for d in self.devices]
 
     def exchange(self, parts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Every tower gets all towers' activations, concatenated on channels in tower order."""
@@ -63,3 +76,22 @@ class Placement:
 def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     # non_blocking: a GPU-to-GPU copy is queued on the streams, the host does not wait.
     return t if t.device == device else t.to(device, non_blocking=True)
+
+
+def _cross(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``. From a GPU: the copy is queued on a side stream of t's GPU, after
+    the work that wrote t, instead of on t's GPU's current stream, where every later kernel
+    of that GPU (tower 0's conv1) would wait for it. torch's cross-device copy makes the
+    destination's current stream wait for the copy, so tower 1 reads a complete tensor.
+    For tensors that need no gradient (the input): autograd would replay a copy of a
+    gradient on whichever stream the forward used."""
+    if t.device.type != "cuda" or t.requires_grad:
+        return _to(t, device)
+    side = torch.cuda.Stream(t.device)            # from torch's per-device stream pool
+    side.wait_stream(torch.cuda.current_stream(t.device))
+    with torch.cuda.stream(side):
+        out = t.to(device, non_blocking=True)
+    # t's memory belongs to its stream's allocator: without this it could be handed out again
+    # (and overwritten) while the side stream still reads it
+    t.record_stream(side)
+    return out

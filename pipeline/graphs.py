@@ -68,7 +68,13 @@ class DeviceSettings:
     @classmethod
     def for_device(cls, device: torch.device) -> "DeviceSettings":
         if device.type == "cuda":
-            # 0.65: DALI's default share for the HW decoder, spelled out so it is visible;
+            # hw_decoder_load 0.65: the default that DALI documents for decoders.image and
+            # decoders.image_crop (its legacy nvJPEG decoder's, kept by the nvImageCodec
+            # decoders; some nvImageCodec-based releases default to 0.9 instead). Spelled out
+            # so that every DALI build splits the JPEGs alike. DALI's documentation: the best
+            # share depends on the number of threads and is found by measuring (the loader
+            # bench on the GPU), and it applies only where a hardware JPEG decoder exists
+            # (A100, H100, H200; elsewhere the argument has no effect).
             # depth 3: AlexNet steps are short, so keep one more batch ready than on CPU.
             return cls(device_id=device.index or 0, decoder="mixed",
                        prefetch_queue_depth=3, hw_decoder_load=0.65)

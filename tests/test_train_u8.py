@@ -39,6 +39,22 @@ def test_prepare_of_a_uint8_train_batch_equals_the_float_loaders(sample_records,
     assert got.is_contiguous(memory_format=torch.channels_last) == channels_last
 
 
+@pytest.mark.parametrize("amp, dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_under_autocast_the_uint8_batch_is_finished_in_the_autocast_dtype(sample_records, amp, dtype):
+    """Under bf16/fp16 finish rounds once to the autocast dtype: the float view cast by autocast,
+    bit for bit, so the model's output is the float path's exactly (and no float32 batch)."""
+    settings = LoopSettings(CPU, amp=amp, channels_last=True)
+    floats, u8 = _pair(sample_records, "train")
+    want, _ = to_device(floats, settings)
+    got, _ = to_device(u8, settings)
+    assert want.dtype == torch.float32 and got.dtype == dtype
+    assert torch.equal(got, want.to(dtype)) and got.is_contiguous(memory_format=torch.channels_last)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 8, stride=8), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 4))
+    with torch.autocast("cpu", dtype=dtype):
+        assert torch.equal(net(got), net(want))
+
+
 @pytest.mark.gpu
 def test_cpu_loader_uint8_finished_on_the_gpu_equals_the_float_view(sample_records):
     """--loader-device cpu for a GPU model: pinned uint8 pixels cross, finish runs on the GPU."""

@@ -14,7 +14,7 @@ from engine import checkpoint as ckpt
 from engine.config import DEMO, TrainConfig, merge_explicit, parse_train_args
 from engine.loop import LoopSettings, NonFiniteLoss, Precision, StepHooks, StepPlan, evaluate, to_device, train_steps
 from engine.profiling import PHASES, Phases
-from engine.recipe import loss_fn, make_optimizer, param_groups
+from engine.recipe import loss_fn, make_optimizer, param_groups, set_hyperparameters
 from engine.run import resolve_records, stop_poll
 from engine.schedule import PlateauSchedule, lr_at
 from engine.state import TrainState
@@ -104,11 +104,13 @@ def test_lr_at_linear_warmup():
 
 # --- the recipe: the paper's update rule vs torch.optim.SGD -------------------------------
 
-def test_torch_sgd_equals_the_papers_rule_at_constant_lr():
+@pytest.mark.parametrize("fused", [True, False])
+def test_torch_sgd_equals_the_papers_rule_at_constant_lr(fused):
     torch.manual_seed(0)
     net = nn.Linear(3, 2)
     cfg = TrainConfig(lr=0.01, momentum=0.9, weight_decay=0.0005)
-    opt = make_optimizer(net, cfg)
+    opt = make_optimizer(net, cfg, fused=fused)
+    assert bool(opt.defaults["fused"]) == fused
     w = [p.detach().clone().double() for p in net.parameters()]
     v = [torch.zeros_like(x) for x in w]
     for _ in range(5):
@@ -122,6 +124,42 @@ def test_torch_sgd_equals_the_papers_rule_at_constant_lr():
         w = [wi + vi for wi, vi in zip(w, v)]
         for p, wi in zip(net.parameters(), w):
             assert torch.allclose(p.detach().double(), wi, rtol=0, atol=1e-7)
+
+
+def test_sgd_is_fused_where_torch_has_it_and_a_resume_keeps_it():
+    net = nn.Linear(3, 2)
+    opt = make_optimizer(net, TrainConfig())
+    assert opt.defaults["fused"] is True and all(g["fused"] for g in opt.param_groups)   # CPU has it
+    old = make_optimizer(net, TrainConfig(), fused=False)        # a checkpoint from an unfused run
+    (net(torch.randn(2, 3)) ** 2).sum().backward()
+    old.step()
+    opt.load_state_dict(old.state_dict())
+    assert not opt.param_groups[0]["fused"]                      # torch copies the saved groups' flags
+    set_hyperparameters(opt, TrainConfig())
+    assert all(g["fused"] for g in opt.param_groups)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_fp16_scaler_skips_a_nonfinite_step_on_the_device_with_fused_sgd(fused):
+    """GradScaler hands a fused SGD the inf flag (the step is skipped inside the kernel); the
+    skip is still reported, the weights and momentum untouched, the scale halved; a finite
+    step after it is the unscaled update."""
+    torch.manual_seed(0)
+    net = nn.Linear(3, 2)
+    opt = make_optimizer(net, TrainConfig(lr=0.1, momentum=0.9, weight_decay=0.0), fused=fused)
+    precision = Precision("fp16", "cpu")
+    before = [p.detach().clone() for p in net.parameters()]
+    precision.backward((net(torch.randn(2, 3)) * float("inf")).sum())
+    assert precision.step(opt).item() is True
+    assert all(torch.equal(p, b) for p, b in zip(net.parameters(), before))
+    assert precision.scale == 2.0 ** 15
+    opt.zero_grad()
+    x = torch.randn(2, 3)
+    precision.backward(net(x).sum())
+    grads = [p.grad / precision.scale for p in net.parameters()]
+    assert precision.step(opt).item() is False
+    for p, b, g in zip(net.parameters(), before, grads):
+        torch.testing.assert_close(p.detach(), b - 0.1 * g)
 
 
 def test_bias_decay_switch():

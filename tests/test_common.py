@@ -104,7 +104,7 @@ def test_every_one_line_error_is_a_user_error():
     from engine.export import ExportError
     from engine.figures import FiguresError
     from engine.predict import PredictError
-    from engine.run import RunError
+    from engine.session import RunError
     from engine.weights import WeightsError
     from pipeline.bench import BenchError
     from pipeline.loader import LoaderError

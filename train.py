@@ -22,12 +22,11 @@ import sys
 
 
 def main() -> int:
-    argv = sys.argv[1:]
-    # --help and bad flags are answered here, before torch and DALI load (seconds)
-    from engine.config import parse_train_args
-    parse_train_args(argv, description=__doc__)
-    from engine.run import main as run
-    return run(argv)
+    # argv parsed once, here: --help and bad flags are answered before torch and DALI load (seconds)
+    from engine.config import parse_command
+    cfg, given = parse_command(sys.argv[1:], description=__doc__)
+    from engine.run import run
+    return run(cfg, given)
 
 
 if __name__ == "__main__":

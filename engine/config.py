@@ -6,10 +6,11 @@ overlapping pooling, dropout 0.5 and N(0, 0.01²) init). ``--demo`` swaps in a p
 sized for a few minutes on a 2-core CPU (see ``DEMO`` below for why each value differs);
 flags given explicitly on the command line always win over the preset.
 
-    cfg = parse_train_args(["--demo", "--epochs", "3"])
+    cfg, given = parse_command(["--demo", "--epochs", "3"])   # given == {"demo", "epochs"}
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import re
@@ -218,6 +219,9 @@ METAVARS: dict[str, str] = {"records": "DIR", "out": "DIR", "resume": "RUN_DIR",
 # --out). A new run given --config FILE decides these itself.
 RUN_KEYS = frozenset({"out", "resume", "auto_resume", "devices", "world", "classes"})
 
+_FIELDS = tuple(TrainConfig.__dataclass_fields__)
+_UNSET = object()
+
 
 def train_parser(description: str | None = None):
     parser = build_parser(TrainConfig, prog="train.py", description=description,
@@ -230,23 +234,32 @@ def train_parser(description: str | None = None):
 
 
 def parse_train_args(argv: Sequence[str] | None, description: str | None = None) -> TrainConfig:
-    """Parse argv into a TrainConfig: the defaults, then --demo's preset, then --config's
-    file, then the flags given explicitly, each level winning over the ones before.
+    """The TrainConfig of argv (``parse_command`` without the flags given)."""
+    return parse_command(argv, description)[0]
 
+
+def parse_command(argv: Sequence[str] | None, description: str | None = None) -> tuple[TrainConfig, frozenset[str]]:
+    """argv, parsed once: (the TrainConfig, the names of the fields whose flags were given).
+
+    The config is the defaults, then --demo's preset, then --config's file, then the flags
+    given explicitly, each level winning over the ones before. A flag counts as given however
+    it was spelt ('--lr=0.1', '-b 64'); a resume puts exactly those on top of its saved config.
     Bad values exit with status 2 and one error line (common.config.Parser), like common.config.parse_args.
     """
     parser = train_parser(description or "Train the 2012 paper's AlexNet on DALI-fed records.")
-    values = vars(parser.parse_args(argv))
-    explicit = explicit_flags(argv)
-    config_file = values.pop("config")
-    from_file = read_config_file(config_file, parser) if config_file else {}
+    # argparse fills in a default only where the namespace has no value yet, so a field still
+    # _UNSET after parsing had no flag (and --help still shows the real defaults)
+    ns = parser.parse_args(argv, namespace=argparse.Namespace(**{name: _UNSET for name in _FIELDS}))
+    given = frozenset(name for name in _FIELDS if getattr(ns, name) is not _UNSET)
+    values = {name: getattr(ns, name) if name in given else parser.get_default(name) for name in _FIELDS}
+    from_file = read_config_file(ns.config, parser) if ns.config else {}
     if from_file and values["resume"]:
         parser.error("--config and --resume exclude each other (a resumed run continues with its own config)")
-    values.update({k: v for k, v in from_file.items() if k not in explicit})
+    values.update({k: v for k, v in from_file.items() if k not in given})
     if values["demo"]:
-        values.update({k: v for k, v in DEMO.items() if k not in explicit and k not in from_file})
+        values.update({k: v for k, v in DEMO.items() if k not in given and k not in from_file})
     try:
-        return TrainConfig(**values)
+        return TrainConfig(**values), given
     except (ValueError, TypeError) as exc:
         parser.error(str(exc))
         raise  # unreachable: parser.error exits
@@ -268,28 +281,15 @@ def read_config_file(path: str, parser) -> dict[str, Any]:
     return {k: v for k, v in data.items() if k not in RUN_KEYS}
 
 
-_UNSET = object()
-
-
-def explicit_flags(argv: Sequence[str] | None) -> set[str]:
-    """Names of the fields whose flags appear on the command line (parsed, so '--lr=0.1' and
-    '-b 64' count)."""
-    parser = train_parser()
-    parser.set_defaults(**{name: _UNSET for name in TrainConfig.__dataclass_fields__})
-    ns = parser.parse_args(argv)
-    return {name for name, value in vars(ns).items() if value is not _UNSET and name != "config"}
-
-
-def merge_explicit(saved: TrainConfig, argv: Sequence[str] | None, given: TrainConfig) -> tuple[TrainConfig, list[str]]:
-    """The saved config of a resumed run with the explicitly given flags applied on top.
-
-    Returns the merged config and 'name: old -> new' lines for the user.
+def merge_explicit(saved: TrainConfig, cfg: TrainConfig, given: frozenset[str]) -> tuple[TrainConfig, list[str]]:
+    """The saved config of a resumed run with the flags given now (``given``, their values in
+    ``cfg``) applied on top. Returns the merged config and 'name: old -> new' lines for the user.
     """
-    names = explicit_flags(argv) - {"resume", "auto_resume", "out", "demo"}
-    changes = {n: getattr(given, n) for n in sorted(names) if not _same(n, getattr(given, n), getattr(saved, n))}
+    names = given - {"resume", "auto_resume", "out", "demo"}
+    changes = {n: getattr(cfg, n) for n in sorted(names) if not _same(n, getattr(cfg, n), getattr(saved, n))}
     lines = [f"{n}: {getattr(saved, n)!r} -> {v!r}" for n, v in changes.items()]
     # how this process continues (--resume or --auto-resume) is this command's, not the saved run's
-    values = {**vars_of(saved), **changes, "resume": given.resume, "auto_resume": given.auto_resume}
+    values = {**vars_of(saved), **changes, "resume": cfg.resume, "auto_resume": cfg.auto_resume}
     return TrainConfig(**values), lines
 
 
@@ -305,4 +305,4 @@ def vars_of(cfg: TrainConfig) -> dict[str, Any]:
     return {name: getattr(cfg, name) for name in TrainConfig.__dataclass_fields__}
 
 
-__all__ = ["TrainConfig", "DEMO", "HELP_GROUPS", "parse_train_args", "explicit_flags", "merge_explicit"]
+__all__ = ["TrainConfig", "DEMO", "HELP_GROUPS", "parse_train_args", "parse_command", "merge_explicit"]

@@ -11,14 +11,17 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from common.errors import DeviceError
+from common.errors import DeviceError, UserError
 
 from .config import TrainConfig
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -166,6 +169,28 @@ def gather_host(obj, group) -> list:
     out = [None] * dist.get_world_size(group)
     dist.all_gather_object(out, obj, group=group)
     return out
+
+
+def fail_together(make: Callable[[], T], group) -> T:
+    """``make()`` on every rank, then every rank learns how it went everywhere: a UserError or
+    OSError on any rank is raised on every rank (the lowest rank's), so no rank goes on into a
+    collective that another has left. One host all-gather over ``group``; ``make()`` alone in
+    one process (``group`` None)."""
+    result, failure = None, None
+    try:
+        result = make()
+    except (UserError, OSError) as exc:
+        failure = exc
+    failure = first_error(failure, group)
+    if failure is not None:
+        raise failure
+    return result
+
+
+def write_on_rank0(write: Callable[[], None], info: DistInfo, group) -> None:
+    """``write`` on rank 0 only (only rank 0 writes files), failing together as
+    ``fail_together``; the all-gather also holds every rank until the write is done."""
+    fail_together(lambda: write() if info.is_main else None, group)
 
 
 def shutdown(info: DistInfo) -> None:

@@ -73,9 +73,7 @@ def steps_left(state: TrainState, epoch_batches: int, epochs: int, max_steps: in
     """(optimiser steps the run still takes, epochs it still ends) from ``state``'s position,
     every later epoch being ``epoch_batches`` long."""
     this = epoch_batches - state.batch
-    total = this + max(epochs - state.epoch - 1, 0) * epoch_batches
-    if max_steps is not None:
-        total = min(total, max(max_steps - state.step, 0))
+    total = min(this + max(epochs - state.epoch - 1, 0) * epoch_batches, state.steps_left(max_steps))
     ends = 0 if total < this else 1 + (total - this) // max(epoch_batches, 1)
     return total, ends
 
@@ -84,13 +82,13 @@ class RunLog:
     """A run's step lines and TensorBoard writer (both off on ranks other than 0)."""
 
     def __init__(self, say: Reporter, epochs: int, max_steps: int | None, world: int,
-                 lines_every: int, scalars_every: int, writer=None):
+                 lines_every: int, scalars_every: int, writer=None, step: int = 0):
         self.say, self.epochs, self.max_steps, self.world = say, epochs, max_steps, world
         self.lines_every = lines_every if say.enabled else 0     # 0 = no step lines
         self.scalars_every = scalars_every if writer is not None else 0
         self.writer = writer
         self.epoch_end_seconds = 0.0     # validation + checkpoint of the last ended epoch
-        self._phases = (0, {})           # Phases.steps and .seconds at the last epoch's end
+        self._phases = (step, {})        # the step and Phases.seconds at the last epoch's end (or the start)
 
     @classmethod
     def open(cls, cfg, say: Reporter, out: Path, world: int, is_main: bool, step: int) -> "RunLog":
@@ -103,11 +101,12 @@ class RunLog:
             # purge_step: a killed run may have written steps after its checkpoint; TensorBoard
             # hides every event from step+1 on that an earlier writer left in this folder
             writer = summary_writer_class()(log_dir=str(out / TENSORBOARD_DIR), purge_step=step + 1)
-        return cls(say, cfg.epochs, cfg.max_steps, world, lines, every or DEFAULT_LOG_EVERY, writer)
+        return cls(say, cfg.epochs, cfg.max_steps, world, lines, every or DEFAULT_LOG_EVERY, writer, step)
 
     def epoch_steps(self, state: TrainState, epoch_batches: int, batch_size: int,
                     lr: Callable[[], float]) -> Callable[[TrainState], None]:
-        """The on_step callback of one epoch's ``train_steps`` (a no-op when there is nothing to log)."""
+        """What to call after each step of one epoch (the run's after_step calls it; a no-op when
+        there is nothing to log)."""
         if not (self.lines_every or self.scalars_every):
             return lambda st: None
         return _EpochSteps(self, state, epoch_batches, batch_size, lr)
@@ -130,10 +129,10 @@ class RunLog:
 
     def _profile_scalars(self, phases: Phases, step: int) -> None:
         """This epoch's share of the Phases totals: ms per step of each phase and the data stall."""
-        steps0, seconds0 = self._phases
-        steps = phases.steps - steps0
+        step0, seconds0 = self._phases
+        steps = step - step0
         spent = {p: phases.seconds[p] - seconds0.get(p, 0.0) for p in PHASES}
-        self._phases = (phases.steps, {p: phases.seconds[p] for p in PHASES})
+        self._phases = (step, {p: phases.seconds[p] for p in PHASES})
         total = sum(spent.values())
         if steps <= 0 or total <= 0:
             return

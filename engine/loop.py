@@ -3,8 +3,8 @@
 Pixels arrive from the loader on the 0–255 scale minus the mean (not divided by std), NCHW
 float: the paper's input, which its N(0, 0.01²) initialisation assumes. Nothing here knows
 about DALI, run folders or signals: ``train_steps`` takes any iterator of batches, a
-``TrainState`` it advances, and ``StepHooks`` (how a batch reaches the device, the numeric
-precision of forward/backward/update, the stop check, progress), so tests drive it with
+``TrainState`` it advances, and ``StepHooks`` (the numeric precision of forward/backward/update,
+the phase timers, what runs after each step, the ranks' agreement), so tests drive it with
 plain tensors.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pipeline.finish import U8Batch, finish
 from records.format import RecordsError
 
 from .precision import DTYPES, Precision
-from .profiling import Phases, NullProfiler
+from .profiling import Phases
 from .recipe import loss_fn
 from .schedule import lr_at
 from .state import EpochSums, TrainState
@@ -92,14 +92,12 @@ def finish_u8(batch, settings: LoopSettings) -> tuple[torch.Tensor, torch.Tensor
 
 @dataclass(frozen=True)
 class StepHooks:
-    """What a caller plugs into ``train_steps``; everything but ``prepare`` and ``precision``
-    defaults to doing nothing."""
-    prepare: Callable[[object], tuple[torch.Tensor, torch.Tensor]]   # loader batch -> (images, labels) on the device
+    """What a caller plugs into ``train_steps``; everything but ``precision`` defaults to doing nothing."""
     precision: Precision
     phases: Phases = field(default_factory=lambda: Phases(False, []))  # per-phase timers (--profile)
-    should_stop: Callable[[], bool] = lambda: False                   # asked after every step (signals)
-    on_step: Callable[[TrainState], None] = lambda state: None        # progress bar, periodic log lines
-    profiler: object = field(default_factory=NullProfiler)           # a torch.profiler.profile to .step()
+    # after every step, given the state: progress, log lines, the profiler; True asks the
+    # loop to stop after this step (a signal)
+    after_step: Callable[[TrainState], bool] = lambda state: False
     # the largest status code over all ranks (a host-side collective; identity in one process):
     # every rank must leave the loop after the same step, or the next collective hangs
     agree: Callable[[int], int] = lambda status: status
@@ -130,56 +128,64 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch
 def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterator,
                 state: TrainState, plan: StepPlan, settings: LoopSettings, hooks: StepHooks) -> str:
     """Train from ``state``'s position until the epoch ends ("epoch_end"), the run's step budget
-    is spent ("max_steps") or ``hooks.should_stop()`` ("stopped"). ``state`` is advanced in place;
-    on return its sums hold every step done. NaN/inf loss raises NonFiniteLoss; a bad record met
-    by the loader raises its RecordsError after the sums are brought up to date. Under several
-    ranks both are agreed on (``hooks.agree``), so every rank raises after the same step.
+    is spent ("max_steps") or ``hooks.after_step`` asks to stop ("stopped"). ``state`` is
+    advanced in place; on return its sums hold every step done. NaN/inf loss raises
+    NonFiniteLoss; a bad record met by the loader raises its RecordsError after the sums are
+    brought up to date. Under several ranks both are agreed on (``hooks.agree``), so every rank
+    raises after the same step.
 
     Host synchronisation (the host waits for the device's queued work) happens only in
     ``settle``: every ``settings.check_every`` steps and on return, the losses, correct counts
     and fp16 skip flags are read back, one read for the whole span. Nothing else here reads a
     device value: the skip flag stays a device tensor, ``state.sums`` holds host numbers only
-    (so ``hooks.on_step``'s progress costs no sync), and the loader's batch and the data status
-    agreed per step are host facts (``hooks.agree`` is a host-side collective, not a device
-    one). Outside this loop, ``stop_poll`` all-reduces the stop flag every ``check_every`` steps
-    in distributed runs. A fp16 GradScaler.step itself reads its inf flag (torch's, per step)
-    unless the optimiser can skip on the device."""
+    (so ``hooks.after_step``'s progress costs no sync), and the loader's batch and the data
+    status agreed per step are host facts (``hooks.agree`` is a host-side collective, not a
+    device one). The run's stop poll (``engine.run.stop_poll``) all-reduces the stop flag every
+    ``check_every`` steps in distributed runs. A fp16 GradScaler.step itself reads its inf
+    flag (torch's, per step) unless the optimiser can skip on the device."""
     model.train()
-    pending = _Pending(first_step=state.step + 1)
-    reason = "epoch_end"
+    pending, reason = _Pending(), "epoch_end"
     while state.batch < plan.epoch_batches:
-        if plan.max_steps is not None and state.step >= plan.max_steps:
+        if state.max_steps_reached(plan.max_steps):
             reason = "max_steps"
             break
         set_lr(optimizer, lr_at(state.schedule.lr, state.step, plan.warmup_steps))
         start = time.perf_counter()
-        with hooks.phases("data"):
-            batch, failure = next_batch(batches)
-        # every rank must run this step or none: DDP's backward is a collective, so a rank
-        # without a batch (bad record, loader ran out) would leave the others waiting forever
-        status = hooks.agree(OK if batch is not None else BAD_RECORD if failure is not None else END)
-        if status == END:                    # the loader ran out before the planned count
+        batch = fetch_batch(batches, state, pending, hooks)
+        if batch is None:                    # the loader ran out before the planned count
             break
-        if status == BAD_RECORD:             # save every step before it (the caller does)
-            settle(pending, state, hooks)
-            raise failure or RecordsError(f"another rank met a bad record at step {state.step + 1} "
-                                          "(its own error line names it)")
         with hooks.phases("h2d"):
-            images, labels = hooks.prepare(batch)
+            images, labels = to_device(batch, settings)
         loss, correct, skipped = train_step(model, optimizer, images, labels, hooks.precision, hooks.phases)
         state.count_step()
         pending.add(loss, correct, skipped if hooks.precision.scaler is not None else None, labels.shape[0])
         if state.step % settings.check_every == 0:
             settle(pending, state, hooks)
         state.sums.seconds += time.perf_counter() - start
-        hooks.phases.count(labels.shape[0])
-        hooks.profiler.step()
-        hooks.on_step(state)
-        if hooks.should_stop():
+        hooks.phases.add_images(labels.shape[0])
+        if hooks.after_step(state):
             reason = "stopped"
             break
     settle(pending, state, hooks)
     return reason
+
+
+def fetch_batch(batches: Iterator, state: TrainState, pending: "_Pending", hooks: StepHooks):
+    """The next batch, or None when the loader ran out on any rank. Every rank must run this
+    step or none: DDP's backward is a collective, so a rank without a batch (bad record, loader
+    ran out) would leave the others waiting forever. A bad record on any rank raises (its
+    RecordsError on the rank that met it) after the steps before it are read back: the caller
+    saves them."""
+    with hooks.phases("data"):
+        batch, failure = next_batch(batches)
+    status = hooks.agree(OK if batch is not None else BAD_RECORD if failure is not None else END)
+    if status == END:
+        return None
+    if status == BAD_RECORD:
+        settle(pending, state, hooks)
+        raise failure or RecordsError(f"another rank met a bad record at step {state.step + 1} "
+                                      "(its own error line names it)")
+    return batch
 
 
 def next_batch(batches: Iterator):
@@ -194,15 +200,15 @@ def next_batch(batches: Iterator):
 def settle(pending: "_Pending", state: TrainState, hooks: StepHooks) -> None:
     """Read the pending steps back into ``state.sums`` (the one host sync), then agree with the
     other ranks: a NaN/inf loss on any rank raises NonFiniteLoss on all of them."""
-    bad = pending.flush_into(state.sums)
+    bad = pending.flush_into(state.sums, state.step)
     if hooks.agree(NONFINITE if bad is not None else OK) == NONFINITE:
         raise NonFiniteLoss(*(bad or (state.step, None)))
 
 
 @dataclass
 class _Pending:
-    """Per-step device tensors not yet read back to the host (reading forces a sync)."""
-    first_step: int                     # global step number of the first pending loss
+    """Per-step device tensors not yet read back to the host (reading forces a sync): the
+    losses of the steps up to the state's current one."""
     losses: list = field(default_factory=list)
     correct: list = field(default_factory=list)
     skipped: list = field(default_factory=list)   # fp16 only: 0-dim bool, True = update skipped
@@ -214,15 +220,17 @@ class _Pending:
             self.skipped.append(skipped)
         self.images += images
 
-    def flush_into(self, sums: EpochSums) -> tuple[int, float] | None:
-        """Read the losses back and add them to ``sums``; (step, value) of the first NaN/inf
-        loss instead (nothing added). A skipped fp16 step is the scaler's business, not a stop."""
+    def flush_into(self, sums: EpochSums, step: int) -> tuple[int, float] | None:
+        """Read the losses back and add them to ``sums``, ``step`` being the global step of the
+        last one; (step, value) of the first NaN/inf loss instead (nothing added). A skipped
+        fp16 step is the scaler's business, not a stop."""
         if not self.losses:
             return None
         losses = torch.stack(self.losses).float().cpu().tolist()
+        first = step - len(losses) + 1
         for i, value in enumerate(losses):
             if not math.isfinite(value):
-                return self.first_step + i, value
+                return first + i, value
         correct = torch.stack(self.correct).sum(0).cpu().tolist()
         if self.skipped:
             sums.amp_skipped += int(torch.stack(self.skipped).sum().cpu())
@@ -230,7 +238,6 @@ class _Pending:
         sums.top1 += int(correct[0])
         sums.top5 += int(correct[1])
         sums.images += self.images
-        self.first_step += len(losses)
         self.losses, self.correct, self.skipped, self.images = [], [], [], 0
 
 

@@ -28,7 +28,6 @@ class Phases:
         self.enabled = enabled
         self.cuda = [torch.device(d) for d in devices if d.startswith("cuda")]
         self.seconds: dict[str, float] = defaultdict(float)
-        self.steps = 0
         self.images = 0
 
     def _sync(self) -> None:
@@ -53,18 +52,18 @@ class Phases:
             if nvtx:
                 torch.cuda.nvtx.range_pop()
 
-    def count(self, images: int) -> None:
-        self.steps += 1
+    def add_images(self, images: int) -> None:
         self.images += images
 
-    def summary(self) -> dict:
-        """Per-phase ms/step and share of the step, images/s, data-stall % (from the phases alone)."""
+    def summary(self, steps: int) -> dict:
+        """Per-phase ms/step and share of the step, images/s, data-stall % (from the phases
+        alone) over the ``steps`` steps timed (the run's step counter tells how many)."""
         total = sum(self.seconds[p] for p in PHASES)
-        steps = max(self.steps, 1)
-        phases = {p: {"ms_per_step": 1000 * self.seconds[p] / steps,
+        per = max(steps, 1)
+        phases = {p: {"ms_per_step": 1000 * self.seconds[p] / per,
                       "percent": 100 * self.seconds[p] / total if total else 0.0} for p in PHASES}
-        return {"steps": self.steps, "images": self.images,
-                "step_ms": 1000 * total / steps,
+        return {"steps": steps, "images": self.images,
+                "step_ms": 1000 * total / per,
                 "images_per_s": self.images / total if total else 0.0,
                 "data_stall_percent": phases["data"]["percent"], "phases": phases}
 

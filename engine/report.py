@@ -34,9 +34,11 @@ class Reporter:
             self.console.print(text, soft_wrap=True)
 
     def bar(self, description: str, total: int, completed: int = 0):
-        """A context manager yielding advance(n, **fields); a no-op without progress bars."""
+        """A context manager yielding show(n=1, completed=None, **fields): advance by ``n``, or
+        show ``completed`` (a count the caller keeps, such as the state's batch); a no-op
+        without progress bars."""
         if not self.show_progress:
-            return contextlib.nullcontext(lambda n=1, **fields: None)
+            return contextlib.nullcontext(lambda n=1, completed=None, **fields: None)
         return _Bar(self.console, description, total, completed)
 
     def table(self, table: Table) -> None:
@@ -65,7 +67,8 @@ class _Bar:
 
     def __enter__(self):
         self.progress.start()
-        return lambda n=1, **fields: self.progress.update(self.task, advance=n, **fields)
+        return lambda n=1, completed=None, **fields: self.progress.update(
+            self.task, advance=None if completed is not None else n, completed=completed, **fields)
 
     def __exit__(self, *exc):
         self.progress.stop()

@@ -41,6 +41,14 @@ class PlateauSchedule:
         self.bad_epochs, self.drops = 0, self.drops + 1
         return True
 
+    def retune(self, patience: int, threshold: float, max_drops: int, lr: float | None = None) -> None:
+        """A resumed run's rule: its flags' patience, threshold and drop limit, the progress
+        (best, bad epochs, drops) kept; ``lr`` replaces the current one (an explicit --lr: the
+        paper's drops were decisions by hand, and a hand-given lr always wins)."""
+        self.patience, self.threshold, self.max_drops = patience, threshold, max_drops
+        if lr is not None:
+            self.lr = lr
+
     def state_dict(self) -> dict:
         return asdict(self)
 

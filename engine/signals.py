@@ -17,7 +17,7 @@ from common.errors import UserError
 class Interrupted(UserError):
     """A signal met during an evaluation: raised from the evaluation loop, so a validation of
     minutes never holds a stop (a scheduler's grace period is often ~30 s). A UserError, so a
-    rank that met it stops every rank together (``engine.run.together``)."""
+    rank that met it stops every rank together (``engine.distributed.fail_together``)."""
 
 
 class StopFlag:

@@ -4,10 +4,13 @@ Everything a bitwise-exact continuation needs besides the model and optimiser te
 here: completed epochs, the global optimiser step, the position inside the current epoch
 (batches done), that epoch's running sums, the per-epoch history (the metrics.jsonl lines),
 the lr schedule, every rank's RNG states and what the epoch's data order depends on (seed,
-per-replica batch size, number of ranks). ``count_step`` is the only place the step moves.
+per-replica batch size, number of ranks). ``step`` is the run's one step counter: the lr
+warm-up, logging, profiling, stop polling and --max-steps all read it, and ``count_step`` is
+the only place it moves.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -48,13 +51,31 @@ class TrainState:
     history: list[dict] = field(default_factory=list)   # one metrics dict per completed epoch
     rng: list[dict] = field(default_factory=list)       # every rank's RNG states, captured at save time
     # what the run reads: {"train": records in the train split, "classes": digest of meta.json's
-    # class list}; None in checkpoints that predate it. A resume compares it (engine.run)
+    # class list}; None in checkpoints that predate it. A resume compares it (engine.resume)
     records: dict | None = None
 
     def count_step(self) -> None:
         """One optimiser step done: the only writer of ``step`` and ``batch``."""
         self.step += 1
         self.batch += 1
+
+    def steps_left(self, max_steps: int | None) -> float:
+        """Optimiser steps --max-steps still allows (inf without one); 0 once it is reached."""
+        return math.inf if max_steps is None else max(max_steps - self.step, 0)
+
+    def max_steps_reached(self, max_steps: int | None) -> bool:
+        return self.steps_left(max_steps) == 0
+
+    def continue_as(self, seed: int, batch_size: int, world: int) -> tuple[int, int, int] | None:
+        """A resumed run goes on with this data layout. Mid-epoch only the saved one will do: the
+        epoch's first ``batch`` steps were batches of the saved size and data order, and another
+        size, rank count or seed would replay a different set of images; then nothing changes
+        and the saved (seed, batch_size, world) is returned for the caller's error line."""
+        then = (self.seed, self.batch_size, self.world)
+        if self.batch and then != (seed, batch_size, world):
+            return then
+        self.seed, self.batch_size, self.world = seed, batch_size, world
+        return None
 
     def end_epoch(self, metrics: dict) -> None:
         self.history.append(metrics)

@@ -102,7 +102,7 @@ def test_every_one_line_error_is_a_user_error():
     from bench.loaders import BenchError
     from engine.checkpoint import CheckpointError
     from engine.distributed import DeviceError as EngineDeviceError
-    from engine.run import RunError
+    from engine.session import RunError
     from pipeline.errors import LoaderError
     from records.format import RecordsError
     from tools.export import ExportError

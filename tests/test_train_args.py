@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from common.config import to_dict
-from engine.config import DEMO, HELP_GROUPS, TrainConfig, merge_explicit, parse_train_args
+from engine.config import DEMO, HELP_GROUPS, TrainConfig, merge_explicit, parse_command, parse_train_args
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -153,10 +153,10 @@ def test_auto_resume_needs_out_and_no_resume(argv, says, capsys):
 def test_a_run_started_with_auto_resume_continues_with_resume_and_back():
     saved = TrainConfig(out="runs/a", auto_resume=True, epochs=7)
     argv = ["--resume", "runs/a", "--epochs", "9"]
-    got, changes = merge_explicit(saved, argv, parse_train_args(argv))
+    got, changes = merge_explicit(saved, *parse_command(argv))
     assert (got.resume, got.auto_resume, got.epochs) == ("runs/a", False, 9) and changes == ["epochs: 7 -> 9"]
     argv = ["--out", "runs/a", "--auto-resume"]
-    got, changes = merge_explicit(replace(saved, auto_resume=False), argv, parse_train_args(argv))
+    got, changes = merge_explicit(replace(saved, auto_resume=False), *parse_command(argv))
     assert (got.resume, got.auto_resume, got.epochs) == (None, True, 7) and changes == []
 
 

@@ -251,7 +251,8 @@ def test_check_records_counts():
     """Another train count: refused mid-epoch (the rest of the epoch's permutation would not be
     the rest of the one begun), said and accepted at an epoch's end; same records pass silently."""
     from engine.report import Reporter
-    from engine.run import RunError, check_records, new_state
+    from engine.resume import check_records
+    from engine.session import RunError, new_state
     cfg = parse_train_args(["--gpus", ""])
     lines = []
     say = Reporter(True, False)

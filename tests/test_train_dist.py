@@ -16,9 +16,9 @@ import torch.multiprocessing as mp
 
 from engine import distributed as D
 from engine.config import TrainConfig
-from engine.loop import LoopSettings, Precision, StepHooks, StepPlan, to_device, train_steps
+from engine.loop import LoopSettings, Precision, StepHooks, StepPlan, train_steps
 from engine.recipe import make_optimizer
-from engine.run import build_net, new_state
+from engine.session import build_net, new_state
 from model import AlexNet, AlexNetConfig
 
 
@@ -79,7 +79,7 @@ def _rank(rank: int, world: int, port: int, records: str, out: str) -> None:
     train = Loader(records, split="train", view="train", batch_size=2, shard=(info.rank, info.world),
                    seed=cfg.seed)
     state, settings = new_state(cfg, info.world), LoopSettings(torch.device("cpu"))
-    hooks = StepHooks(prepare=lambda b: to_device(b, settings), precision=Precision("none", torch.device("cpu")))
+    hooks = StepHooks(precision=Precision("none", torch.device("cpu")))
     train_steps(model, opt, iter(train), state, StepPlan(epoch_batches=2), settings, hooks)
     torch.save({"params": {k: v.detach().clone() for k, v in net.state_dict().items()}, "seen": seen,
                 "steps": state.step}, os.path.join(out, f"rank{rank}.pt"))

@@ -15,7 +15,10 @@ from torch import nn
 
 from common.atomic import atomic_open, lock_folder
 from engine import checkpoint as ckpt
+from engine import resume as resuming
+from engine import runfolder
 from engine import run as R
+from engine import session as S
 from engine.config import TrainConfig
 from engine.distributed import DistInfo
 from engine.loop import LoopSettings
@@ -74,25 +77,25 @@ def config(**kw) -> TrainConfig:
                           "warmup_steps": 3, "final_eval": False, "progress": False, **kw})
 
 
-def session(out: Path, cfg: TrainConfig, hooks: dict | None = None) -> R.Session:
+def session(out: Path, cfg: TrainConfig, hooks: dict | None = None) -> S.Session:
     torch.manual_seed(cfg.seed)
     net = nn.Sequential(nn.Flatten(), nn.Linear(12, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 5))
     torch.manual_seed(cfg.seed + 1)              # dropout: consumed every step, so RNG restore matters
     out.mkdir(parents=True, exist_ok=True)
-    return R.Session(cfg=cfg, info=DistInfo(), devices=["cpu"], out=out, say=Reporter(True, False),
+    return S.Session(cfg=cfg, info=DistInfo(), devices=["cpu"], out=out, say=Reporter(True, False),
                      data=FakeData(cfg, hooks), classes=5, net=net, model=net,
                      optimizer=make_optimizer(net, cfg), settings=LoopSettings(CPU), precision=Precision(cfg.amp, "cpu"))
 
 
 def start(out: Path, cfg: TrainConfig, hooks: dict | None = None) -> int:
     s = session(out, cfg, hooks)
-    return R.run_session(s, R.new_state(cfg, 1))
+    return R.run_session(s, S.new_state(cfg, 1))
 
 
 def resume(out: Path, cfg: TrainConfig, hooks: dict | None = None, lr_given: bool = False) -> int:
     s = session(out, cfg, hooks)
-    state = R.new_state(cfg, 1)
-    R.restore(s, state, ckpt.load(out / "last.pt", keys=R.RESUME_KEYS), out / "last.pt", lr_given)
+    state = S.new_state(cfg, 1)
+    resuming.restore(s, state, ckpt.load(out / "last.pt", keys=resuming.RESUME_KEYS), out / "last.pt", lr_given)
     return R.run_session(s, state)
 
 
@@ -181,7 +184,7 @@ def test_resume_applies_explicit_momentum_and_weight_decay(tmp_path):
     assert start(tmp_path, config(max_steps=3)) == 0
     cfg = config(momentum=0.5, weight_decay=0.002)
     s = session(tmp_path, cfg)
-    R.restore(s, R.new_state(cfg, 1), ckpt.load(tmp_path / "last.pt", keys=R.RESUME_KEYS), tmp_path / "last.pt", False)
+    resuming.restore(s, S.new_state(cfg, 1), ckpt.load(tmp_path / "last.pt", keys=resuming.RESUME_KEYS), tmp_path / "last.pt", False)
     assert [(g["momentum"], g["weight_decay"]) for g in s.optimizer.param_groups] == [(0.5, 0.002)]
 
 
@@ -230,9 +233,9 @@ def test_a_second_process_on_the_same_run_is_refused(tmp_path, capsys):
     drains) would write the same last.pt and metrics.jsonl: the second refuses, touching nothing."""
     assert start(tmp_path, config(epochs=1)) == 0
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
-    held = lock_folder(tmp_path / R.RUN_LOCK)       # another open file: flock refuses it too
+    held = lock_folder(tmp_path / runfolder.RUN_LOCK)       # another open file: flock refuses it too
     try:
-        with pytest.raises(R.RunError, match="another train.py is running this run"):
+        with pytest.raises(S.RunError, match="another train.py is running this run"):
             resume(tmp_path, config(epochs=2))
     finally:
         os.close(held)
@@ -247,9 +250,9 @@ def test_a_checkpoint_replaced_after_it_was_read_is_not_resumed(tmp_path):
     read = (tmp_path / "last.pt", os.stat(tmp_path / "last.pt"))
     assert resume(tmp_path, config(epochs=2)) == 0          # "the old job" saves a newer last.pt
     s = session(tmp_path, config(epochs=3))
-    state = R.new_state(s.cfg, 1)
-    R.restore(s, state, ckpt.load(tmp_path / "last.pt", keys=R.RESUME_KEYS), tmp_path / "last.pt", False)
-    with pytest.raises(R.RunError, match="last.pt: replaced since this process read it"):
+    state = S.new_state(s.cfg, 1)
+    resuming.restore(s, state, ckpt.load(tmp_path / "last.pt", keys=resuming.RESUME_KEYS), tmp_path / "last.pt", False)
+    with pytest.raises(S.RunError, match="last.pt: replaced since this process read it"):
         R.run_session(s, state, read)
 
 
@@ -317,7 +320,7 @@ def test_disk_full_at_the_checkpoint_write_keeps_last_pt_and_metrics_consistent(
             fh.write(data[: len(data) // 2])
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     monkeypatch.setattr(ckpt, "write_bytes", full_disk)
-    with pytest.raises(R.RunError, match=r"last.pt: cannot write the checkpoint \(No space left on device\)"):
+    with pytest.raises(S.RunError, match=r"last.pt: cannot write the checkpoint \(No space left on device\)"):
         resume(tmp_path, config(epochs=2))
     assert (tmp_path / "last.pt").read_bytes() == before
     assert not list(tmp_path.glob(".*.tmp"))
@@ -338,7 +341,7 @@ def test_resume_rewrites_metrics_from_the_checkpoint_and_removes_stale_temps(tmp
 
 def test_mid_epoch_resume_refuses_another_batch_size(tmp_path):
     assert start(tmp_path, config(max_steps=2)) == 0
-    with pytest.raises(R.RunError, match=r"saved mid-epoch \(epoch 1, batch 2\) with --batch-size 4 x 1"):
+    with pytest.raises(S.RunError, match=r"saved mid-epoch \(epoch 1, batch 2\) with --batch-size 4 x 1"):
         resume(tmp_path, config(max_steps=None, batch_size=2))
 
 
@@ -348,16 +351,16 @@ def test_explicit_lr_on_resume_wins_even_when_it_equals_the_original(tmp_path):
     assert start(tmp_path, cfg) == 0
     assert ckpt.load(tmp_path / "last.pt")["schedule"]["lr"] == pytest.approx(0.005)
     s = session(tmp_path, replace_cfg := config(plateau_patience=1, plateau_threshold=1.0, epochs=3))
-    state = R.new_state(replace_cfg, 1)
-    R.restore(s, state, ckpt.load(tmp_path / "last.pt", keys=R.RESUME_KEYS), tmp_path / "last.pt", lr_given=True)
+    state = S.new_state(replace_cfg, 1)
+    resuming.restore(s, state, ckpt.load(tmp_path / "last.pt", keys=resuming.RESUME_KEYS), tmp_path / "last.pt", lr_given=True)
     assert state.schedule.lr == 0.05                  # the config's lr (0.05, as saved) restored
-    state = R.new_state(replace_cfg, 1)
-    R.restore(s, state, ckpt.load(tmp_path / "last.pt", keys=R.RESUME_KEYS), tmp_path / "last.pt", lr_given=False)
+    state = S.new_state(replace_cfg, 1)
+    resuming.restore(s, state, ckpt.load(tmp_path / "last.pt", keys=resuming.RESUME_KEYS), tmp_path / "last.pt", lr_given=False)
     assert state.schedule.lr == pytest.approx(0.005)  # not given: the schedule's
 
 
 def test_resume_path_is_a_folder_or_a_checkpoint_file(tmp_path):
     (tmp_path / "run").mkdir()
-    assert R.resume_paths(str(tmp_path / "run")) == (tmp_path / "run" / "last.pt", tmp_path / "run")
+    assert resuming.resume_paths(str(tmp_path / "run")) == (tmp_path / "run" / "last.pt", tmp_path / "run")
     (tmp_path / "run" / "best.pt").write_bytes(b"")
-    assert R.resume_paths(str(tmp_path / "run" / "best.pt")) == (tmp_path / "run" / "best.pt", tmp_path / "run")
+    assert resuming.resume_paths(str(tmp_path / "run" / "best.pt")) == (tmp_path / "run" / "best.pt", tmp_path / "run")

@@ -19,9 +19,12 @@ from common.atomic import atomic_open
 from common.errors import UserError, error_line
 from engine import checkpoint as ckpt
 from engine import distributed as D
+from engine import logs, runfolder
+from engine import resume as resuming
 from engine import run as R
+from engine import session as S
 from engine.config import TrainConfig
-from engine.loop import LoopSettings, StepHooks, StepPlan, to_device, train_steps
+from engine.loop import LoopSettings, StepHooks, StepPlan, train_steps
 from engine.precision import Precision
 from engine.recipe import make_optimizer
 from engine.report import Reporter
@@ -67,13 +70,14 @@ def _fp16_run_with_two_inf_steps(device: str):
     precision = Precision("fp16", torch.device(device).type)
     weights = []
 
-    def on_step(state):
+    def after_step(state):
         weights.append(net.fc.weight.detach().cpu().clone())
         _InfGrad.armed = state.step in (1, 3)
+        return False
 
     state = TrainState(schedule=PlateauSchedule(lr=0.1), seed=0, batch_size=4, world=1)
     settings = LoopSettings(torch.device(device), check_every=4)
-    hooks = StepHooks(prepare=lambda b: to_device(b, settings), precision=precision, on_step=on_step)
+    hooks = StepHooks(precision=precision, after_step=after_step)
     try:
         reason = train_steps(net, opt, iter(batches), state, StepPlan(epoch_batches=6), settings, hooks)
     finally:
@@ -156,11 +160,11 @@ def _inject_write_faults(rank: int, fault: str) -> None:
     if fault == "metrics":
         def full(path, line):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-        R.append_line = full
+        runfolder.append_line = full
     if fault == "log":
         def denied(*args, **kwargs):
             raise OSError(errno.EACCES, os.strerror(errno.EACCES), "runs/x/tensorboard")
-        R.logs.RunLog.open = denied
+        logs.RunLog.open = denied
 
 
 def _rank(rank: int, world: int, port: int, out: str, fault: str) -> None:
@@ -174,19 +178,19 @@ def _rank(rank: int, world: int, port: int, out: str, fault: str) -> None:
     _inject_write_faults(rank, fault)
     torch.manual_seed(cfg.seed)
     net = nn.Sequential(nn.Flatten(), nn.Linear(12, 5))
-    s = R.Session(cfg=cfg, info=info, devices=["cpu"], out=Path(out), say=Reporter(info.is_main, False),
+    s = S.Session(cfg=cfg, info=info, devices=["cpu"], out=Path(out), say=Reporter(info.is_main, False),
                   data=_Data(rank, fault), classes=5, net=net, model=D.wrap_ddp(net, info),
                   optimizer=make_optimizer(net, cfg), settings=LoopSettings(CPU, check_every=2),
                   precision=Precision("none", "cpu"), host_group=D.host_group(info))
-    state = R.new_state(cfg, world)
+    state = S.new_state(cfg, world)
     if fault == "resume":                         # the records fixed: continue from last.pt
         path = Path(out, "last.pt")
-        R.restore(s, state, ckpt.load(path, keys=R.RESUME_KEYS), path, lr_given=False)
+        resuming.restore(s, state, ckpt.load(path, keys=resuming.RESUME_KEYS), path, lr_given=False)
     if fault == "diverged_start" and rank == 1:    # rank 1 read another last.pt (or none)
         state.epoch, state.step = 1, BATCHES
     with open(Path(out, f"rank{rank}.err"), "w") as err, contextlib.redirect_stderr(err):
         try:
-            R.check_same_start(s, state)               # what engine.run.train does before the epochs
+            resuming.check_same_start(s, state)               # what engine.run.train does before the epochs
             code = R.run_session(s, state)
         except (UserError, OSError) as exc:       # what engine.run.main does with them
             print(f"error: {error_line(exc)}", file=sys.stderr)

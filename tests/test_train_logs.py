@@ -17,7 +17,9 @@ from torch import nn
 from engine import checkpoint as ckpt
 from engine import logs
 from engine import report
+from engine import resume as resuming
 from engine import run as R
+from engine import session as S
 from engine.distributed import DistInfo
 from engine.loop import LoopSettings, Precision
 from engine.recipe import make_optimizer
@@ -53,11 +55,11 @@ class Data:
         return FakeLoader(99, 2, 3, views=10 if view == "tencrop" else 1)
 
 
-def session(out: Path, cfg, say: Reporter | None = None) -> R.Session:
+def session(out: Path, cfg, say: Reporter | None = None) -> S.Session:
     torch.manual_seed(cfg.seed)
     net = TowerNet()
     out.mkdir(parents=True, exist_ok=True)
-    return R.Session(cfg=cfg, info=DistInfo(), devices=["cpu"], out=out, say=say or Reporter(True, True),
+    return S.Session(cfg=cfg, info=DistInfo(), devices=["cpu"], out=out, say=say or Reporter(True, True),
                      data=Data(cfg), classes=5, net=net, model=net, optimizer=make_optimizer(net, cfg),
                      settings=LoopSettings(CPU, check_every=logs.read_back_every(cfg.log_every)),
                      precision=Precision("none", CPU))
@@ -65,8 +67,8 @@ def session(out: Path, cfg, say: Reporter | None = None) -> R.Session:
 
 def resume(out: Path, cfg) -> int:
     s = session(out, cfg)
-    state = R.new_state(cfg, 1)
-    R.restore(s, state, ckpt.load(out / "last.pt", keys=R.RESUME_KEYS), out / "last.pt", lr_given=False)
+    state = S.new_state(cfg, 1)
+    resuming.restore(s, state, ckpt.load(out / "last.pt", keys=resuming.RESUME_KEYS), out / "last.pt", lr_given=False)
     return R.run_session(s, state)
 
 
@@ -76,7 +78,7 @@ def step_lines(text: str) -> list[re.Match]:
 
 def test_step_lines_without_a_terminal(tmp_path, capsys):
     """capsys's stdout is no terminal: no bar, a line every 10 steps, one line per validation."""
-    assert R.run_session(session(tmp_path, cfg := config(log_every=10)), R.new_state(cfg, 1)) == 0
+    assert R.run_session(session(tmp_path, cfg := config(log_every=10)), S.new_state(cfg, 1)) == 0
     text = capsys.readouterr().out
     assert "\x1b" not in text and "\r" not in text                   # no ANSI escapes, no bar redraws
     lines = step_lines(text)
@@ -99,7 +101,7 @@ def test_step_lines_without_a_terminal(tmp_path, capsys):
 
 def test_fewer_than_10_steps_a_line_reads_back_that_often(tmp_path, capsys):
     assert [logs.read_back_every(n) for n in (None, 0, 1, 7, 10, 25, 50)] == [10, 10, 1, 7, 10, 10, 10]
-    assert R.run_session(session(tmp_path, cfg := config(epochs=1, log_every=4)), R.new_state(cfg, 1)) == 0
+    assert R.run_session(session(tmp_path, cfg := config(epochs=1, log_every=4)), S.new_state(cfg, 1)) == 0
     lines = step_lines(capsys.readouterr().out)       # LINE needs a number after "loss": none is "-"
     assert [int(m[6]) for m in lines] == [4, 8, 12, 16, 20]
     history = json.loads((tmp_path / "metrics.jsonl").read_text())
@@ -108,10 +110,10 @@ def test_fewer_than_10_steps_a_line_reads_back_that_often(tmp_path, capsys):
 
 def test_default_is_every_50_steps_and_0_is_never(tmp_path, capsys):
     cfg = config(epochs=3)                                            # 60 steps, no --log-every
-    assert R.run_session(session(tmp_path / "a", cfg), R.new_state(cfg, 1)) == 0
+    assert R.run_session(session(tmp_path / "a", cfg), S.new_state(cfg, 1)) == 0
     assert [int(m[6]) for m in step_lines(capsys.readouterr().out)] == [50]
     cfg = config(log_every=0)
-    assert R.run_session(session(tmp_path / "b", cfg), R.new_state(cfg, 1)) == 0
+    assert R.run_session(session(tmp_path / "b", cfg), S.new_state(cfg, 1)) == 0
     assert step_lines(capsys.readouterr().out) == []
 
 
@@ -119,12 +121,12 @@ def test_in_a_terminal_the_bar_and_only_explicit_lines(tmp_path, monkeypatch):
     buf = io.StringIO()
     monkeypatch.setattr(report, "make_console", lambda **kw: Console(file=buf, force_terminal=True, width=120, **kw))
     cfg = config(epochs=3)
-    assert R.run_session(session(tmp_path / "a", cfg, Reporter(True, True)), R.new_state(cfg, 1)) == 0
+    assert R.run_session(session(tmp_path / "a", cfg, Reporter(True, True)), S.new_state(cfg, 1)) == 0
     text = buf.getvalue()
     assert "\x1b[" in text and not step_lines(re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text))   # a bar, no lines
     buf.seek(0), buf.truncate()
     cfg = config(log_every=20)
-    assert R.run_session(session(tmp_path / "b", cfg, Reporter(True, True)), R.new_state(cfg, 1)) == 0
+    assert R.run_session(session(tmp_path / "b", cfg, Reporter(True, True)), S.new_state(cfg, 1)) == 0
     plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", buf.getvalue()).replace("\r", "\n")
     assert sorted({int(m[6]) for m in step_lines(plain)}) == [20, 40]    # printed above the bar
 
@@ -173,7 +175,7 @@ def scalars(out: Path) -> dict[str, list[tuple[int, float]]]:
 def test_tensorboard_scalars_and_conv1_and_no_duplicate_steps_on_resume(tmp_path):
     pytest.importorskip("tensorboard")
     cfg = config(log_every=10, tensorboard=True, profile=True)
-    assert R.run_session(session(tmp_path / "full", cfg), R.new_state(cfg, 1)) == 0
+    assert R.run_session(session(tmp_path / "full", cfg), S.new_state(cfg, 1)) == 0
     full = scalars(tmp_path / "full")
     history = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     for key in ("train_loss", "train_top1_err", "train_top5_err", "val_loss", "val_top1_err", "val_top5_err",
@@ -188,7 +190,7 @@ def test_tensorboard_scalars_and_conv1_and_no_duplicate_steps_on_resume(tmp_path
     # leaves it), then resumed: TensorBoard shows each step once, the resumed run's values
     part = tmp_path / "part"
     assert R.run_session(session(part, cfg2 := config(log_every=10, tensorboard=True, max_steps=25)),
-                         R.new_state(cfg2, 1)) == 0
+                         S.new_state(cfg2, 1)) == 0
     from torch.utils.tensorboard import SummaryWriter
     before = set((part / "tensorboard").iterdir())
     with SummaryWriter(str(part / "tensorboard")) as stale:
@@ -211,7 +213,7 @@ def test_tensorboard_scalars_and_conv1_and_no_duplicate_steps_on_resume(tmp_path
 def test_duration_and_steps_left():
     assert [logs.duration(x) for x in (0, 59.6, 3600, 86400 + 3 * 3600 + 7)] == \
         ["0:00:00", "0:01:00", "1:00:00", "1d 03:00:07"]
-    state = R.new_state(config(), 1)
+    state = S.new_state(config(), 1)
     state.epoch, state.batch, state.step = 1, 5, 105           # epoch 2 of 4, 100 batches an epoch
     assert logs.steps_left(state, 100, 4, None) == (95 + 200, 3)
     assert logs.steps_left(state, 100, 4, 150) == (45, 0)      # --max-steps ends it mid-epoch 2
@@ -224,7 +226,7 @@ def test_line_numbers_on_two_ranks(monkeypatch, capsys):
     monkeypatch.setattr(logs, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: clock[0])}))
     log = logs.RunLog(Reporter(True, False), epochs=90, max_steps=None, world=2, lines_every=50, scalars_every=0)
     log.epoch_end_seconds = 5.0                      # validation + checkpoint of the last epoch
-    state = R.new_state(config(), 2)
+    state = S.new_state(config(), 2)
     state.epoch, state.step = 3, 300                 # epoch 4 of 90, 100 batches an epoch
     on_step = log.epoch_steps(state, 100, 128, lambda: 0.001)
     for _ in range(50):

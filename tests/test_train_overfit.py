@@ -12,7 +12,7 @@ from engine.config import TrainConfig
 from engine.loop import Precision, train_step
 from engine.profiling import Phases
 from engine.recipe import make_optimizer
-from engine.run import build_net
+from engine.session import build_net
 
 
 @pytest.mark.slow

@@ -12,7 +12,8 @@ from torch import nn
 
 from engine.config import TrainConfig
 from engine.loop import LoopSettings, evaluate, to_device
-from engine.run import RunError, loader_placement, main
+from engine.run import main
+from engine.session import RunError, loader_placement
 from pipeline import Loader
 from pipeline.finish import U8Batch
 

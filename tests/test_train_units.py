@@ -11,11 +11,12 @@ import torch
 from torch import nn
 
 from engine import checkpoint as ckpt
-from engine.config import DEMO, TrainConfig, merge_explicit, parse_train_args
-from engine.loop import LoopSettings, NonFiniteLoss, Precision, StepHooks, StepPlan, evaluate, to_device, train_steps
+from engine.config import DEMO, TrainConfig, merge_explicit, parse_command, parse_train_args
+from engine.loop import LoopSettings, NonFiniteLoss, Precision, StepHooks, StepPlan, evaluate, train_steps
 from engine.profiling import PHASES, Phases
 from engine.recipe import loss_fn, make_optimizer, param_groups, set_hyperparameters
-from engine.run import resolve_records, stop_poll
+from engine.run import stop_poll
+from engine.session import resolve_records
 from engine.schedule import PlateauSchedule, lr_at
 from engine.state import TrainState
 from engine.voting import topk_counts, vote
@@ -216,7 +217,7 @@ def test_cli_rejects(argv, message, capsys):
 def test_resume_merge_applies_only_explicit_flags():
     saved = TrainConfig(epochs=2, lr=0.02, batch_size=4)
     argv = ["--resume", "r", "--epochs", "4"]
-    merged, lines = merge_explicit(saved, argv, parse_train_args(argv))
+    merged, lines = merge_explicit(saved, *parse_command(argv))
     assert (merged.epochs, merged.lr, merged.batch_size, merged.resume) == (4, 0.02, 4, "r")
     assert lines == ["epochs: 2 -> 4"]
 
@@ -322,7 +323,7 @@ def _state(step=0, lr=0.1):
 
 
 def _hooks(**kw):
-    return StepHooks(prepare=lambda b: to_device(b, CPU), precision=Precision("none", torch.device("cpu")), **kw)
+    return StepHooks(precision=Precision("none", torch.device("cpu")), **kw)
 
 
 def test_train_steps_stops_at_the_epochs_planned_batches():
@@ -361,7 +362,7 @@ def test_train_steps_stop_request_ends_after_the_current_step():
     net = _tiny()
     state, batches = _state(), iter(list(_batches(5)))
     reason = train_steps(net, make_optimizer(net, TrainConfig()), batches, state, StepPlan(epoch_batches=5), CPU,
-                         _hooks(should_stop=lambda: state.step >= 2))
+                         _hooks(after_step=lambda st: st.step >= 2))
     assert reason == "stopped" and state.batch == 2 and len(list(batches)) == 3
 
 
@@ -379,7 +380,7 @@ def test_train_steps_sets_the_warmup_lr_from_the_step_counter():
     lrs = []
     state = _state(step=1, lr=0.08)
     train_steps(net, opt, iter(list(_batches(4))), state, StepPlan(epoch_batches=4, warmup_steps=4), CPU,
-                _hooks(on_step=lambda st: lrs.append(opt.param_groups[0]["lr"])))
+                _hooks(after_step=lambda st: lrs.append(opt.param_groups[0]["lr"])))
     assert lrs == pytest.approx([0.04, 0.06, 0.08, 0.08])     # steps 2, 3, 4, 5 of a 4-step warm-up
 
 
@@ -411,8 +412,8 @@ def test_phases_summary():
         for name in PHASES:
             with p(name):
                 time.sleep(0.002)   # every phase takes real time, so the shares are meaningful
-        p.count(8)
-    s = p.summary()
+        p.add_images(8)
+    s = p.summary(steps=2)
     assert s["steps"] == 2 and s["images"] == 16
     # every phase slept above, so each is billed at least that; the step is their sum
     assert all(v["ms_per_step"] >= 2.0 for v in s["phases"].values())
@@ -427,10 +428,10 @@ def test_stop_poll_waits_for_a_shared_step_only_when_distributed():
     from types import SimpleNamespace as NS
     flag = type("Flag", (), {"__bool__": lambda self: True})()
     single = NS(info=NS(enabled=False), settings=NS(check_every=3), devices=["cpu"], host_group=None)
-    assert stop_poll(single, flag)() is True
+    assert stop_poll(single, flag)(1) is True
     ranks = NS(info=NS(enabled=True), settings=NS(check_every=3), devices=["cpu"], host_group=None)
     poll = stop_poll(ranks, flag)          # no process group here: the local flag
-    assert [poll() for _ in range(6)] == [False, False, True, False, False, True]
+    assert [poll(step) for step in range(1, 7)] == [False, False, True, False, False, True]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only restore of GPU-saved RNG states")

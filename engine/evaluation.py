@@ -1,0 +1,129 @@
+"""Evaluation: the validation pass that ends every epoch, the final single-crop vs 10-crop
+evaluation, and ``--eval-only`` on a checkpoint.
+
+Every rank evaluates its own share of the val split; the sums are added up over the ranks
+(``distributed.all_reduce_sum``), then turned into error rates.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from common.atomic import write_json
+
+from . import checkpoint as ckpt
+from . import distributed, logs
+from .config import MODEL_FIELDS, TrainConfig
+from .loop import eval_metrics, evaluate
+from .profiling import Phases
+from .report import Reporter, crops_table, epoch_line, epochs_table, profile_table
+from .resume import saved_config
+from .runfolder import append_metrics, run_folder, save_checkpoint
+from .session import Session, build_session
+from .signals import StopFlag
+from .state import TrainState
+
+REAL_THING = ("The real thing, on ImageNet with two GPUs:\n"
+              "  python prep/build_records.py --source /data/imagenet --out /data/records\n"
+              "  python train.py --gpus 0,1 --records /data/records --out runs/alexnet")
+
+
+def validate(session: Session, view: str, stop: StopFlag | None = None) -> dict:
+    """Every rank evaluates its share of the val split, then the sums are added up. A bad record
+    (or a loader that cannot be built) on any rank is raised on every rank before that
+    all-reduce: a rank that left alone would leave the others waiting in it. Raised from
+    ``end_epoch``, the RecordsError makes ``fit`` save the epoch's trained steps (on every rank
+    together), so a resume after the fix only validates. A signal (``stop``) is Interrupted
+    after the current batch, the same way."""
+    start = time.perf_counter()
+
+    def local_sums() -> dict:
+        loader = session.data.val(view)
+        with session.say.bar(f"  val {view}", loader.epoch_size) as advance:
+            def on_batch(n: int) -> None:
+                advance(n)
+                if stop is not None:
+                    stop.check()
+            return evaluate(session.net, loader, session.settings, on_batch=on_batch)
+    sums = distributed.fail_together(local_sums, session.host_group)
+    keys = ("images", "top1", "top5", "loss_sum")
+    totals = distributed.all_reduce_sum([sums[k] for k in keys], session.devices[0])
+    metrics = eval_metrics(dict(zip(keys, totals)))
+    logs.validated(session.say, view, metrics["images"], time.perf_counter() - start)
+    return metrics
+
+
+def end_epoch(session: Session, state: TrainState, stop: StopFlag | None = None) -> None:
+    """Validate on the centre crop, step the lr schedule, save the checkpoint, then log the epoch."""
+    cfg, say = session.cfg, session.say
+    val = validate(session, "center", stop)
+    m = {"epoch": state.epoch + 1, "step": state.step, "lr": state.schedule.lr, **state.sums.metrics(state.batch),
+         "val_top1_err": val["top1_err"], "val_top5_err": val["top5_err"], "val_loss": val["loss"],
+         "epoch_seconds": state.sums.seconds, "train_images": state.sums.images * session.info.world}
+    skipped = f"  ({m['amp_skipped']} fp16 steps skipped by the loss scaler)" if m["amp_skipped"] else ""
+    say.line(epoch_line(m, cfg.epochs) + skipped)
+    is_best = val["top1_err"] < min((h["val_top1_err"] for h in state.history), default=float("inf"))
+    if state.schedule.step(val["top1_err"]):   # the next step's lr_at puts it in the optimizer
+        say.line(f"train: validation top-1 error stopped improving for {cfg.plateau_patience} epoch(s): "
+                 f"lr divided by 10 -> {state.schedule.lr:.3g}")
+    state.end_epoch(m)
+    save_checkpoint(session, state, best=is_best)
+    append_metrics(session, state, m)
+
+
+def write_eval(session: Session, path: Path, where: dict, stop: StopFlag | None = None) -> None:
+    single, ten = validate(session, "center", stop), validate(session, "tencrop", stop)
+    session.say.table(crops_table(single, ten, session.classes))
+    distributed.write_on_rank0(lambda: write_json(path, {**where, "center": single, "tencrop": ten}),
+                               session.info, session.host_group)
+
+
+def final_evaluation(session: Session, state: TrainState, stop: StopFlag | None = None) -> None:
+    """End of training: the per-epoch table, then single-crop vs 10-crop error on the final weights."""
+    if state.history:
+        session.say.table(epochs_table(state.history))
+    if not session.cfg.final_eval:
+        return
+    write_eval(session, session.out / "eval.json", {"epoch": state.epoch, "step": state.step}, stop)
+    session.say.line(f"train: done; run folder {session.out} (config.json, metrics.jsonl, last.pt, best.pt, eval.json)")
+    if session.cfg.demo:
+        session.say.line(REAL_THING)
+
+
+def report_profile(session: Session, phases: Phases, steps: int) -> None:
+    """--profile's table and profile.json for the ``steps`` steps this process timed."""
+    out, summary = session.out, phases.summary(steps)
+    session.say.table(profile_table(summary, session.devices))
+    distributed.write_on_rank0(lambda: write_json(out / "profile.json", {**summary, "devices": session.devices,
+                                                                        "trace": str(out / "trace.json")}),
+                               session.info, session.host_group)
+    session.say.line(f"train: profile in {out / 'profile.json'}, Chrome trace in {out / 'trace.json'}")
+
+
+def eval_only(cfg: TrainConfig, info: distributed.DistInfo, say: Reporter) -> int:
+    """--eval-only --checkpoint PATH: single-crop and 10-crop error of a checkpoint's weights,
+    written to eval-<checkpoint name>.json in --out (default: beside the checkpoint). The model switches come
+    from the checkpoint's own config, and so do the records unless --records is given."""
+    path = Path(cfg.checkpoint)
+    if path.is_dir():                    # a run folder, as figures, export and predict take
+        path = path / "best.pt" if (path / "best.pt").exists() else path / "last.pt"
+    state = ckpt.load(path)
+    saved = saved_config(state, path)
+    cfg = replace(cfg, **{k: getattr(saved, k) for k in MODEL_FIELDS})
+    if cfg.records is None and saved.records:      # the records it trained on, as figures/export/predict
+        cfg = replace(cfg, records=saved.records)
+    out = run_folder(replace(cfg, out=cfg.out or str(path.parent)))
+    session = build_session(cfg, info, say, out)
+    try:
+        session.net.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0][:200]
+        raise ckpt.CheckpointError(f"{path}: its weights do not fit this model ({first})") from None
+    out.mkdir(parents=True, exist_ok=True)
+    # eval-<checkpoint>.json, not eval.json: beside a run's checkpoints that is the run's own final
+    # evaluation (of last.pt), which a resumed run checks to know whether it still has to run it
+    target = out / f"eval-{path.stem}.json"
+    write_eval(session, target, {"checkpoint": str(path), "epoch": state["epoch"], "step": state["step"]})
+    say.line(f"train: evaluated {path} (epoch {state['epoch']}, step {state['step']}); wrote {target}")
+    return 0

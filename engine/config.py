@@ -38,6 +38,9 @@ class TrainConfig:
         choices=["channel", "pixel"]))
     workers: int | None = field(default=None, metadata=_h(
         "DALI CPU threads per rank; default: the node's usable cores / its local ranks"))
+    lighting: float = field(default=0.1, metadata=_h(
+        "PCA lighting of the training crops: alpha ~ N(0, this) per image and eigenvector "
+        "(the paper: 0.1; 0 = off, the paper's ablation; the crops and mirrors stay the same)"))
     # --- devices ----------------------------------------------------------------
     gpus: str = field(default="auto", metadata=_h(
         "GPU ids for the towers: '0,1' = tower 0 on cuda:0, tower 1 on cuda:1 (DALI on the first); "
@@ -126,6 +129,7 @@ class TrainConfig:
         _check_range(self, "momentum", 0.0, 1.0, high_open=True)
         _check_range(self, "weight_decay", 0.0, math.inf)
         _check_range(self, "dropout", 0.0, 1.0, high_open=True)
+        _check_range(self, "lighting", 0.0, math.inf)
         _check_range(self, "plateau_threshold", 0.0, 1.0)
         try:
             self.model_config(num_classes=1)   # the model's own checks of its switches
@@ -198,7 +202,7 @@ DEMO: dict[str, Any] = {
 
 # --help's headings, in this order; every field belongs to one (a test checks).
 HELP_GROUPS: dict[str, tuple[str, ...]] = {
-    "data": ("records", "mean"),
+    "data": ("records", "mean", "lighting"),
     "model (the paper's ablation switches)": ("towers", "lrn", "overlap_pool", "dropout", "init"),
     "recipe (the paper's values)": ("batch_size", "lr", "momentum", "weight_decay", "decay_biases", "epochs",
                                     "plateau_patience", "plateau_threshold", "max_lr_drops", "warmup_steps", "seed"),

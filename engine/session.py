@@ -16,7 +16,7 @@ from torch import nn
 from common.errors import UserError
 from common.system import usable_cores
 from model import AlexNet
-from pipeline import Loader
+from pipeline import Loader, LoaderOptions
 from records.folder import read_meta
 from records.format import DEFAULT_RECORDS, RecordsError
 
@@ -64,7 +64,8 @@ class RecordsData:
                 self.records, split=split, view=view, batch_size=batch, device=self.device,
                 shard=(self.info.rank, self.info.world), seed=self.cfg.seed, epoch=epoch, dtype=self.dtype,
                 mean=self.cfg.mean,
-                num_threads=distributed.dali_threads(self.cfg.workers, self.info, usable_cores()))
+                num_threads=distributed.dali_threads(self.cfg.workers, self.info, usable_cores()),
+                options=LoaderOptions(lighting_std=self.cfg.lighting))   # the val views have none
         return self._built[split, view]
 
 

@@ -194,8 +194,10 @@ class Children:
         with open(log, "a", encoding="utf-8") as fh:
             fh.write(f"\n$ {' '.join(argv)}\n")
             fh.flush()
+            # unbuffered: the log follows the run line by line (tail -f RUN/ablate.log)
+            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
             self.proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         cwd=REPO, start_new_session=True, preexec_fn=_die_with_parent)
+                                         cwd=REPO, env=env, start_new_session=True, preexec_fn=_die_with_parent)
             try:
                 while True:
                     try:

@@ -304,3 +304,17 @@ def test_killed_and_rerun_equals_uninterrupted(sample_records, tmp_path):
                            timeout=300)
     assert third.returncode == 0 and "2 of 2 runs already finished" in third.stdout
     assert json.loads((broken / "ablation.json").read_text())["variants"] == a["variants"]
+
+
+def test_a_finished_run_is_found_again_on_other_devices_only(tmp_path):
+    cfg = ablate.AblateConfig(records="R", out=str(tmp_path), gpus="0,1", workers=4, epochs=2)
+    run = tmp_path / "paper" / "seed0"
+    fake_run(run, 0.5, 0.2, 0.4)
+    flags = ablate.run_flags(cfg, "paper", 0)
+    (run / ablate.DONE).write_text(json.dumps({"flags": ablate.result_flags(flags), "eval": "eval.json"}))
+    assert ablate.finished(run, flags) == "eval.json"
+    elsewhere = ablate.AblateConfig(records="R", out=str(tmp_path), gpus="", epochs=2)
+    assert ablate.finished(run, ablate.run_flags(elsewhere, "paper", 0)) == "eval.json"   # another machine
+    longer = ablate.AblateConfig(records="R", out=str(tmp_path), gpus="0,1", workers=4, epochs=3)
+    assert ablate.finished(run, ablate.run_flags(longer, "paper", 0)) is None             # a longer budget
+    assert ablate.finished(run, ablate.run_flags(cfg, "paper", 1)) is None                # another seed

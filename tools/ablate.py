@@ -199,11 +199,7 @@ class Children:
             self.proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          cwd=REPO, env=env, start_new_session=True, preexec_fn=_die_with_parent)
             try:
-                while True:
-                    try:
-                        return self.proc.wait()
-                    except InterruptedError:   # pragma: no cover - PEP 475 retries; kept for clarity
-                        continue
+                return self.proc.wait()      # a signal meanwhile: _on_signal passes it on, the wait goes on
             finally:
                 self.proc = None
 
@@ -249,6 +245,8 @@ def train_one(cfg: AblateConfig, out: Path, variant: str, seed: int, kids: Child
         eval_file = "eval.json"
         if not (run / eval_file).exists():
             raise AblateError(f"{run}: trained its {epochs} epochs but wrote no eval.json; see {run / LOG}")
+    elif cfg.budget_steps is None:
+        raise AblateError(f"{run}: train.py ended before its {epochs} epochs without a step budget; see {run / LOG}")
     else:                                     # --budget-steps stopped it first: evaluate last.pt
         eval_file = "eval-last.json"
         if eval_step(run / eval_file) != cfg.budget_steps:
@@ -259,7 +257,7 @@ def train_one(cfg: AblateConfig, out: Path, variant: str, seed: int, kids: Child
             _check(kids.run(argv, run / LOG), kids, run, variant, seed)
             if kids.signal is not None:
                 return ""
-    write_json(run / DONE, {"flags": flags, "eval": eval_file})
+    write_json(run / DONE, {"flags": result_flags(flags), "eval": eval_file})
     return eval_file
 
 
@@ -273,13 +271,32 @@ def _check(rc: int, kids: Children, run: Path, variant: str, seed: int) -> None:
     raise AblateError(f"{run / LOG}: {variant} seed {seed}: {what}", rc if rc in (2, 3) else 2)
 
 
+# where a run trains, not what it computes: another machine's --gpus or --workers does not
+# make a finished run unfinished
+DEVICE_FLAGS = ("--gpus", "--workers")
+
+
+def result_flags(flags: list[str]) -> list[str]:
+    """``flags`` without the device flags and their values."""
+    kept, skip = [], False
+    for flag in flags:
+        if skip:
+            skip = False
+        elif flag in DEVICE_FLAGS:
+            skip = True
+        else:
+            kept.append(flag)
+    return kept
+
+
 def finished(run: Path, flags: list[str]) -> str | None:
     """The evaluation file of a run that finished with these flags, else None."""
     try:
         done = json.loads((run / DONE).read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(done, dict) or done.get("flags") != flags or not (run / str(done.get("eval"))).is_file():
+    if (not isinstance(done, dict) or done.get("flags") != result_flags(flags)
+            or not (run / str(done.get("eval"))).is_file()):
         return None
     return done["eval"]
 

@@ -389,7 +389,9 @@ def draw_curves(path: Path, summary: dict, results: dict[str, dict[int, dict]]) 
             xs, ys = zip(*curve)
             ax.plot(xs, ys, marker="o", markersize=3, color=colours[i % len(colours)], alpha=0.8,
                     label=name if j == 0 else None)
-    ax.set_xlabel("optimiser step")
+    ax.set_xlim(left=0)
+    ax.xaxis.get_major_locator().set_params(integer=True)   # steps are whole numbers
+    ax.set_xlabel("optimiser step (one point per epoch, from metrics.jsonl)")
     ax.set_ylabel("train loss (mean over the epoch)")
     ax.set_title("Train loss per variant (one line per seed)", fontsize=10)
     ax.legend(fontsize=8)

@@ -34,7 +34,7 @@ from typing import Any, Sequence
 
 from common.atomic import lock_folder, write_json
 from common.config import build_parser, check_at_least
-from common.console import make_console
+from common.console import counted, make_console
 from common.errors import UserError, error_line
 
 from .ablate_report import net_cost, run_result, write_report
@@ -116,7 +116,7 @@ class AblateError(UserError):
 
 
 def parse_args(argv: Sequence[str] | None) -> AblateConfig:
-    parser = build_parser(AblateConfig, prog="python -m tools.ablate", description=__doc__.split("\n\n")[0],
+    parser = build_parser(AblateConfig, prog="python -m tools.ablate", description=__doc__,
                           metavars={"records": "DIR", "out": "DIR", "gpus": "IDS", "lr": "LR"},
                           usage="python -m tools.ablate RECORDS --out DIR [options]")
     parser.add_argument("records_arg", nargs="?", metavar="RECORDS", help="records folder")
@@ -379,7 +379,7 @@ def experiment(cfg: AblateConfig) -> int:
         status = 0
         if not cfg.report_only:
             status = train_all(cfg, out, jobs, done, results, epochs)
-        budget = (f"{cfg.budget_steps} steps" if cfg.budget_steps else f"{epochs} epochs") + (
+        budget = (counted(cfg.budget_steps, "step") if cfg.budget_steps else counted(epochs, "epoch")) + (
             f" of at most {cfg.epoch_steps} steps" if cfg.epoch_steps else "") + (
             f", batch {cfg.batch_size}" if cfg.batch_size else "") + (f", lr {cfg.lr:g}" if cfg.lr else "")
         meta = {"records": str(records.absolute()), "classes": classes, "val_images": int(meta_json["counts"]["val"]),

@@ -42,6 +42,7 @@ CLAIMS: dict[str, Claim] = {
 CONSISTENT = "consistent with the paper"
 UNDECIDED = "not distinguishable at this size"
 CONTRADICTS = "contradicts"
+NOT_RUN = "no runs paired with paper yet"
 CONFIDENCE = 0.95
 
 
@@ -261,7 +262,9 @@ def verdict(name: str, diffs: dict) -> str:
     """Judged on the single-crop differences the paper claims (top-1, and top-5 where it gives
     one); the dropout variant on the train-val gap (larger without dropout = overfitting)."""
     claim = CLAIMS.get(name)
-    if claim is None or not diffs:
+    if not diffs or all(d is None for d in diffs.values()):
+        return NOT_RUN
+    if claim is None:
         return UNDECIDED
     if claim.gap:
         keys = ["gap_top1"]
@@ -338,7 +341,8 @@ def markdown(summary: dict, meta: dict) -> str:
     seeds = meta["seeds"]
     lines = [f"# Ablation: the paper's section 3 on {meta['records']}", "",
              f"{meta['classes']} classes, {meta['val_images']} validation images; {len(seeds)} seed(s) per variant "
-             f"({', '.join(map(str, seeds))}); budget: {meta['budget']}.", "",
+             f"({', '.join(map(str, seeds))}); budget: {meta['budget']}."
+             + ("" if meta.get("complete", True) else " **Partial: the runs finished so far.**"), "",
              "Error in % (mean ± sd over seeds); difference = variant − paper in percentage points, paired by seed, "
              f"with its {int(CONFIDENCE * 100)}% t interval; the verdict reads the single-crop intervals against the "
              "paper's claims (consistent = the interval lies on the paper's side of 0).", "",

@@ -295,7 +295,8 @@ def finished(run: Path, flags: list[str]) -> str | None:
         done = json.loads((run / DONE).read_text())
     except (OSError, ValueError):
         return None
-    if (not isinstance(done, dict) or done.get("flags") != result_flags(flags)
+    if (not isinstance(done, dict) or not isinstance(done.get("flags"), list)
+            or result_flags(done["flags"]) != result_flags(flags)
             or not (run / str(done.get("eval"))).is_file()):
         return None
     return done["eval"]

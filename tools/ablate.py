@@ -35,7 +35,8 @@ from typing import Any, Sequence
 from common.atomic import lock_folder, write_json
 from common.config import build_parser, check_at_least
 from common.console import counted, make_console
-from common.errors import UserError, error_line
+from common.cli import USER_ERROR, fail, run_command
+from common.errors import UserError
 
 from .ablate_report import net_cost, run_result, write_report
 
@@ -355,7 +356,7 @@ def _duration(seconds: float) -> str:
 
 
 def experiment(cfg: AblateConfig) -> int:
-    from prep.records import read_meta
+    from records.folder import read_meta
     out = Path(cfg.out)
     records = Path(cfg.records)
     meta_json = read_meta(records)               # a missing or foreign folder: one line, before any run
@@ -426,14 +427,16 @@ def train_all(cfg: AblateConfig, out: Path, jobs: list, done: dict, results: dic
 
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        return experiment(cfg)
-    except AblateError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.status
-    except (UserError, OSError) as exc:
-        print(f"error: {error_line(exc)}", file=sys.stderr)
-        return 2
+
+    def work() -> int:
+        try:
+            return experiment(cfg)
+        except AblateError as exc:
+            if exc.status == USER_ERROR:
+                raise
+            fail(str(exc))
+            return exc.status                      # a run's NaN/inf loss keeps train.py's status 3
+    return run_command(work)
 
 
 if __name__ == "__main__":

@@ -216,7 +216,7 @@ HELP_GROUPS: dict[str, tuple[str, ...]] = {
 ALIASES: dict[str, tuple[str, ...]] = {"batch_size": ("-b",), "workers": ("-j",), "weight_decay": ("--wd",)}
 
 METAVARS: dict[str, str] = {"records": "DIR", "out": "DIR", "resume": "RUN_DIR", "checkpoint": "FILE",
-                            "gpus": "IDS", "lr": "LR", "weight_decay": "WD"}
+                            "gpus": "IDS", "lr": "LR", "weight_decay": "WD", "lighting": "STD"}
 
 # Keys a run's config.json holds besides the flags: what that run resolved (devices, world,
 # classes) or where it lived (out, resume, auto_resume: it only means something with that run's

@@ -146,7 +146,7 @@ def test_dropout_switch(nets, image):
 def test_no_lighting_keeps_the_crops_and_mirrors(sample_records):
     """The lighting switch reaches the train loader; with it off the windows and mirrors drawn
     for (seed, epoch) are the same, only the lighting coefficients are zero."""
-    from engine.run import RecordsData
+    from engine.session import RecordsData
     from engine.distributed import dist_info_from_env
     draws = {}
     for variant in ("paper", "no-lighting"):

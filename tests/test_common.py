@@ -105,12 +105,14 @@ def test_every_one_line_error_is_a_user_error():
     from engine.session import RunError
     from pipeline.errors import LoaderError
     from records.format import RecordsError
+    from tools.ablate import AblateError
+    from tools.ablate_report import ReportError
     from tools.export import ExportError
     from tools.figures import FiguresError
     from tools.predict import PredictError
     from tools.weights import WeightsError
     for cls in (CheckpointError, EngineDeviceError, ExportError, FiguresError, PredictError, RunError,
-                WeightsError, BenchError, LoaderError, RecordsError, ConfigError, DeviceError):
+                WeightsError, BenchError, LoaderError, RecordsError, ConfigError, DeviceError, AblateError, ReportError):
         assert issubclass(cls, UserError), cls
     assert EngineDeviceError is DeviceError
     # the ValueError ones stay ValueErrors (dataclass validation raises ValueError)

@@ -5,7 +5,7 @@
         [--shard-size 1000] [--quality 90] [--val-labels LOC_val_solution.csv] [--ffcv] [--overwrite] [--repair]
         [--class-names LOC_synset_mapping.txt] [--val-fraction 0.1]
 
-Writes (see records/ for the readers and README "records" for the details):
+Writes (see records/ for the readers and docs/records.md for the details):
     OUT/train/shard-NNNNNN.tar + .idx   train records, globally shuffled (seeded) at write time
     OUT/val/shard-NNNNNN.tar + .idx     val records in sorted order
     OUT/stats.json                      exact RGB mean/std/cov/eigen-decomposition of train pixels

@@ -14,8 +14,8 @@ CenterCrop rounds) is resampled to 256x256, with the filter chosen by direction:
 - enlarging (side < 256, ~10% of ImageNet): OpenCV's INTER_CUBIC, a smooth interpolation
   (INTER_AREA and BOX repeat pixels when enlarging: visible blocks).
 
-Do not swap in Pillow's BOX or nearest-neighbour filters: the records' measured quality (README
-"records", BENCHMARKS.md) and the tests against an antialiased reference depend on these two.
+Do not swap in Pillow's BOX or nearest-neighbour filters: the records' measured quality
+(docs/records.md, BENCHMARKS.md) and the tests against an antialiased reference depend on them.
 
 Speed without quality loss: a JPEG whose shorter side is at least 4x the target (>= 1024 px)
 is decoded with libjpeg's DCT-domain scaling (PIL ``draft``) by 1/2, 1/4 or 1/8, but never below

@@ -5,7 +5,7 @@
 Formats (``--format``):
 - ``state_dict`` (default): a ``torch.save`` dict readable with ``torch.load(f, weights_only=True)``
   and nothing else of this repo: ``model`` (the state dict, float32, keys ``towers.<t>.conv1.weight``
-  ... ``towers.<t>.fc7.bias``, ``fc8.weight``, ``fc8.bias``; README "Export and predict" has the
+  ... ``towers.<t>.fc7.bias``, ``fc8.weight``, ``fc8.bias``; docs/model.md has the
   layer table), ``config`` (the model's switches: towers, lrn, overlap_pool, dropout, init,
   num_classes), ``classes`` (wnids in index order), ``names`` (or None), ``mean`` (float32, 0-255
   scale: (3,) RGB or (256, 256, 3) with ``mean_kind`` "pixel"), ``format``, ``epoch``, ``step``.

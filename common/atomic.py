@@ -30,11 +30,32 @@ _UMASK = _read_umask()   # read once at import: os.umask is process-wide, not th
 
 
 @contextlib.contextmanager
+def naming_target(path: Path) -> Iterator[None]:
+    """An OSError about the temp file of ``path`` (a read-only folder refusing to create it, a
+    folder in ``path``'s place refusing the rename) is raised again naming ``path``: the user
+    asked for that file, and the temp one is gone by the time the error is read. Errors that
+    name another file, or none (``naming`` then), pass through."""
+    try:
+        yield
+    except OSError as exc:
+        name = Path(str(exc.filename)).name if exc.filename else ""
+        if exc.filename is None or not (name.startswith(f".{path.name}.") and name.endswith(".tmp")):
+            raise
+        raise type(exc)(exc.errno, exc.strerror, str(path)) from None
+
+
+def _mkstemp(path: Path) -> tuple[int, str]:
+    with naming_target(path):
+        return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+
+
+@contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
-    """Open a temp file beside ``path``; on clean exit it replaces ``path``, on error it is removed."""
+    """Open a temp file beside ``path``; on clean exit it replaces ``path``, on error it is
+    removed. OSErrors name ``path``, not the temp file (``naming_target``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _mkstemp(path)
     try:
         # mkstemp makes the file 0600; give it the mode open() would (0666 minus the umask),
         # so records and checkpoints are readable by the other users a shared box has.
@@ -43,7 +64,8 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        with naming_target(path):
+            os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -56,7 +78,7 @@ def write_unsynced(path: str | os.PathLike, data: bytes) -> tuple[Path, Path]:
     the old ``path`` (or none), and a killed run leaves only a ``.NAME.*.tmp`` file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _mkstemp(path)
     try:
         os.chmod(tmp, 0o666 & ~_UMASK)
         with naming(path), os.fdopen(fd, "wb") as fh:
@@ -79,7 +101,8 @@ def publish(pending: list[tuple[Path, Path]]) -> None:
             with naming(path):            # fsync's error names no file: name the one being written
                 _fsync(tmp)
         for tmp, path in pending:
-            os.replace(tmp, path)
+            with naming_target(path):
+                os.replace(tmp, path)
         for folder in dict.fromkeys(path.parent for _, path in pending):
             with naming(folder):
                 _fsync(folder)            # the renames themselves survive a power cut

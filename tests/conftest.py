@@ -70,3 +70,27 @@ def photo_records(photo_source, tmp_path_factory):
     out = tmp_path_factory.mktemp("photo_records")
     build(PrepConfig(source=str(photo_source), out=str(out), workers=1, shard_size=8, progress=False))
     return out
+
+
+@pytest.fixture
+def refuse_new_files(monkeypatch):
+    """``refuse_new_files(folder)``: the folder made read-only. Root writes into it anyway, so
+    there the kernel's answer (open(O_CREAT) failing with EACCES, naming the file it was to
+    create) is stood in for, for the temp files of common.atomic."""
+    import os
+    import tempfile
+    from pathlib import Path
+    real = tempfile.mkstemp
+    refused = set()
+
+    def mkstemp(*args, dir=None, prefix="", suffix="", **kwargs):
+        if dir is not None and Path(dir) in refused:
+            raise PermissionError(13, "Permission denied", str(Path(dir) / f"{prefix}x1y2z3{suffix}"))
+        return real(*args, dir=dir, prefix=prefix, suffix=suffix, **kwargs)
+
+    def refuse(folder):
+        folder.chmod(0o555)
+        if os.geteuid() == 0:
+            refused.add(Path(folder))
+            monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    return refuse

@@ -213,3 +213,22 @@ def test_a_positional_field_is_an_operand_not_a_flag(capsys):
         parse_args(Check, ["--records", "data/records"], prog="check")
     assert exit_.value.code == 2
     assert capsys.readouterr().err.startswith("check: error: ")
+
+
+def test_atomic_write_errors_name_the_target_not_the_temp_file(tmp_path, refuse_new_files):
+    """The user asked for FILE: a read-only folder or a folder in FILE's place is reported
+    as FILE, never as the hidden .FILE.*.tmp beside it (which does not exist afterwards)."""
+    from common.atomic import write_bytes, write_unsynced
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    refuse_new_files(ro)
+    for write in (write_bytes, write_unsynced):
+        with pytest.raises(PermissionError) as caught:
+            write(ro / "alexnet.pt", b"weights")
+        assert error_line(caught.value) == f"{ro / 'alexnet.pt'}: Permission denied"
+    ro.chmod(0o755)
+    (tmp_path / "taken" / "inside").mkdir(parents=True)          # a folder where the file should go
+    with pytest.raises(OSError) as caught:
+        write_bytes(tmp_path / "taken", b"weights")
+    assert error_line(caught.value).startswith(f"{tmp_path / 'taken'}: ")
+    assert sorted(os.listdir(tmp_path)) == ["ro", "taken"] and os.listdir(ro) == []

@@ -243,3 +243,13 @@ def test_lrn_inference_path_equals_the_training_path():
     with torch.no_grad():
         plain = local_response_norm(x, groups=2)
     assert torch.equal(plain, local_response_norm(x.requires_grad_(), groups=2).detach())
+
+
+def test_export_into_a_read_only_folder_names_the_target(run_dir, tmp_path, refuse_new_files, capsys):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    refuse_new_files(ro)
+    assert export.main([str(run_dir), "--out", str(ro / "alexnet.pt")]) == 2
+    assert capsys.readouterr().err.splitlines() == [f"error: {ro / 'alexnet.pt'}: Permission denied"]
+    ro.chmod(0o755)
+    assert os.listdir(ro) == []

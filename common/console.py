@@ -24,3 +24,18 @@ def make_console(**kwargs) -> Console:
 def counted(n: int, noun: str) -> str:
     """``n`` and the noun, plural unless n is 1: "1 bad record", "0 bad shards"."""
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def one_line(text: str) -> str:
+    """``text`` safe to print as part of one line: every control character (Unicode category Cc:
+    newline, tab, escape, bell...) written as its escape (``\\n``, ``\\t``, ``\\x1b``), other
+    characters (accents, non-Latin scripts) kept. Line-oriented output (predict.py's) stays one
+    record a line whatever a class name or file name holds."""
+    import unicodedata
+    if all(unicodedata.category(c) != "Cc" for c in text):
+        return text
+    return "".join(_ESCAPES.get(c) or (f"\\x{ord(c):02x}" if unicodedata.category(c) == "Cc" else c)
+                   for c in text)

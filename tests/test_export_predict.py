@@ -253,3 +253,52 @@ def test_export_into_a_read_only_folder_names_the_target(run_dir, tmp_path, refu
     assert capsys.readouterr().err.splitlines() == [f"error: {ro / 'alexnet.pt'}: Permission denied"]
     ro.chmod(0o755)
     assert os.listdir(ro) == []
+
+
+@pytest.fixture(scope="module")
+def named_records(sample_records, tmp_path_factory):
+    """The sample records with class names in meta.json (as --class-names stores them), one
+    class left without a name: it falls back to its wnid."""
+    folder = tmp_path_factory.mktemp("named") / "records"
+    shutil.copytree(sample_records, folder)
+    meta = json.loads((folder / "meta.json").read_text())
+    meta["names"] = {w: f"name of {w}, first" for w in meta["classes"][:3]}
+    (folder / "meta.json").write_text(json.dumps(meta))
+    return folder
+
+
+def test_predict_and_export_carry_the_class_names_of_meta_json(run_dir, named_records, tmp_path, capsys):
+    classes = read_meta(named_records)["classes"]
+    photo = tmp_path / "photo.png"
+    Image.fromarray(np.full((300, 400, 3), 90, np.uint8)).save(photo)
+    argv = ["--checkpoint", str(run_dir), "--records", str(named_records), "--device", "cpu"]
+    assert predict.main([str(photo), *argv]) == 0
+    rows = capsys.readouterr().out.splitlines()[1:]
+    shown = {row.split(maxsplit=3)[2]: row.split(maxsplit=3)[3:] for row in rows}   # rank, prob, wnid, name
+    assert shown == {**{w: [f"name of {w}, first"] for w in classes[:3]}, classes[3]: []}
+    out = tmp_path / "alexnet.pt"
+    assert export.main([str(run_dir), "--out", str(out), "--records", str(named_records)]) == 0
+    raw = torch.load(out, weights_only=True)
+    assert raw["names"] == [f"name of {w}, first" for w in classes[:3]] + [classes[3]]
+    capsys.readouterr()
+    assert predict.main([str(photo), "--checkpoint", str(out), "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.splitlines()[1:] == rows          # the export prints the same
+
+
+def test_odd_characters_in_names_and_file_names_stay_on_their_line(run_dir, tmp_path, capsys):
+    """Names come from files users write (a weights file's ``names`` can hold anything) and
+    photos can have any file name: a newline in either must not break the one-line-per-class
+    layout of stdout; control characters are shown escaped."""
+    out = tmp_path / "alexnet.pt"
+    assert export.main([str(run_dir), "--out", str(out)]) == 0
+    raw = torch.load(out, weights_only=True)
+    raw["names"] = ["golf\nball", "tab\there", "bell\x07", "plain"]
+    torch.save(raw, out)
+    photo = tmp_path / "odd\nname.png"
+    Image.fromarray(np.full((300, 400, 3), 90, np.uint8)).save(photo)
+    capsys.readouterr()
+    assert predict.main([str(photo), "--checkpoint", str(out), "--device", "cpu"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 + 4 and lines[0] == str(tmp_path / "odd\\nname.png")
+    names = {line.split(maxsplit=3)[3] for line in lines[1:]}
+    assert names == {"golf\\nball", "tab\\there", "bell\\x07", "plain"}

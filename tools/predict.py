@@ -9,6 +9,9 @@ and their mirrors) with the softmax averaged over them, minus the run's mean (RG
 folder gives the class names and mean) or a file written by ``python -m tools.export`` in its
 default state_dict format (the traced formats are for other programs). Without it: the run
 under runs/ whose checkpoint was written last (its best.pt, else last.pt), named on stderr.
+Output: per image its path, then one line per class: rank, probability, wnid and the class name
+where the records have one (``  1.  42.00%  n03445777 golf ball``; split at most 3 times to parse);
+control characters in paths and names are written escaped (``\\n``), so no line ever breaks.
 Exit status: 0 done, 2 bad input: a missing checkpoint or image is one ``error:`` line before
 anything runs; an image that cannot be read or decoded is one ``error:`` line, the other images
 are still classified, and the exit status is 2 at the end.
@@ -23,6 +26,7 @@ import torch
 
 from common.cli import USER_ERROR, run_command
 from common.config import Parser
+from common.console import one_line
 from common.errors import UserError
 from pipeline import reference
 from prep.transform import ImageError, decode_record
@@ -85,9 +89,11 @@ def probabilities(trained: weights.Trained, images: list[np.ndarray], tencrop: b
 
 
 def describe(trained: weights.Trained, index: int) -> str:
-    wnid = trained.classes[index]
-    name = trained.names[index] if trained.names else None
-    return f"{wnid} ({name})" if name and name != wnid else wnid
+    """``n03445777 golf ball``: the wnid, then its name where the records have one; control
+    characters escaped, so each class is one line whatever the names file held."""
+    wnid = one_line(trained.classes[index])
+    name = one_line(trained.names[index]) if trained.names else None
+    return f"{wnid} {name}" if name and name != wnid else wnid
 
 
 def default_checkpoint(runs: Path = Path("runs")) -> Path:
@@ -146,7 +152,7 @@ def classify(trained: weights.Trained, files: list[Path], tencrop: bool) -> int:
             continue
         for path, row in zip(chunk, probabilities(trained, images, tencrop)):
             top = row.topk(min(TOP, row.numel()))
-            print(path)
+            print(one_line(str(path)))
             for rank, (prob, index) in enumerate(zip(top.values.tolist(), top.indices.tolist()), 1):
                 print(f"  {rank}. {prob:7.2%}  {describe(trained, index)}")
     return failed

@@ -23,10 +23,11 @@ def pyplot():
     return plt
 
 
-def save_figure(fig, path: str | Path) -> None:
-    """Render ``fig`` to PNG in memory, write it atomically, close it."""
+def save_figure(fig, path: str | Path, metadata: Mapping[str, str] | None = None) -> None:
+    """Render ``fig`` to PNG in memory, write it atomically, close it; ``metadata``: PNG text
+    chunks (``{"Description": caption}``)."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI)
+    fig.savefig(buf, format="png", dpi=DPI, metadata=dict(metadata or {}))
     pyplot().close(fig)
     write_bytes(path, buf.getvalue())
 

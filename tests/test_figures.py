@@ -3,6 +3,8 @@ number on constructed kernels, and Figure 4's neighbours (a training image finds
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -34,6 +36,7 @@ def save_run(folder, records, towers: int = 2, seed: int = 0):
     config = {"records": str(records), "mean": "channel", "towers": towers, "lrn": True,
               "overlap_pool": True, "dropout": 0.5, "init": "paper"}
     ckpt.save(folder / "last.pt", {"model": net.state_dict(), "epoch": 3, "step": 6, "config": config})
+    (folder / "config.json").write_text(json.dumps(config))
     lines = "".join(json.dumps(m) + "\n" for m in METRICS)
     (folder / "metrics.jsonl").write_text(lines + '{"epoch": 4, "st')
     return net
@@ -62,11 +65,26 @@ def test_every_png_is_written_with_its_size(drawn):
     assert rc == 0
     assert png_size(run / "curves.png") == (1000, 400)            # 10 x 4 in at 100 dpi
     # 16 kernels of 55 px (11 x 5) a row with 2 px gaps: 16*55 + 17*2 = 914;
-    # 2 towers x (3 rows: 3*55 + 4*2 = 173) + 10 px between them = 356
-    assert png_size(run / "conv1.png") == (914, 356)
+    # 20 px caption + 2 towers x (3 rows: 3*55 + 4*2 = 173) + 10 px between them = 376
+    assert png_size(run / "conv1.png") == (914, 376)
     # 5 queries x (query + 6 neighbours) of 112 px, 4 px gaps, 16 px after the query column:
-    # 7*112 + 8*4 + 16 = 832 wide, 5*112 + 6*4 = 584 high
-    assert png_size(run / "neighbours.png") == (832, 584)
+    # 7*112 + 8*4 + 16 = 832 wide; 20 px caption + 5*(112 + 16 px label) + 6*4 = 684 high
+    assert png_size(run / "neighbours.png") == (832, 684)
+
+
+def png_caption(path):
+    with Image.open(path) as im:
+        return im.text.get("Description")
+
+
+def test_every_png_carries_a_caption_line(drawn):
+    """Which weights a picture shows, in the picture (drawn above it) and in its PNG text."""
+    _, run = drawn
+    assert png_caption(run / "curves.png") == "run · metrics.jsonl to epoch 3, step 6 · 2 towers"
+    for name in ("conv1.png", "neighbours.png"):
+        assert png_caption(run / name) == "run/last.pt · epoch 3, step 6 · 2 towers"
+        strip = np.asarray(Image.open(run / name).convert("L"))[:20]
+        assert (strip < 128).sum() > 200                       # text drawn in the caption line
 
 
 def test_conv1_block_order_and_contrast_stretch(drawn):
@@ -74,7 +92,7 @@ def test_conv1_block_order_and_contrast_stretch(drawn):
     _, run = drawn
     grid = np.asarray(Image.open(run / "conv1.png").convert("RGB"))
     net = weights.load(run / "last.pt", device="cpu").net
-    for tower, top in ((0, 2), (1, 173 + 10 + 2)):
+    for tower, top in ((0, 20 + 2), (1, 20 + 173 + 10 + 2)):
         kernel = net.towers[tower].conv1.weight[5].detach().double().numpy()   # row 0, column 5
         x = 2 + 5 * 57
         cell = grid[top:top + 55:5, x:x + 55:5]                              # one pixel per weight
@@ -109,6 +127,23 @@ def test_single_tower_net_is_one_block(tmp_path):
     net = AlexNet(AlexNetConfig(num_classes=4, towers=1))
     figures.conv1_figure(net, tmp_path)
     assert png_size(tmp_path / "conv1.png") == (914, 173)
+
+
+def test_single_tower_run_draws_its_48_kernels_under_a_one_tower_caption(tmp_path, sample_records):
+    """The demo's one-tower net: one block of 48 kernels, each in its cell, captioned as one tower."""
+    run = tmp_path / "run1"
+    net = save_run(run, sample_records, towers=1, seed=4)
+    assert figures.main([str(run), "--only", "conv1", "--device", "cpu"]) == 0
+    assert png_size(run / "conv1.png") == (914, 20 + 173)
+    assert png_caption(run / "conv1.png") == "run1/last.pt · epoch 3, step 6 · 1 tower"
+    grid = np.asarray(Image.open(run / "conv1.png").convert("RGB"))
+    for i in (0, 17, 47):                                              # first, a middle one, the last
+        r, c = divmod(i, 16)
+        kernel = net.towers[0].conv1.weight[i].detach().double().numpy()
+        cell = grid[20 + 2 + r * 57:20 + 2 + r * 57 + 55:5, 2 + c * 57:2 + c * 57 + 55:5]
+        lo, hi = kernel.min(), kernel.max()
+        assert np.array_equal(cell, np.round((kernel.transpose(1, 2, 0) - lo) / (hi - lo) * 255).astype(np.uint8))
+
 
 
 def test_curves_mark_lr_drops_and_read_a_partial_file(run_dir):
@@ -151,6 +186,46 @@ def test_a_training_image_is_its_own_nearest_neighbour(run_dir, sample_records):
         assert found.keys[i][0] == key and found.labels[i][0] == label
         assert found.distance[i][0] < 1e-3 * found.distance[i][1]
     assert found.distance[:, 1].min() > 0
+
+
+def test_neighbours_name_each_images_source_photo(drawn, sample_source, sample_records):
+    """neighbours.json follows every image back to its photo (keys.tsv): the file exists and a
+    train photo lies in its class's folder; without class names, the wnid is the name."""
+    _, run = drawn
+    summary = json.loads((run / "neighbours.json").read_text())
+    assert summary["caption"] == "run/last.pt · epoch 3, step 6 · 2 towers"
+    images = [(q["photo"], q["label"], q["name"], "val") for q in summary["queries"]]
+    images += [(n["photo"], n["label"], n["name"], "train") for q in summary["queries"] for n in q["neighbours"]]
+    assert len(images) == 5 * 7
+    for photo, label, name, split in images:
+        path = Path(photo)
+        assert path.is_file() and path.is_relative_to(sample_source / split), photo
+        assert name == label
+        if split == "train":
+            assert path.parent.name == label
+
+
+def test_neighbours_use_class_names_and_say_once_when_photos_cannot_be_traced(sample_records, tmp_path, capsys):
+    """Records with names in meta.json but built before keys.tsv: the names appear, every
+    photo is null, and one line says why."""
+    records = tmp_path / "records"
+    shutil.copytree(sample_records, records)
+    meta = json.loads((records / "meta.json").read_text())
+    meta["names"] = {w: f"class {i}" for i, w in enumerate(meta["classes"])}
+    (records / "meta.json").write_text(json.dumps(meta))
+    for split in ("train", "val"):
+        (records / split / "keys.tsv").unlink()
+    run = tmp_path / "run"
+    save_run(run, records)
+    assert figures.main([str(run), "--only", "neighbours", "--device", "cpu", "--queries", "2",
+                         "--neighbours", "2", "--train-limit", "16", "--batch-size", "16"]) == 0
+    said = [line for line in capsys.readouterr().out.splitlines() if "keys.tsv" in line]
+    assert len(said) == 1 and "missing" in said[0]
+    summary = json.loads((run / "neighbours.json").read_text())
+    entries = summary["queries"] + [n for q in summary["queries"] for n in q["neighbours"]]
+    assert len(entries) == 2 + 2 * 2
+    assert all(e["photo"] is None and e["name"] == f"class {meta['classes'].index(e['label'])}" for e in entries)
+    assert summary["photos"].startswith("not traced")
 
 
 def test_bench_bar_chart_has_one_bar_row_per_table_row(tmp_path):

@@ -11,6 +11,13 @@ writes into RUN_DIR:
 - ``neighbours.png`` + ``neighbours.json``: a few validation images (first column), each followed
   by the training images whose fc7 features (the last hidden layer, 4096-d) are nearest in
   Euclidean distance, centre view; a green frame = same class as the query, red = another class.
+  Under each row the query's class name and its source photo; ``neighbours.json`` names every
+  image's class and photo (from the records' ``<split>/keys.tsv``; records built before it was
+  written give record keys only, said once).
+
+Every PNG carries a caption line (the checkpoint, its epoch and step, the net's towers; for
+``curves.png`` the run, its last epoch and step), drawn at the top and stored as the PNG's
+``Description`` text.
 
 Exit status: 0 done, 2 bad input (one ``error:`` line). The image grids are drawn with numpy +
 Pillow (exact pixel sizes, no plotting library needed); the curves with matplotlib.
@@ -26,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
 from common.atomic import atomic_open, write_json
 from common.charts import pyplot, save_figure
@@ -35,7 +42,8 @@ from common.config import ConfigError, Parser, check_at_least
 from common.errors import UserError
 from model.kernels import BACKGROUND, conv1_kernels, kernel_grid
 from pipeline import Loader, LoaderOptions, reference
-from records.folder import shard_paths
+from records.folder import class_names, read_meta, shard_paths
+from records.keys import KEYS_FILE, read_keys
 
 from tools import weights
 from engine.report import Reporter
@@ -48,6 +56,9 @@ THUMB = 112                  # each 256x256 record image shown at 112x112
 THUMB_GAP = 4                # between images and around the grid
 QUERY_GAP = 16               # extra space between the query column and its neighbours
 FRAME = 4                    # the class frame drawn inside each neighbour's cell
+LABEL = 16                   # the text line under each neighbours row (query's class and photo)
+CAPTION = 20                 # the caption line on top of conv1.png and neighbours.png
+INK = (0, 0, 0)
 
 
 class FiguresError(UserError):
@@ -82,7 +93,8 @@ def lr_drops(metrics: list[dict]) -> list[tuple[int, float]]:
 
 
 def plot_curves(metrics: list[dict], path: Path, title: str = "") -> None:
-    """Two panels: train loss; top-1 and top-5 error (train and validation, in %), per epoch."""
+    """Two panels: train loss; top-1 and top-5 error (train and validation, in %), per epoch;
+    ``title``: the caption line (on top, and the PNG's Description)."""
     plt = pyplot()
     fig, (loss_ax, err_ax) = plt.subplots(1, 2, figsize=CURVES_SIZE, layout="constrained")
     epochs = [m["epoch"] for m in metrics]
@@ -108,7 +120,47 @@ def plot_curves(metrics: list[dict], path: Path, title: str = "") -> None:
         ax.xaxis.get_major_locator().set_params(integer=True)
     if title:
         fig.suptitle(title, fontsize=10)
-    save_figure(fig, path)
+    save_figure(fig, path, {"Description": title} if title else None)
+
+
+def curves_caption(run_dir: Path, metrics: list[dict]) -> str:
+    """``RUN · metrics.jsonl to epoch 3, step 6 · 2 towers`` (towers from the run's config.json)."""
+    last = metrics[-1]
+    parts = [run_dir.name or str(run_dir), f"metrics.jsonl to epoch {last.get('epoch')}, step {last.get('step')}"]
+    try:
+        towers = json.loads((run_dir / "config.json").read_text()).get("towers")
+    except (OSError, ValueError, AttributeError):
+        towers = None
+    if isinstance(towers, int):
+        parts.append(counted_towers(towers))
+    return " · ".join(parts)
+
+
+def counted_towers(n: int) -> str:
+    return f"{n} tower" + ("" if n == 1 else "s")
+
+
+def checkpoint_caption(trained: weights.Trained) -> str:
+    """``RUN/best.pt · epoch 3, step 6 · 2 towers``: which weights a picture shows."""
+    src = trained.source
+    return (f"{src.parent.name}/{src.name} · epoch {trained.epoch}, step {trained.step} · "
+            f"{counted_towers(trained.net.cfg.towers)}")
+
+
+def text_strip(text: str, width: int, height: int) -> np.ndarray:
+    """uint8 (height, width, 3): ``text`` in black on the figures' white, one line, left-aligned
+    (cut at the right edge where longer than the picture is wide)."""
+    strip = Image.new("RGB", (width, height), (BACKGROUND,) * 3)
+    draw = ImageDraw.Draw(strip)
+    font = ImageFont.load_default()
+    top = draw.textbbox((0, 0), text, font=font)
+    draw.text((THUMB_GAP, (height - (top[3] - top[1])) // 2 - top[1]), text, fill=INK, font=font)
+    return np.asarray(strip)
+
+
+def with_caption(grid: np.ndarray, caption: str) -> np.ndarray:
+    """The caption line on top of an image grid."""
+    return np.concatenate([text_strip(caption, grid.shape[1], CAPTION), grid])
 
 
 # --- conv1 (the paper's Figure 3) -----------------------------------------------------------
@@ -129,10 +181,12 @@ def colour_share(kernels: np.ndarray) -> np.ndarray:
     return np.divide(rest, total, out=np.zeros_like(total), where=total > 0)
 
 
-def conv1_figure(net, out: Path) -> dict:
-    """Write conv1.png and conv1.json; return the colour-share summary."""
+def conv1_figure(net, out: Path, caption: str | None = None) -> dict:
+    """Write conv1.png (``caption`` on top where given) and conv1.json; return the colour-share
+    summary."""
     towers = conv1_kernels(net)
-    save_png(kernel_grid(towers), out / "conv1.png")
+    grid = kernel_grid(towers)
+    save_png(with_caption(grid, caption) if caption else grid, out / "conv1.png", caption)
     shares = [colour_share(t) for t in towers]
     summary = {"colour_share": [float(s.mean()) for s in shares],
                "kernels": [[round(float(v), 4) for v in s] for s in shares],
@@ -231,16 +285,19 @@ def thumbnail(image: np.ndarray) -> np.ndarray:
 
 
 def neighbours_grid(query_images: list[np.ndarray], rows: list[list[np.ndarray]],
-                    same_class: list[list[bool]]) -> np.ndarray:
+                    same_class: list[list[bool]], labels: list[str] | None = None) -> np.ndarray:
     """uint8 (H, W, 3): one row per query: the query, a gap, its neighbours (framed green when
-    of the query's class, red otherwise)."""
+    of the query's class, red otherwise); with ``labels``, a text line under each row."""
     k = max(len(r) for r in rows)
     width = (1 + k) * THUMB + (k + 2) * THUMB_GAP + QUERY_GAP
-    height = len(rows) * THUMB + (len(rows) + 1) * THUMB_GAP
+    row_h = THUMB + (LABEL if labels else 0)
+    height = len(rows) * row_h + (len(rows) + 1) * THUMB_GAP
     grid = np.full((height, width, 3), BACKGROUND, np.uint8)
     for r, (query, row) in enumerate(zip(query_images, rows)):
-        y = THUMB_GAP + r * (THUMB + THUMB_GAP)
+        y = THUMB_GAP + r * (row_h + THUMB_GAP)
         grid[y:y + THUMB, THUMB_GAP:THUMB_GAP + THUMB] = thumbnail(query)
+        if labels:
+            grid[y + THUMB:y + row_h] = text_strip(labels[r], width, LABEL)
         for c, (image, same) in enumerate(zip(row, same_class[r])):
             x = 2 * THUMB_GAP + QUERY_GAP + THUMB + c * (THUMB + THUMB_GAP)
             cell = grid[y:y + THUMB, x:x + THUMB]
@@ -280,24 +337,65 @@ def neighbours_figure(trained: weights.Trained, out: Path, device: str, opts: Ne
     val_images = record_images(records, "val", set(q_keys))    # keys repeat across splits
     train_images = record_images(records, "train", {k for row in found.keys for k in row})
     same = [[int(lab) == q_labels[i] for lab in found.labels[i]] for i in range(len(q_keys))]
+    photo, traced = photo_finder(records, say)
+    names = class_names(read_meta(records))
+    wnids = trained.classes
+
+    def name(label: int) -> str:
+        return names.get(wnids[label], wnids[label])
+
+    labels = [f"{name(lab)} ({wnids[lab]}): {photo('val', key, full=False) or 'record ' + key}"
+              for key, lab in zip(q_keys, q_labels)]
+    caption = checkpoint_caption(trained)
     grid = neighbours_grid([val_images[k] for k in q_keys],
-                           [[train_images[k] for k in row] for row in found.keys], same)
-    save_png(grid, out / "neighbours.png")
-    summary = {"feature": "fc7 (4096-d, after ReLU), centre 224 crop, Euclidean",
+                           [[train_images[k] for k in row] for row in found.keys], same, labels)
+    save_png(with_caption(grid, caption), out / "neighbours.png", caption)
+    summary = {"caption": caption, "feature": "fc7 (4096-d, after ReLU), centre 224 crop, Euclidean",
                "train_images_scanned": total,
-               "queries": [{"val_key": key, "label": trained.classes[lab],
-                            "neighbours": [{"train_key": nk, "label": trained.classes[int(nl)], "distance": float(d)}
+               "photos": traced,
+               "queries": [{"val_key": key, "label": wnids[lab], "name": name(lab), "photo": photo("val", key),
+                            "neighbours": [{"train_key": nk, "label": wnids[int(nl)], "name": name(int(nl)),
+                                            "photo": photo("train", nk), "distance": float(d)}
                                            for nk, nl, d in zip(found.keys[i], found.labels[i], found.distance[i])]}
                            for i, (key, lab) in enumerate(zip(q_keys, q_labels))]}
     write_json(out / "neighbours.json", summary)
     return summary
 
 
+def photo_finder(records: Path, say: Reporter):
+    """(photo(split, key, full) -> the source photo of a record or None, a sentence for
+    neighbours.json): from the records' keys.tsv, the path joined to the build's source
+    folder. Records built before keys.tsv: every photo None, and one line says so."""
+    tables = {split: read_keys(records, split) for split in ("train", "val")}
+    missing = [split for split, table in tables.items() if not table]
+    source = read_meta(records).get("source")
+    root = Path(source) if isinstance(source, str) else None
+    if missing:
+        files = ", ".join(str(records / split / KEYS_FILE) for split in missing)
+        say.line(f"figures: {files}: missing (records built before it): neighbours name record keys, not photos; "
+                 "the build command plus --repair writes it")
+        traced = f"not traced: {files} missing (records built before it)"
+    else:
+        traced = f"the build's source photos ({records}/<split>/{KEYS_FILE})"
+
+    def photo(split: str, key: str, full: bool = True) -> str | None:
+        """The photo's path (``full=False``: relative to the source folder, for the picture)."""
+        hit = tables[split].get(key)
+        if hit is None:
+            return None
+        return str(root / hit[1]) if root and full else hit[1]
+    return photo, traced
+
+
 # --- command line -----------------------------------------------------------------------------
 
-def save_png(array: np.ndarray, path: Path) -> None:
+def save_png(array: np.ndarray, path: Path, caption: str | None = None) -> None:
+    """``array`` as a PNG, written atomically; ``caption`` also as its Description text."""
+    info = PngImagePlugin.PngInfo()
+    if caption:
+        info.add_text("Description", caption)
     with atomic_open(path, "wb") as fh:
-        Image.fromarray(array).save(fh, format="PNG")
+        Image.fromarray(array).save(fh, format="PNG", pnginfo=info)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -348,7 +446,7 @@ def make_figures(args: argparse.Namespace, say: Reporter) -> list[Path]:
     if "curves" in args.only:
         metrics = read_metrics(run_dir / "metrics.jsonl")
         if metrics:
-            plot_curves(metrics, run_dir / "curves.png", title=str(run_dir))
+            plot_curves(metrics, run_dir / "curves.png", title=curves_caption(run_dir, metrics))
             written.append(run_dir / "curves.png")
         else:
             say.line(f"figures: {run_dir / 'metrics.jsonl'}: no finished epoch yet; no curves.png")
@@ -363,7 +461,7 @@ def make_figures(args: argparse.Namespace, say: Reporter) -> list[Path]:
     trained = weights.load(path, records=args.records, device=device)
     say.line(f"figures: weights of {path} (epoch {trained.epoch}, step {trained.step}) on {device}")
     if "conv1" in rest:
-        summary = conv1_figure(trained.net, run_dir)
+        summary = conv1_figure(trained.net, run_dir, checkpoint_caption(trained))
         shares = ", ".join(f"tower {i}: {s:.3f}" for i, s in enumerate(summary["colour_share"]))
         say.line(f"figures: conv1 colour share of kernel energy (0 = grey, random = 0.667): {shares}")
         written.append(run_dir / "conv1.png")

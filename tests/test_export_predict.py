@@ -302,3 +302,35 @@ def test_odd_characters_in_names_and_file_names_stay_on_their_line(run_dir, tmp_
     assert len(lines) == 1 + 4 and lines[0] == str(tmp_path / "odd\\nname.png")
     names = {line.split(maxsplit=3)[3] for line in lines[1:]}
     assert names == {"golf\\nball", "tab\\there", "bell\\x07", "plain"}
+
+
+def test_prep_and_predict_treat_exif_rotation_and_alpha_alike(tmp_path):
+    """A camera photo stored sideways with EXIF Orientation=6 and a PNG with transparency:
+    the records hold exactly predict.py's pixels (the stored orientation, alpha dropped), so
+    the net is asked about the image it was trained on the same way."""
+    skimage = pytest.importorskip("skimage.data")
+    from prep.build_records import PrepConfig, build
+    from prep.transform import encode_jpeg
+    from records.keys import read_keys
+    photo = skimage.chelsea()                                     # 300 x 451, a real photograph
+    src = tmp_path / "src"
+    for split in ("train", "val"):
+        (src / split / "n00000001").mkdir(parents=True)
+    exif = Image.Exif()
+    exif[0x0112] = 6                                              # Orientation: rotate 90° clockwise to view
+    Image.fromarray(photo).save(src / "train" / "n00000001" / "cat.jpg", quality=95, exif=exif)
+    rgba = np.dstack([photo, np.tile(np.linspace(0, 255, photo.shape[1]).astype(np.uint8), (photo.shape[0], 1))])
+    Image.fromarray(rgba, "RGBA").save(src / "train" / "n00000001" / "cat.png")
+    Image.fromarray(photo).save(src / "val" / "n00000001" / "cat.jpg", quality=95)
+    out = tmp_path / "records"
+    build(PrepConfig(source=str(src), out=str(out), workers=1, progress=False))
+    by_path = {rel: key for key, (_, rel) in read_keys(out, "train").items()}
+    stored = {key: jpg for tar, _ in shard_paths(out, "train") for key, jpg, _ in reference.iter_tar(tar)}
+    for name in ("cat.jpg", "cat.png"):
+        path = src / "train" / "n00000001" / name
+        pixels = predict.load_image(path)
+        assert stored[by_path[f"train/n00000001/{name}"]] == encode_jpeg(pixels, 90)    # byte for byte
+    with Image.open(src / "train" / "n00000001" / "cat.jpg") as im:
+        assert im.getexif()[0x0112] == 6 and im.size == (451, 300)     # the tag is there; not applied
+    upright = predict.load_image(src / "val" / "n00000001" / "cat.jpg")
+    assert np.abs(predict.load_image(src / "train" / "n00000001" / "cat.jpg").astype(int) - upright).mean() < 3

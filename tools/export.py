@@ -7,7 +7,8 @@ Formats (``--format``):
   and nothing else of this repo: ``model`` (the state dict, float32, keys ``towers.<t>.conv1.weight``
   ... ``towers.<t>.fc7.bias``, ``fc8.weight``, ``fc8.bias``; docs/model.md has the
   layer table), ``config`` (the model's switches: towers, lrn, overlap_pool, dropout, init,
-  num_classes), ``classes`` (wnids in index order), ``names`` (or None), ``mean`` (float32, 0-255
+  num_classes), ``classes`` (wnids in index order), ``names`` (class names in index order, the wnid
+  where the records give none), ``mean`` (float32, 0-255
   scale: (3,) RGB or (256, 256, 3) with ``mean_kind`` "pixel"), ``format``, ``epoch``, ``step``.
   ``tools.weights.load`` / predict.py read it back into this repo's AlexNet.
 - ``torchscript``: ``torch.jit.trace`` of the net in eval mode (any batch size), loadable with

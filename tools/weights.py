@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from model import AlexNet, AlexNetConfig
-from records.folder import read_mean_image, read_meta, read_stats
+from records.folder import class_names, read_mean_image, read_meta, read_stats
 from records.format import DEFAULT_RECORDS
 
 from engine import checkpoint as ckpt
@@ -32,7 +32,7 @@ class WeightsError(UserError):
 class Trained:
     net: AlexNet                  # in eval mode, on ``device``
     classes: list[str]            # wnids in class-index order (meta.json's)
-    names: list[str] | None       # human-readable class names, when meta.json has them
+    names: list[str] | None       # class names in index order (the wnid where meta.json has none)
     mean: np.ndarray              # float32, 0-255 scale: (3,) RGB, or (256, 256, 3) with mean="pixel"
     records: Path | None          # the records folder (an exported file: only if one was given)
     source: Path                  # the file the weights came from
@@ -91,15 +91,6 @@ def records_folder(saved: dict, records: str | Path | None) -> Path:
     return Path(saved["records"]) if saved.get("records") else DEFAULT_RECORDS
 
 
-def class_names(meta: dict) -> list[str] | None:
-    names = meta.get("names")
-    if isinstance(names, dict):
-        return [str(names.get(c, c)) for c in meta["classes"]]
-    if isinstance(names, list) and len(names) == len(meta["classes"]):
-        return [str(n) for n in names]
-    return None
-
-
 def load(path: str | Path, records: str | Path | None = None, device: str = "cpu") -> Trained:
     """The net of ``path`` (a run folder, checkpoint or exported weights file) in eval mode on
     ``device``, with its classes and mean. Raises WeightsError / RecordsError (one line)."""
@@ -124,7 +115,7 @@ def load(path: str | Path, records: str | Path | None = None, device: str = "cpu
     else:
         mean = read_stats(folder).mean
     return Trained(net=build(state["model"], cfg, device, path), classes=list(meta["classes"]),
-                   names=class_names(meta), mean=np.asarray(mean, np.float32), records=folder, source=path,
+                   names=[str(n) for n in class_names(meta).values()], mean=np.asarray(mean, np.float32), records=folder, source=path,
                    epoch=state.get("epoch"), step=state.get("step"))
 
 

@@ -56,7 +56,7 @@ NEEDS_BETON = ("ffcv", "decode-ffcv")
 FLOORS = ("decode", "decode-ffcv")
 WHAT = {   # one line per loader for the table: what it computes
     "dali": "ours: pipeline.Loader(view='train'), the DALI graph of pipeline/graphs.py",
-    "dali-u8": "ours, dtype=uint8: window+mirror in DALI, uint8 HWC out (pipeline.finish not timed here)",
+    "dali-u8": "ours, dtype=uint8: window in DALI, uint8 HWC out (finish mirrors; not timed here)",
     "ffcv": "FFCV: decode+crop (RRC pinned to 224², no resampling), flip, our numba lighting+mean",
     "torch": "DataLoader, T processes: PIL decode, numpy crop/mirror/lighting/mean, collate",
     "decode": "floor: DALI reads + decodes the same JPEGs (uint8 HWC), nothing else",

@@ -32,9 +32,11 @@ decoded image before any window is cut (one elementwise pass over 256² pixels),
 cut and mirrored with exactly the image's window; the channel part of the CMN mean is then
 0. (The train view then decodes the whole image instead of the window.)
 
-uint8 views (``GraphSpec.dtype == torch.uint8``): the graph only decodes, cuts the windows and
-mirrors; the pixels leave it as uint8 HWC and the lighting/mean subtraction is left to
-``pipeline.finish`` on the training device (docs/design.md). The train view then also outputs,
+uint8 views (``GraphSpec.dtype == torch.uint8``): the graph only decodes and cuts the windows;
+the pixels leave it as uint8 HWC, NOT mirrored, and the mirror and the lighting/mean
+subtraction are left to ``pipeline.finish`` on the training device (docs/design.md), which
+mirrors inside its elementwise pass: a separate flip in the graph would cost the loader one
+more pass over every mirrored crop. The train view then also outputs,
 per sample, the mean to subtract (channel mean minus the lighting shift, float32 (3,), 0–255)
 and its window (y, x, mirror) (int32 (3,)), which ``finish`` needs for the per-pixel mean; the
 per-pixel mean is never applied in the graph, so the train view always decodes only its window.
@@ -128,7 +130,7 @@ def build(spec: GraphSpec, dev: DeviceSettings, feed: reader.Feed | None = None)
 
     images: float (3,224,224) per sample, or (10,3,224,224) for "tencrop", 0–255 scale minus
     the mean. A uint8 spec: images are uint8 (224,224,3) HWC (or (10,224,224,3)), not
-    centred, and ``u8_outputs(spec)`` more outputs follow (train: mean (3,) float32 and
+    mirrored, not centred, and ``u8_outputs(spec)`` more outputs follow (train: mean (3,) float32 and
     window (y, x, mirror) int32). With ``spec.extras``, last: the JPEG bytes, and for
     "train" also window (y, x, mirror) int32 (3,) and alpha float32 (3,).
     ``feed``: the batches to read (pipeline/reader.py); default: ``spec.files`` in file order,
@@ -246,14 +248,14 @@ def _decode(jpegs, spec: GraphSpec, dev: DeviceSettings, window=None):
 
 def _normalize(images, spec: GraphSpec, mirror, mean, window=None):
     """The one fused op: [window,] mirror, minus mean (lighting folded in), HWC->CHW, cast.
-    uint8: [window,] mirror only, HWC kept (the mean is ``pipeline.finish``'s job)."""
+    uint8: [window] only, HWC kept, not mirrored (mirror and mean are ``pipeline.finish``'s
+    job; ``mirror`` reaches it as the window's third value)."""
     crop = {} if window is None else {"crop": (ref.CROP, ref.CROP), "crop_pos_x": window[0],
                                       "crop_pos_y": window[1]}
     if spec.dtype == torch.uint8:
-        if window is None:   # ROI-decoded already: only the mirror is left
-            return fn.flip(images, horizontal=mirror, vertical=0)
-        return fn.crop_mirror_normalize(images, mirror=mirror, dtype=types.UINT8,
-                                        output_layout="HWC", **crop)
+        if window is None:   # ROI-decoded already: nothing left to do here
+            return images
+        return fn.crop_mirror_normalize(images, dtype=types.UINT8, output_layout="HWC", **crop)
     return fn.crop_mirror_normalize(
         images, mirror=mirror, mean=mean, std=1.0,   # std 1: stay on the 0–255 scale
         dtype=DTYPES[spec.dtype], output_layout="CHW", **crop)

@@ -15,8 +15,8 @@ graph is built, so bad input fails with one line: ``LoaderError`` for arguments,
 its tar). A record that fails to decode during an epoch raises one ``RecordsError`` naming
 its shard and key.
 
-``dtype=torch.uint8``: the loader only cuts and mirrors; it yields ``(U8Batch, labels)`` and
-``pipeline.finish`` makes the float images on the device (pipeline/finish.py has the contract).
+``dtype=torch.uint8``: the loader only cuts (no mirror); it yields ``(U8Batch, labels)`` and
+``pipeline.finish`` mirrors and makes the float images on the device (pipeline/finish.py has the contract).
 """
 from __future__ import annotations
 

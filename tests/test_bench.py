@@ -153,7 +153,7 @@ def test_each_loader_gives_the_contracted_batch(bench_run, ffcv_records, name):
         assert images.shape == (BATCH, 256, 256, 3) and images.dtype == torch.uint8
         assert labels is None
         return
-    if name == "dali-u8":          # the host side: window + mirror, uint8 HWC; finish makes the view
+    if name == "dali-u8":          # the host side: window, uint8 HWC; finish mirrors, makes the view
         assert images.shape == (BATCH, 224, 224, 3) and images.dtype == torch.uint8
         images = finish(streams[name].u8).contiguous()
     assert images.shape == (BATCH, 3, 224, 224) and images.dtype == torch.float32

@@ -1,4 +1,4 @@
-"""The uint8 views: the loader cuts and mirrors, ``pipeline.finish`` subtracts lighting and
+"""The uint8 views: the loader only cuts, ``pipeline.finish`` mirrors and subtracts lighting and
 mean on the device; together they must give the float view (same seed) up to float rounding."""
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import torch
 
 from pipeline import Loader, LoaderError, LoaderOptions, U8Batch, finish
 from pipeline import reference as ref
-from records.folder import shard_paths
+from pipeline.finish import mirrored
+from records.folder import read_stats, shard_paths
 
 DRAWS = LoaderOptions(with_draws=True)
 
@@ -50,18 +51,62 @@ def test_uint8_view_plus_finish_equals_the_float_view(records, view, mean):
         assert got.is_contiguous(memory_format=torch.channels_last)
 
 
-def test_uint8_pixels_are_exact_windows_of_the_decoded_image(records):
+def test_uint8_pixels_are_exact_unmirrored_windows_of_the_decoded_image(records):
     """Independent of the float view: each uint8 patch is the decoded JPEG's 224 window at
-    the drawn offsets, mirrored when drawn so (numpy/PIL decode, the reference)."""
+    the drawn offsets, NOT mirrored (numpy/PIL decode, the reference); the window carries the
+    drawn mirror, and ``mirrored`` turns the patches into the view's."""
     images = {key: ref.decode(jpeg) for tar, _ in shard_paths(records, "train")
               for key, jpeg, _ in ref.iter_tar(tar)}
     loader = Loader(records, split="train", view="train", batch_size=8, dtype=torch.uint8,
                     num_threads=1, options=LoaderOptions(with_draws=True))
     batch, _, d = next(iter(loader))
-    for patch, key, y, x, flip, win in zip(batch.pixels.numpy(), d.keys, d.y, d.x, d.mirror, batch.window):
+    assert set(d.mirror.tolist()) == {0, 1}
+    flipped = mirrored(batch.pixels, batch.window[:, 2]).numpy()
+    for patch, view, key, y, x, flip, win in zip(batch.pixels.numpy(), flipped, d.keys, d.y, d.x,
+                                                 d.mirror, batch.window):
         window = images[key][y:y + ref.CROP, x:x + ref.CROP]
-        np.testing.assert_array_equal(patch, window[:, ::-1] if flip else window)
+        np.testing.assert_array_equal(patch, window)
+        np.testing.assert_array_equal(view, window[:, ::-1] if flip else window)
         assert win.tolist() == [y, x, flip]
+
+
+def test_finished_photos_equal_the_float_view_and_the_reference_mirror_included(photo_records):
+    """Real photos: finish(uint8 train batch) is the float view bit for bit (mean="channel"),
+    and each sample, mirrored ones included, is the reference's view of the PIL-decoded photo."""
+    images = {key: ref.decode(jpeg) for tar, _ in shard_paths(photo_records, "train")
+              for key, jpeg, _ in ref.iter_tar(tar)}
+    stats = read_stats(photo_records)
+    kwargs = dict(split="train", view="train", batch_size=12, seed=3, num_threads=1, options=DRAWS)
+    want, _, _ = next(iter(Loader(photo_records, **kwargs)))
+    batch, _, d = next(iter(Loader(photo_records, dtype=torch.uint8, **kwargs)))
+    got = finish(batch, channels_last=False)
+    assert torch.equal(got, want) and set(d.mirror.tolist()) == {0, 1}
+    for image, key, y, x, flip, alpha in zip(got.numpy(), d.keys, d.y, d.x, d.mirror, d.alpha):
+        view = ref.train_view(images[key], y, x, bool(flip), alpha, stats, stats.mean)
+        np.testing.assert_allclose(image, view, atol=1e-3, rtol=0)
+        if flip:   # a mirror of a photo is not the photo: the comparison can see it
+            assert np.abs(view - view[:, :, ::-1]).max() > 20
+
+
+def test_finish_mirrors_each_crop_as_its_window_says():
+    """Hand-made pixels (value = column + channel): output column j of a mirrored crop is
+    pixel column 223 - j, of an unmirrored one column j; for 4-D and 10-crop 5-D batches."""
+    cols = torch.arange(224).view(1, 224, 1) + torch.tensor([0, 10, 20])   # (1, 224, 3)
+    one = (cols % 256).to(torch.uint8).expand(224, 224, 3)
+    for lead, flags in (((2,), [[0], [1]]), ((2, 3), [[0, 1, 1], [1, 0, 0]])):
+        pixels = one.expand(*lead, 224, 224, 3).contiguous()
+        flip = torch.tensor(flags).view(*lead)
+        window = torch.stack([torch.zeros_like(flip), torch.zeros_like(flip), flip], -1)
+        mean = torch.tensor([[1.0, 2.0, 3.0]] * lead[0])
+        for channels_last in (True, False):
+            out = finish(U8Batch(pixels, mean, window), channels_last=channels_last)
+            for index in np.ndindex(*lead):
+                j = torch.arange(224)
+                source = 223 - j if flip[index] else j
+                want = (one[:, source].float() - mean[index[0]]).movedim(-1, 0)
+                assert torch.equal(out[index], want), (index, channels_last)
+        assert torch.equal(mirrored(pixels, flip)[flip.bool()], pixels[flip.bool()].flip(-2))
+        assert torch.equal(mirrored(pixels, flip)[~flip.bool()], pixels[~flip.bool()])
 
 
 def test_finish_half_precision_matches_the_float16_view(records):

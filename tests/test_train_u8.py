@@ -1,6 +1,7 @@
 """The uint8 loader path of training (--loader-device cpu, and the GPU loader under
---channels-last): what reaches the model is exactly what the float loader gives, for the
-train view and both validation views, and a run on it trains and evaluates."""
+--channels-last): unmirrored uint8 crops, mirrored by ``finish``; what reaches the model is
+exactly what the float loader gives, for the train view and both validation
+views, and a run on it trains and evaluates."""
 from __future__ import annotations
 
 import json
@@ -32,6 +33,7 @@ def test_prepare_of_a_uint8_train_batch_equals_the_float_loaders(sample_records,
     settings = LoopSettings(CPU, channels_last=channels_last)
     floats, u8 = _pair(sample_records, "train")
     assert isinstance(u8[0], U8Batch)
+    assert u8[0].window[:, 2].tolist() == [0, 1]   # one crop left as cut, one mirrored by finish
     want, labels = to_device(floats, settings)
     got, labels8 = to_device(u8, settings)
     assert got.dtype == torch.float32 and got.shape == (2, 3, 224, 224)
@@ -46,6 +48,7 @@ def test_under_autocast_the_uint8_batch_is_finished_in_the_autocast_dtype(sample
     bit for bit, so the model's output is the float path's exactly (and no float32 batch)."""
     settings = LoopSettings(CPU, amp=amp, channels_last=True)
     floats, u8 = _pair(sample_records, "train")
+    assert u8[0].window[:, 2].tolist() == [0, 1]   # the mirror too happens inside finish
     want, _ = to_device(floats, settings)
     got, _ = to_device(u8, settings)
     assert want.dtype == torch.float32 and got.dtype == dtype

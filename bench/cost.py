@@ -11,6 +11,8 @@ bench's "decode" loader (the same reader, JPEG decode to uint8 HWC, nothing else
 "feed" only hands DALI the JPEG bytes (our reader, no decode): the rows between them split a
 train view's cost into feed, decode, and what the ops after the decoder add. Loaders
 are built and warmed up first, then measured in interleaved repeats; numbers are medians.
+"train-numba" (by name: ``--views train,train-numba``) is the float train view with
+``LoaderOptions(kernel="numba")`` (pipeline/kernels.py).
 The side-by-side loader bench (FFCV, DataLoader) is bench/loaders.py.
 """
 from __future__ import annotations
@@ -32,6 +34,7 @@ from records.format import DEFAULT_RECORDS
 VIEWS = {"decode": None, "decode-window": None, "feed": None,
          "train": ("train", "train"), "train-u8": ("train", "train"),
          "center": ("val", "center"), "tencrop": ("val", "tencrop")}
+OPT_IN = {"train-numba": ("train", "train")}   # by name only (a numba compile at start-up)
 
 
 @dataclass(frozen=True)
@@ -41,10 +44,22 @@ class CostConfig:
     threads: int = field(default=2, metadata={"help": "DALI threads per pipeline"})
     batches: int = field(default=8, metadata={"help": "measured batches per repeat"})
     repeats: int = field(default=7, metadata={"help": "interleaved repeats; medians reported"})
+    views: str = field(default="auto", metadata={
+        "help": f"comma list of {','.join([*VIEWS, *OPT_IN])} (decode and decode-window always "
+                f"run); 'auto': all but {','.join(OPT_IN)}"})
     json: str | None = field(default=None, metadata={"help": "also write the results here"})
 
     def __post_init__(self):
         check_at_least(self, ("batch_size", "threads", "batches", "repeats"))
+        names = self.view_names()
+        if any(n not in {**VIEWS, **OPT_IN} for n in names) or len(set(names)) != len(names):
+            raise ValueError(f"--views must be distinct names from {','.join([*VIEWS, *OPT_IN])}, "
+                             f"got {self.views!r}")
+
+    def view_names(self) -> list[str]:
+        """The views measured: the two floors the table divides by, then those asked for."""
+        asked = list(VIEWS) if self.views == "auto" else [n.strip() for n in self.views.split(",") if n.strip()]
+        return ["decode", "decode-window"] + [n for n in asked if n not in ("decode", "decode-window")]
 
 
 def endless(loader):
@@ -57,14 +72,16 @@ def endless(loader):
 def make(name: str, cfg: CostConfig):
     from pipeline import Loader
     from bench.baselines import DaliDecodeLoader
-    if VIEWS[name] is None:
+    if VIEWS.get(name, ()) is None:
         mode = {"decode": "full", "decode-window": "window", "feed": "none"}[name]
         return DaliDecodeLoader(shard_paths(cfg.records, "train"), cfg.batch_size, cfg.threads,
                                 decode=mode)
-    split, view = VIEWS[name]
+    split, view = {**VIEWS, **OPT_IN}[name]
     import torch
+    from pipeline import LoaderOptions
     return Loader(cfg.records, split=split, view=view, batch_size=cfg.batch_size,
-                  num_threads=cfg.threads, dtype=torch.uint8 if name.endswith("-u8") else torch.float32)
+                  num_threads=cfg.threads, dtype=torch.uint8 if name.endswith("-u8") else torch.float32,
+                  options=LoaderOptions(kernel="numba" if name.endswith("-numba") else "dali"))
 
 
 def measure(streams: dict, cfg: CostConfig) -> dict[str, dict[str, float]]:
@@ -92,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def measure_and_print(cfg: CostConfig, console) -> None:
-    streams = {name: endless(make(name, cfg)) for name in VIEWS}
+    streams = {name: endless(make(name, cfg)) for name in cfg.view_names()}
     for stream in streams.values():
         next(stream)                             # start-up is not measured
     result = measure(streams, cfg)

@@ -52,11 +52,13 @@ from records.folder import read_stats, shard_paths
 from records.format import DEFAULT_RECORDS
 
 ALL_LOADERS = ("dali", "dali-u8", "ffcv", "torch", "decode", "decode-ffcv")
+OPT_IN = ("dali-numba",)   # by name only, never in 'auto' (a numba compile at start-up)
 NEEDS_BETON = ("ffcv", "decode-ffcv")
 FLOORS = ("decode", "decode-ffcv")
 WHAT = {   # one line per loader for the table: what it computes
     "dali": "ours: pipeline.Loader(view='train'), the DALI graph of pipeline/graphs.py",
     "dali-u8": "ours, dtype=uint8: window in DALI, uint8 HWC out (finish mirrors; not timed here)",
+    "dali-numba": "ours, LoaderOptions(kernel='numba'): mirror+mean+cast by pipeline/kernels.py",
     "ffcv": "FFCV: decode+crop (RRC pinned to 224², no resampling), flip, our numba lighting+mean",
     "torch": "DataLoader, T processes: PIL decode, numpy crop/mirror/lighting/mean, collate",
     "decode": "floor: DALI reads + decodes the same JPEGs (uint8 HWC), nothing else",
@@ -72,8 +74,8 @@ class BenchError(UserError, ValueError):
 class BenchConfig:
     records: str = field(default=str(DEFAULT_RECORDS), metadata={"help": "records folder (prep/build_records.py)"})
     loaders: str = field(default="auto", metadata={
-        "help": f"comma list of {','.join(ALL_LOADERS)}, run in this order; 'auto': all, "
-                "without the FFCV ones when RECORDS/train.beton is missing"})
+        "help": f"comma list of {','.join(ALL_LOADERS + OPT_IN)}, run in this order; 'auto': "
+                f"all but {','.join(OPT_IN)}, without the FFCV ones when RECORDS/train.beton is missing"})
     device: str = field(default="cpu", metadata={"help": "where batches end up: cpu or cuda:N"})
     batch_size: int = field(default=128, metadata={"help": "images per batch, every loader"})
     batches: int = field(default=20, metadata={"help": "timed batches per repeat"})
@@ -93,9 +95,9 @@ class BenchConfig:
             raise ValueError(f"--device must be cpu or cuda:N, got {self.device!r}")
         if self.loaders != "auto":
             names = self.loader_names()
-            bad = [n for n in names if n not in ALL_LOADERS]
+            bad = [n for n in names if n not in ALL_LOADERS + OPT_IN]
             if bad or not names or len(set(names)) != len(names):
-                raise ValueError(f"--loaders must be distinct names from {','.join(ALL_LOADERS)}, "
+                raise ValueError(f"--loaders must be distinct names from {','.join(ALL_LOADERS + OPT_IN)}, "
                                  f"got {self.loaders!r}")
 
     def loader_names(self) -> list[str]:
@@ -121,11 +123,12 @@ def make_loader(name: str, cfg: BenchConfig, records: Path, threads: int):
     """One loader of ``name``; every one gets the same batch size, threads and device."""
     from bench import baselines as B
     shards, beton = shard_paths(records, "train"), records / "train.beton"
-    if name in ("dali", "dali-u8"):
-        from pipeline import Loader
+    if name in ("dali", "dali-u8", "dali-numba"):
+        from pipeline import Loader, LoaderOptions
         return Loader(records, split="train", view="train", batch_size=cfg.batch_size,
                       device=cfg.device, seed=cfg.seed, num_threads=threads,
-                      dtype=torch.uint8 if name == "dali-u8" else torch.float32)
+                      dtype=torch.uint8 if name == "dali-u8" else torch.float32,
+                      options=LoaderOptions(kernel="numba" if name == "dali-numba" else "dali"))
     if name == "torch":
         return B.torch_loader(shards, read_stats(records), cfg.batch_size, threads, cfg.device, cfg.seed)
     if name == "decode":

@@ -49,10 +49,11 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 from nvidia.dali import fn, types
+from nvidia.dali.data_node import DataNode
 from nvidia.dali.pipeline import Pipeline
 
 from common.config import at_least
-from pipeline import reader, reference as ref
+from pipeline import kernels, reader, reference as ref
 
 VIEWS = ("train", "center", "tencrop")
 DTYPES = {torch.float32: types.FLOAT, torch.float16: types.FLOAT16, torch.uint8: types.UINT8}
@@ -111,6 +112,7 @@ class GraphSpec:
     shuffle: bool = False                # a new random order every epoch (train); else file order
     num_threads: int = 2
     extras: bool = False                 # also output the JPEG bytes and the random draws
+    kernel: str = "dali"                 # "numba": the CPU float32 train view uses pipeline/kernels.py
 
     def __post_init__(self):
         if self.view not in VIEWS:
@@ -120,6 +122,8 @@ class GraphSpec:
         rank, world = self.shard
         if not (world >= 1 and 0 <= rank < world):
             raise ValueError(f"shard must be (rank, world) with 0 <= rank < world, got {self.shard}")
+        if self.kernel not in kernels.KERNELS:
+            raise ValueError(f"kernel must be one of {kernels.KERNELS}, got {self.kernel!r}")
         at_least("batch_size", self.batch_size)
         at_least("num_threads", self.num_threads)
 
@@ -270,7 +274,13 @@ def _train_view(jpegs, spec: GraphSpec, dev: DeviceSettings, drawn_window, drawn
     # k / 32 is exact in float32 and DALI rounds it back to exactly k (module docstring).
     window = (off_x / float(ref.MAX_OFFSET), off_y / float(ref.MAX_OFFSET))
     if spec.mean_image is None or spec.dtype == torch.uint8:   # decode only the window
-        view = _normalize(_decode(jpegs, spec, dev, window), spec, mirror, mean)
+        images = _decode(jpegs, spec, dev, window)
+        if spec.kernel == "numba" and spec.dtype == torch.float32 and not dev.on_gpu:
+            if not isinstance(mean, DataNode):   # no lighting: the channel mean, per sample
+                mean = types.Constant(np.asarray(mean, np.float32))
+            view = kernels.mirror_subtract_chw(images, drawn_window, mean)
+        else:
+            view = _normalize(images, spec, mirror, mean)
     else:                          # the mean image needs the full image; cut the window after
         view = _normalize(_decode(jpegs, spec, dev), spec, mirror, mean, window)
     return view, (drawn_window, drawn_alpha)   # drawn_alpha: zeros without lighting

@@ -34,6 +34,7 @@ from common.system import usable_cores
 from pipeline import graphs, reader, reference as ref
 from pipeline.errors import LoaderError
 from pipeline.finish import U8Batch, fixed_windows
+from pipeline.kernels import KERNELS
 from records.folder import read_mean_image, read_meta, read_stats, shard_paths
 from records.format import RecordsError, build_command
 
@@ -47,10 +48,15 @@ class LoaderOptions:
     lighting_std: float = ref.LIGHTING_STD   # alpha ~ N(0, this) in the train view; 0 = off
     subtract_mean: bool = True   # False: raw 0–255 pixels (tests find the crop window in them)
     with_draws: bool = False     # yield (images, labels, Draws): record keys + random draws
+    # the CPU float32 train view's mirror+mean+cast: "dali" (crop_mirror_normalize) or "numba"
+    # (pipeline/kernels.py: the same bits, about half the CPU, a numba compile per process)
+    kernel: str = "dali"
 
     def __post_init__(self):
         if not self.lighting_std >= 0:
             raise LoaderError("LoaderOptions: lighting_std must be >= 0")
+        if self.kernel not in KERNELS:
+            raise LoaderError(f"LoaderOptions: kernel must be one of {', '.join(KERNELS)}, got {self.kernel!r}")
 
 
 @dataclass(frozen=True)
@@ -116,7 +122,7 @@ class Loader:
             lighting_std=options.lighting_std if view == "train" else 0.0,
             shuffle=view == "train",
             num_threads=num_threads or usable_cores(),
-            extras=options.with_draws)
+            extras=options.with_draws, kernel=options.kernel)
         plan = reader.Plan(total=total, rank=rank, world=world, batch_size=batch_size,
                            batches=self._len, seed=int(seed), shuffle=self.spec.shuffle)
         self._feed = reader.Feed(table, plan, self.spec.lighting_std if view == "train" else None,

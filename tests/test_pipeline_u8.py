@@ -150,3 +150,4 @@ def test_gpu_uint8_view_plus_finish_equals_the_float_view(records, view, mean):
     got = finish(batch, "cuda:0")
     assert got.device.type == "cuda" and (got - want).abs().max().item() < 1e-3
     assert torch.equal(finish(batch, "cuda:0", channels_last=False), got)
+

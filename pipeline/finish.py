@@ -79,19 +79,18 @@ def _subtract(pixels: torch.Tensor, mirror: torch.Tensor, subtract: torch.Tensor
     """out = pixels (columns reversed where ``mirror`` is set) - subtract, computed in float32,
     rounded once to out's dtype. pixels and out (..., 224, 224, 3), mirror (...).
 
-    On a GPU: one uint8 gather (1 byte read and written per value) for the mirror, then one
-    kernel that reads the uint8 and writes the result (5 bytes per value in float32). On the
-    CPU torch's mixed-dtype broadcast kernel is not vectorised and a gather is slower than
-    the subtraction itself, so each crop is widened (from its flipped copy, 150 KB, where
-    mirrored) and then centred in place, while it is still in cache: vectorised kernels only."""
+    The mirror is one uint8 gather (1 byte read and written per value; skipped when no crop
+    is mirrored and the flags are on the host): one parallel op, where a loop over crops
+    would pay a thread-pool barrier per crop on the CPU. On a GPU one kernel then reads the
+    uint8 and writes the result (5 bytes per value in float32). On the CPU torch's
+    mixed-dtype broadcast kernel is not vectorised: widening first and subtracting in place
+    runs vectorised kernels only, so the CPU takes two passes."""
+    if mirror.device.type != "cpu" or bool(mirror.any()):
+        pixels = mirrored(pixels, mirror)
     if out.device.type == "cuda":
-        torch.sub(mirrored(pixels, mirror), subtract, out=out)
-        return
-    lead = pixels.shape[:-3]
-    crops, outs = pixels.view(-1, *pixels.shape[-3:]), out.view(-1, *out.shape[-3:])
-    centres = subtract.expand(*lead, *subtract.shape[-3:]).reshape(-1, *subtract.shape[-3:])
-    for crop, dst, centre, flip in zip(crops, outs, centres, mirror.reshape(-1).tolist()):
-        dst.copy_(crop.flip(-2) if flip else crop).sub_(centre)
+        torch.sub(pixels, subtract, out=out)
+    else:
+        out.copy_(pixels).sub_(subtract)
 
 
 def mirrored(pixels: torch.Tensor, mirror: torch.Tensor) -> torch.Tensor:

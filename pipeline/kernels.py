@@ -4,12 +4,12 @@
 
 ``crop_mirror_normalize`` is DALI's generic per-element loop; after the ROI decode of the
 window this per-pixel loop, compiled by numba and run per sample by DALI's ``numba_function``
-operator, does the same work in about half the CPU (BENCHMARKS.md, "Loaders") and gives the
-same bits: every output value is float32(pixel) - float32(mean), one float32 subtraction, as
+operator, does the same work in less CPU (BENCHMARKS.md, "Loaders: CPU cost per view") and
+gives the same bits: every output value is float32(pixel) - float32(mean), one float32 subtraction, as
 crop_mirror_normalize computes it with std = 1.
 
-Opt-in because numba compiles it (and DALI's wrapper around it) when the operator is made: tens
-of seconds on a busy CPU. It is made once per process, on the first graph that asks for it,
+Opt-in because numba compiles it (and DALI's wrapper around it) when the operator is made, which
+takes seconds. It is made once per process, on the first graph that asks for it,
 and every later graph of the process reuses it (``operator``); graphs that do not ask never
 import numba. The GPU graph keeps crop_mirror_normalize (there it is one small kernel).
 """

@@ -49,7 +49,7 @@ class LoaderOptions:
     subtract_mean: bool = True   # False: raw 0–255 pixels (tests find the crop window in them)
     with_draws: bool = False     # yield (images, labels, Draws): record keys + random draws
     # the CPU float32 train view's mirror+mean+cast: "dali" (crop_mirror_normalize) or "numba"
-    # (pipeline/kernels.py: the same bits, about half the CPU, a numba compile per process)
+    # (pipeline/kernels.py: the same bits, less CPU, a numba compile per process)
     kernel: str = "dali"
 
     def __post_init__(self):

@@ -12,7 +12,7 @@ from pipeline import Loader, LoaderError, LoaderOptions
 from pipeline import reference as ref
 
 
-@pytest.mark.slow   # one numba compile (tens of seconds on a busy CPU)
+@pytest.mark.slow   # one numba compile
 @pytest.mark.parametrize("lighting", [ref.LIGHTING_STD, 0.0])
 def test_numba_kernel_gives_crop_mirror_normalize_bits_on_photos(photo_records, lighting):
     """LoaderOptions(kernel="numba"): the CPU float train view, mirror+mean+cast by

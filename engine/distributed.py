@@ -103,10 +103,12 @@ def allocation_line(info: DistInfo, devices: list[str], workers: int | None, cor
 
 
 def tower_devices(devices: list[str], towers: int) -> list[str]:
-    """The placement list for model.place: one device per tower (both on one device if only one)."""
-    if towers == 1:
-        return devices[:1]
-    return devices if len(devices) == 2 else devices * 2
+    """The placement list for model.place: one device per tower when the replica has a device
+    per tower (the paper's split), else the one device, which ``Placement.parse`` turns into the
+    fused net (the towers as grouped ops: what bench.model times). Must not list one device
+    twice: that places two separate towers on the same device, the same maths in twice the
+    kernels, slower, and not the net the model bench measures."""
+    return devices if towers > 1 and len(devices) == towers else devices[:1]
 
 
 def init_process_group(info: DistInfo, devices: list[str]) -> None:

@@ -3,6 +3,7 @@ one process, torchrun on one node, torchrun on several nodes (pure functions: no
 from __future__ import annotations
 
 import pytest
+import torch
 
 from engine.config import TrainConfig
 from engine.distributed import DeviceError, DistInfo, allocation_line, dali_threads, replica_devices, tower_devices
@@ -93,6 +94,28 @@ def test_the_start_line_names_devices_and_threads():
 
 
 def test_tower_devices():
-    assert tower_devices(["cuda:0"], 2) == ["cuda:0", "cuda:0"]
+    assert tower_devices(["cuda:0"], 2) == ["cuda:0"]      # one device: the fused net
+    assert tower_devices(["cpu"], 2) == ["cpu"]
     assert tower_devices(["cuda:0", "cuda:1"], 2) == ["cuda:0", "cuda:1"]
     assert tower_devices(["cpu"], 1) == ["cpu"]
+
+
+@pytest.mark.parametrize("gpus, visible", [("", 0), ("0", 1), ("auto", 1)])
+def test_a_one_device_run_trains_the_fused_net(gpus, visible, monkeypatch):
+    """One device (the CPU, or one GPU: ``--gpus 0``) builds the fused net, the towers as grouped
+    ops, which is what bench.model times; never two separate towers on the same device. The GPU
+    cases build on the CPU: only the placement list is under test."""
+    from engine import session as S
+    cfg = TrainConfig(gpus=gpus)
+    devices = replica_devices(cfg, DistInfo(), visible)
+    assert len(devices) == 1
+    net = S.build_net(cfg, 10, ["cpu"] if visible else devices)
+    assert net.placement.fused and net.placement.devices == (net.input_device,) * 2
+    # the fused forward's conv2 is one grouped convolution over both towers' weights: a hook on
+    # torch's conv2d sees groups=2 for the towers' own-input layers, never two calls of groups=1
+    seen = []
+    real = torch.nn.functional.conv2d
+    monkeypatch.setattr(torch.nn.functional, "conv2d", lambda *a, **k: seen.append(k.get("groups", 1)) or real(*a, **k))
+    with torch.no_grad():
+        net.eval()(torch.zeros(1, 3, 224, 224))
+    assert seen == [1, 2, 1, 2, 2]            # conv1..conv5, each one call for both towers

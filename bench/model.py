@@ -1,15 +1,24 @@
-"""Forward+backward images/s: our two-tower AlexNet vs a plain nn.Sequential of the same layers.
+"""Training-step images/s (forward + backward + the SGD update): our two-tower AlexNet vs a plain
+nn.Sequential of the same layers.
 
     python -m bench.model                                   # CPU, batch 128
     python -m bench.model --device cuda:0 --amp bf16 --channels-last --steps 20 --json out.json
     python -m bench.model --device cuda:0,cuda:1            # ours split over two GPUs
     python -m bench.model --device cuda:0 --amp fp16 --channels-last   # fp16 with a loss scale
+    python -m bench.model --no-optimizer                    # forward + backward only (the old figure)
 
 The reference is what a user would write: the same layers as one nn.Sequential, grouped
 convolutions (groups=2) for conv2/4/5 and torch.nn.LocalResponseNorm(5, alpha=5e-4, beta=0.75, k=2)
 (torch divides alpha by size, so 5e-4 is the paper's 1e-4; it normalises across the tower
 boundary, which the paper's net does not, but it costs the same). Both nets run in the same
 process, interleaved, on the same input; we report medians and ours / reference.
+
+Each timed step is what a training step does to the model: the forward under autocast, the
+loss, the (fp16: scaled) backward and the optimiser step, with the recipe's SGD
+(``engine.recipe.make_optimizer`` with the default config: momentum 0.9, weight decay 5e-4, the
+fused kernel where torch has it) and ``engine.precision.Precision`` (fp16: GradScaler's unscale,
+inf check and update), so the figure is the model's rate inside the training loop minus the
+data. The JSON's ``optimizer`` says which figure it is (``--no-optimizer``: forward + backward).
 """
 from __future__ import annotations
 
@@ -19,7 +28,6 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from common.atomic import write_json
 from common.charts import bar_chart
@@ -28,6 +36,9 @@ from common.config import check_at_least, parse_args, to_dict
 from common.devices import parse_device, sync
 from common.system import machine
 from common.timing import interleaved
+from engine.config import TrainConfig
+from engine.precision import Precision
+from engine.recipe import loss_fn, make_optimizer
 from model import AlexNet, AlexNetConfig
 
 
@@ -42,6 +53,8 @@ class BenchConfig:
     amp: str = field(default="none", metadata={"help": "autocast dtype (fp16: with a loss scale)",
                                                "choices": ["none", "bf16", "fp16"]})
     channels_last: bool = field(default=False, metadata={"help": "channels_last memory format"})
+    optimizer: bool = field(default=True, metadata={
+        "help": "time the SGD update too (the recipe's optimiser); --no-optimizer: forward + backward only"})
     json: str | None = field(default=None, metadata={"help": "also write the results here"})
     plot: str | None = field(default=None, metadata={"help": "also draw the table as a bar chart (PNG)"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
@@ -73,24 +86,28 @@ def reference_net(num_classes: int = 1000) -> nn.Sequential:
         nn.Linear(4096, num_classes))
 
 
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def make_step(net: nn.Module, x: torch.Tensor, y: torch.Tensor, amp: str):
-    """One forward+backward (no optimiser: both nets would pay the same for it). fp16 scales
-    the loss as training's GradScaler does (the unscale/inf check belongs to the optimiser
-    step, not timed here)."""
-    dtype = AMP_DTYPES.get(amp, torch.bfloat16)
-    scaler = torch.amp.GradScaler(x.device.type) if amp == "fp16" else None
+def make_step(net: nn.Module, x: torch.Tensor, y: torch.Tensor, amp: str, optimizer: bool = True):
+    """One training step of ``net`` on (x, y): forward, loss, backward, and (``optimizer``) the
+    recipe's SGD update through ``Precision.step`` (fp16: unscale, skip on inf, update the
+    scale), as engine.loop.train_step does it. Without ``optimizer``: forward + backward only,
+    fp16 scaling the loss as training's GradScaler does."""
+    precision = Precision(amp, x.device.type)
+    sgd = make_optimizer(net, TrainConfig()) if optimizer else None
 
     def step() -> None:
-        with torch.autocast(x.device.type, dtype=dtype, enabled=amp in AMP_DTYPES):
+        with precision.autocast():
             logits = net(x)
-        loss = F.cross_entropy(logits.float(), y)
-        (scaler.scale(loss) if scaler is not None else loss).backward()
+        loss = loss_fn(logits, y)
+        precision.backward(loss)
+        if sgd is not None:
+            precision.step(sgd)
         for p in net.parameters():
             p.grad = None
     return step
+
+
+def what(optimizer: bool) -> str:
+    return "forward+backward+SGD" if optimizer else "forward+backward"
 
 
 def images(step, steps: int, batch_size: int):
@@ -112,7 +129,8 @@ def build(cfg: BenchConfig):
     # 0-255 scale minus mean: std ~60 like real centred pixels
     x = (torch.randn(cfg.batch_size, 3, 224, 224, device=devices[0]) * 60).contiguous(memory_format=fmt)
     y = torch.randint(0, 1000, (cfg.batch_size,), device=devices[0])
-    return devices, {"ours": make_step(ours, x, y, cfg.amp), "reference": make_step(ref, x, y, cfg.amp)}
+    return devices, {"ours": make_step(ours, x, y, cfg.amp, cfg.optimizer),
+                     "reference": make_step(ref, x, y, cfg.amp, cfg.optimizer)}
 
 
 def run(cfg: BenchConfig) -> dict:
@@ -120,7 +138,7 @@ def run(cfg: BenchConfig) -> dict:
     devices, steps = build(cfg)
     total = len(steps) * (cfg.warmup + cfg.repeats * cfg.steps)
     with Progress(disable=not cfg.progress, transient=True) as bar:
-        task = bar.add_task("forward+backward", total=total)
+        task = bar.add_task(what(cfg.optimizer), total=total)
         for name, step in steps.items():       # untimed: cuDNN's algorithm search, allocator
             images(step, cfg.warmup, cfg.batch_size)()
             sync(devices)
@@ -130,7 +148,7 @@ def run(cfg: BenchConfig) -> dict:
                               on_turn=lambda r, name: bar.advance(task, cfg.steps))
     rates = {name: [s.rate for s in runs] for name, runs in samples.items()}
     medians = {name: statistics.median(v) for name, v in rates.items()}
-    return {"config": to_dict(cfg), "machine": machine(cfg.devices), "torch": torch.__version__,
+    return {"config": to_dict(cfg), "optimizer": cfg.optimizer, "machine": machine(cfg.devices), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "images_per_s": rates, "median_images_per_s": medians,
             "ratio_ours_over_reference": medians["ours"] / medians["reference"]}
 
@@ -140,7 +158,7 @@ def print_table(result: dict) -> None:
 
     from common.console import make_console
     cfg = result["config"]
-    table = Table(title=f"AlexNet forward+backward, batch {cfg['batch_size']}, {cfg['device']}, "
+    table = Table(title=f"AlexNet {what(result['optimizer'])}, batch {cfg['batch_size']}, {cfg['device']}, "
                         f"amp {cfg['amp']}, channels_last {cfg['channels_last']}")
     for col in ("net", "median img/s", "min", "max", "vs reference"):
         table.add_column(col, justify="right" if col != "net" else "left")
@@ -162,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.plot:
             bar_chart(cfg.plot, {n: (result["median_images_per_s"][n], min(v), max(v))
                                  for n, v in result["images_per_s"].items()},
-                      title=f"AlexNet forward+backward, batch {cfg.batch_size}, {cfg.device}", xlabel="images/s")
+                      title=f"AlexNet {what(cfg.optimizer)}, batch {cfg.batch_size}, {cfg.device}", xlabel="images/s")
     return run_command(work)
 
 

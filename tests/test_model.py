@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from common.config import ConfigError, from_dict
 from model import AlexNet, AlexNetConfig, local_response_norm
@@ -400,8 +401,32 @@ def test_bench_runs_and_writes_json(tmp_path, amp):
     result = json.loads(out.read_text())
     assert result["machine"]["cores"] >= 1 and result["machine"]["versions"]["torch"] == torch.__version__
     assert result["config"]["amp"] == amp
+    assert result["optimizer"] is True                     # the default times the SGD step too
     assert set(result["median_images_per_s"]) == {"ours", "reference"}
     assert result["ratio_ours_over_reference"] > 0
+    assert main(["--batch-size", "1", "--steps", "1", "--repeats", "1", "--warmup", "0", "--no-optimizer",
+                 "--no-progress", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["optimizer"] is False
+
+
+@pytest.mark.parametrize("optimizer", [True, False])
+def test_bench_step_is_the_recipes_sgd_step(optimizer):
+    """The timed step updates the weights exactly as the paper's SGD does on its first step
+    (v = -lr (g + wd w), w += v: momentum starts from the first gradient), computed here by
+    hand; --no-optimizer leaves them alone."""
+    from bench.model import make_step
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(12, 5))
+    x, y = torch.randn(4, 3, 2, 2), torch.randint(0, 5, (4,))
+    before = [p.detach().clone() for p in net.parameters()]
+    nn.functional.cross_entropy(net(x), y).backward()
+    grads = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad(set_to_none=True)
+    make_step(net, x, y, "none", optimizer)()
+    for p, w, g in zip(net.parameters(), before, grads):
+        want = w - 0.01 * (g + 5e-4 * w) if optimizer else w
+        torch.testing.assert_close(p.detach(), want, rtol=0, atol=1e-7)
+        assert p.grad is None
 
 
 def test_bench_bad_device_is_an_error(capsys):

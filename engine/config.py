@@ -97,6 +97,13 @@ class TrainConfig:
     profile: bool = field(default=False, metadata=_h(
         "time each step's data wait / host->device / forward / backward / optimiser, write a Chrome trace "
         "into the run folder, emit NVTX ranges on CUDA, and print a summary table"))
+    profile_warmup: int = field(default=50, metadata=_h(
+        "--profile: the first N steps of this process (cold loader, cuDNN autotuning, allocator, "
+        "and the Chrome trace of steps 1-4: keep N >= 4) count in no rate"))
+    profile_window: int = field(default=200, metadata=_h(
+        "--profile: after the warm-up, N steps timed end to end with no per-phase syncs (the "
+        "unprofiled rate), then the per-phase split; then N steps on one batch already on the "
+        "device, on a copy of the model and optimiser (the model's rate inside the loop)"))
     # --- run folder, resume, evaluation -----------------------------------------
     out: str | None = field(default=None, metadata=_h("run folder (default: runs/<UTC timestamp>)"))
     resume: str | None = field(default=None, metadata=_h(
@@ -123,7 +130,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_at_least(self, ("batch_size", "epochs", "plateau_patience", "max_steps", "epoch_steps", "workers"))
-        check_at_least(self, ("warmup_steps", "max_lr_drops", "log_every", "seed"), minimum=0)
+        check_at_least(self, ("warmup_steps", "max_lr_drops", "log_every", "seed", "profile_warmup",
+                              "profile_window"), minimum=0)
         # every float flag: finite and in its range (nan fails no comparison, so test it first)
         _check_range(self, "lr", 0.0, math.inf, low_open=True)
         _check_range(self, "momentum", 0.0, 1.0, high_open=True)
@@ -206,7 +214,8 @@ HELP_GROUPS: dict[str, tuple[str, ...]] = {
     "model (the paper's ablation switches)": ("towers", "lrn", "overlap_pool", "dropout", "init"),
     "recipe (the paper's values)": ("batch_size", "lr", "momentum", "weight_decay", "decay_biases", "epochs",
                                     "plateau_patience", "plateau_threshold", "max_lr_drops", "warmup_steps", "seed"),
-    "speed": ("workers", "loader_device", "amp", "channels_last", "compile", "profile"),
+    "speed": ("workers", "loader_device", "amp", "channels_last", "compile", "profile", "profile_warmup",
+              "profile_window"),
     "run folder, resume, evaluation": ("out", "resume", "auto_resume", "eval_only", "checkpoint", "final_eval",
                                        "max_steps", "epoch_steps", "progress", "log_every", "tensorboard", "demo"),
     "devices and ranks (torchrun)": ("gpus", "gpus_per_replica"),

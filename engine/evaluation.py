@@ -15,7 +15,7 @@ from common.atomic import write_json
 from . import checkpoint as ckpt
 from . import distributed, logs
 from .config import MODEL_FIELDS, TrainConfig
-from .loop import eval_metrics, evaluate
+from .loop import eval_metrics, evaluate, model_rate
 from .profiling import Phases
 from .report import Reporter, crops_table, epoch_line, epochs_table, profile_table
 from .resume import saved_config
@@ -91,9 +91,16 @@ def final_evaluation(session: Session, state: TrainState, stop: StopFlag | None 
         session.say.line(REAL_THING)
 
 
-def report_profile(session: Session, phases: Phases, steps: int) -> None:
-    """--profile's table and profile.json for the ``steps`` steps this process timed."""
-    out, summary = session.out, phases.summary(steps)
+def report_profile(session: Session, phases: Phases, step: int) -> None:
+    """--profile's table and profile.json for this process's steps up to global step ``step``:
+    the warm-up dropped, the end-to-end window, the per-phase split, and the in-loop model
+    rate measured now on a copy (``loop.model_rate``: the run's weights stay as they are).
+    One process only for the model rate: a copy of one rank's net would leave out DDP's
+    gradient all-reduce, so under torchrun it is None."""
+    cfg = session.cfg
+    model = (model_rate(session.net, session.optimizer, session.precision, phases.batch, cfg.profile_window,
+                        compile_model=cfg.compile) if session.info.world == 1 else None)
+    out, summary = session.out, phases.summary(step, model)
     session.say.table(profile_table(summary, session.devices))
     distributed.write_on_rank0(lambda: write_json(out / "profile.json", {**summary, "devices": session.devices,
                                                                         "trace": str(out / "trace.json")}),

@@ -7,6 +7,18 @@ block) and wraps each phase in an NVTX range (``torch.cuda.nvtx``) so Nsight Sys
 the same names, plus a ``torch.profiler`` ``record_function`` label for the Chrome trace.
 The data stall is the data-wait share of the step time: the time the model sat idle
 waiting for the loader.
+
+The steps this process runs fall into windows, by their place after its first step:
+
+    [warm-up W][end-to-end E][per-phase split ...]      W = --profile-warmup, E = --profile-window
+
+The warm-up (cold loader, cuDNN's algorithm search, the allocator growing) counts in no rate.
+The end-to-end window runs the loop exactly as an unprofiled run does (no phase syncs); it is
+timed by the wall clock between two syncs, so its rate is what training delivers. Every later
+step is split by phase, with the syncs that take. The first batch after the warm-up is kept
+(a clone on the device) for the in-loop model rate (``engine.loop.model_rate``): the same
+step on that batch, no loader, which is what end-to-end is read against
+(stall = 1 − end-to-end ÷ model). A run too short to reach a window reports it as not measured.
 """
 from __future__ import annotations
 
@@ -24,18 +36,66 @@ PHASES = ("data", "h2d", "forward", "backward", "optimizer")
 
 
 class Phases:
-    def __init__(self, enabled: bool, devices: list[str]):
+    def __init__(self, enabled: bool, devices: list[str], warmup: int = 0, window: int = 0):
         self.enabled = enabled
         self.cuda = [torch.device(d) for d in devices if d.startswith("cuda")]
+        self.warmup, self.window = warmup, window
         self.seconds: dict[str, float] = defaultdict(float)
         self.images = 0
+        self.first: int | None = None            # the global step before this process's first step
+        self.split = False                       # whether the current step is split by phase
+        self.e2e_images, self.e2e_seconds, self._e2e_start = 0, 0.0, None
+        self.batch: tuple[torch.Tensor, torch.Tensor] | None = None   # kept for the in-loop model rate
 
     def _sync(self) -> None:
         sync(self.cuda)
 
+    def _index(self, step: int) -> int:
+        """The 0-based place among this process's steps of the step that makes the count ``step + 1``."""
+        if self.first is None:
+            self.first = step
+        return step - self.first
+
+    def start_step(self, step: int) -> None:
+        """Before the step after global step ``step`` (the loop's ``state.step``) starts."""
+        if not self.enabled:
+            return
+        i = self._index(step)
+        self.split = i >= self.warmup + self.window
+        if i == self.warmup and self.window:      # the end-to-end window opens
+            self._sync()
+            self._e2e_start = time.perf_counter()
+
+    def end_step(self, step: int, images: torch.Tensor, labels: torch.Tensor) -> None:
+        """After that step is done (``step``: the count now; ``images``/``labels``: its device batch)."""
+        if not self.enabled:
+            return
+        i = self._index(step - 1)
+        if i == self.warmup:                     # the first step after the warm-up: keep its batch
+            self.batch = (images.detach().clone(), labels.clone())
+        if self.split:
+            self.images += labels.shape[0]
+        elif self._e2e_start is not None:
+            self.e2e_images += labels.shape[0]
+            if i == self.warmup + self.window - 1:
+                self.close_window()
+
+    def close_window(self) -> None:
+        """End the end-to-end window (at its last step, or where the run ends inside it)."""
+        if self._e2e_start is not None:
+            self._sync()
+            self.e2e_seconds = time.perf_counter() - self._e2e_start
+            self._e2e_start = None
+
+    def split_steps(self, step: int) -> int:
+        """How many steps up to global step ``step`` were split by phase."""
+        if self.first is None:
+            return 0
+        return max(0, step - self.first - self.warmup - self.window)
+
     @contextlib.contextmanager
     def __call__(self, name: str) -> Iterator[None]:
-        if not self.enabled:
+        if not (self.enabled and self.split):
             yield
             return
         self._sync()
@@ -52,20 +112,30 @@ class Phases:
             if nvtx:
                 torch.cuda.nvtx.range_pop()
 
-    def add_images(self, images: int) -> None:
-        self.images += images
-
-    def summary(self, steps: int) -> dict:
-        """Per-phase ms/step and share of the step, images/s, data-stall % (from the phases
-        alone) over the ``steps`` steps timed (the run's step counter tells how many)."""
+    def summary(self, step: int, model: dict | None = None) -> dict:
+        """The run's figures up to global step ``step``: per-phase ms/step and share of the step,
+        images/s and data-stall % (from the phases alone) over the split steps; the warm-up
+        dropped; the end-to-end rate; ``model`` (``engine.loop.model_rate``'s result) and the
+        stall read from the two. A rate whose window the run did not reach is None."""
+        self.close_window()
+        steps = self.split_steps(step)
+        done = step - self.first if self.first is not None else 0
         total = sum(self.seconds[p] for p in PHASES)
         per = max(steps, 1)
         phases = {p: {"ms_per_step": 1000 * self.seconds[p] / per,
                       "percent": 100 * self.seconds[p] / total if total else 0.0} for p in PHASES}
+        e2e = self.e2e_images / self.e2e_seconds if self.e2e_seconds else None
+        model_rate = (model or {}).get("images_per_s")
         return {"steps": steps, "images": self.images,
                 "step_ms": 1000 * total / per,
                 "images_per_s": self.images / total if total else 0.0,
-                "data_stall_percent": phases["data"]["percent"], "phases": phases}
+                "data_stall_percent": phases["data"]["percent"], "phases": phases,
+                "warmup_steps": min(self.warmup, done),
+                "end_to_end_steps": min(self.window, max(0, done - self.warmup)),
+                "end_to_end_images_per_s": e2e,
+                "model_steps": (model or {}).get("steps", 0),
+                "model_images_per_s": model_rate,
+                "stall_percent": 100 * (1 - e2e / model_rate) if e2e and model_rate else None}
 
 
 def trace_profiler(enabled: bool, out_dir: Path | None, active_steps: int = 3):

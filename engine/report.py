@@ -113,4 +113,17 @@ def profile_table(summary: dict, devices: list[str]) -> Table:
     for p in PHASES:
         t.add_row(p, f"{summary['phases'][p]['ms_per_step']:.2f}", f"{summary['phases'][p]['percent']:.1f}%")
     t.add_row("step", f"{summary['step_ms']:.2f}", "100.0%")
+    t.caption = profile_rates(summary)
     return t
+
+
+def profile_rates(summary: dict) -> str:
+    """The unprofiled figures under the split: the warm-up dropped, end-to-end vs the in-loop model rate."""
+    def rate(key: str, steps: str) -> str:
+        value = summary.get(key)
+        return f"{value:.1f} img/s ({summary.get(steps, 0)} steps)" if value else "not measured"
+    stall = summary.get("stall_percent")
+    return (f"warm-up dropped: {summary.get('warmup_steps', 0)} steps; end-to-end (no phase syncs): "
+            f"{rate('end_to_end_images_per_s', 'end_to_end_steps')}; in-loop model (one batch on the device): "
+            f"{rate('model_images_per_s', 'model_steps')}; stall = 1 - end-to-end / model: "
+            + (f"{stall:.1f}%" if stall is not None else "not measured"))

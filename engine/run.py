@@ -97,11 +97,11 @@ def run_session(session: Session, state: TrainState, read=None) -> int:
 def fit(session: Session, state: TrainState, stop: StopFlag, log: logs.RunLog) -> int:
     """The epochs: train -> validate -> schedule -> save, until --epochs, --max-steps or a stop."""
     cfg, first_step = session.cfg, state.step
-    phases = Phases(cfg.profile, session.devices)
+    phases = Phases(cfg.profile, session.devices, cfg.profile_warmup, cfg.profile_window)
 
     def profile() -> None:               # a profile of no steps must not replace one
         if cfg.profile and state.step > first_step:
-            report_profile(session, phases, state.step - first_step)
+            report_profile(session, phases, state.step)
     try:
         while state.epoch < cfg.epochs and not state.max_steps_reached(cfg.max_steps):
             reason = train_epoch(session, state, stop, phases, log)

@@ -27,7 +27,9 @@ def tiny(records, out, *extra):
             "--no-progress", "--out", str(out), *map(str, extra)]
 
 
-SMOKE = ("--epochs", "1", "--epoch-steps", "2", "--profile")
+# --profile's windows shrunk to the 2 steps: step 1 end to end (the warm-up's length is tested
+# in test_train_profile), step 2 split by phase
+SMOKE = ("--epochs", "1", "--epoch-steps", "2", "--profile", "--profile-warmup", "0", "--profile-window", "1")
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +63,9 @@ def test_smoke_run_writes_the_run_folder(smoke_run, sample_records):
 def test_profile_writes_a_trace_and_a_table(smoke_run):
     _, out = smoke_run
     prof = json.loads((out / "profile.json").read_text())
-    assert prof["steps"] == 2 and prof["images"] == 8
+    assert prof["steps"] == 1 and prof["images"] == 4
+    assert (prof["warmup_steps"], prof["end_to_end_steps"], prof["model_steps"]) == (0, 1, 1)
+    assert prof["end_to_end_images_per_s"] > 0 and prof["model_images_per_s"] > 0
     assert set(prof["phases"]) == {"data", "h2d", "forward", "backward", "optimizer"}
     assert all(p["ms_per_step"] > 0 for k, p in prof["phases"].items() if k != "h2d")   # each one timed
     trace = json.loads((out / "trace.json").read_text())

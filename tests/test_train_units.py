@@ -407,14 +407,15 @@ def test_evaluate_votes_tencrop_batches():
 
 
 def test_phases_summary():
-    p = Phases(True, ["cpu"])
-    for _ in range(2):
+    p = Phases(True, ["cpu"])                 # no warm-up, no end-to-end window: every step split
+    for step in range(2):
+        p.start_step(step)
         for name in PHASES:
             with p(name):
                 time.sleep(0.002)   # every phase takes real time, so the shares are meaningful
-        p.add_images(8)
-    s = p.summary(steps=2)
-    assert s["steps"] == 2 and s["images"] == 16
+        p.end_step(step + 1, torch.zeros(8, 1), torch.zeros(8))
+    s = p.summary(2)
+    assert s["steps"] == 2 and s["images"] == 16 and s["warmup_steps"] == 0
     # every phase slept above, so each is billed at least that; the step is their sum
     assert all(v["ms_per_step"] >= 2.0 for v in s["phases"].values())
     assert s["step_ms"] == pytest.approx(sum(v["ms_per_step"] for v in s["phases"].values()))

@@ -130,7 +130,7 @@ class RunLog:
     def _profile_scalars(self, phases: Phases, step: int) -> None:
         """This epoch's share of the Phases totals: ms per step of each phase and the data stall."""
         step0, seconds0 = self._phases
-        steps = step - step0
+        steps = phases.split_steps(step) - phases.split_steps(step0)    # the warm-up and end-to-end window have no split
         spent = {p: phases.seconds[p] - seconds0.get(p, 0.0) for p in PHASES}
         self._phases = (step, {p: phases.seconds[p] for p in PHASES})
         total = sum(spent.values())
@@ -164,17 +164,14 @@ def conv1_image(net):
 class _EpochSteps:
     """Step lines and step scalars of one epoch. Reads only host numbers ``train_steps``
     already has: ``state.sums`` changes exactly when the loop has read its pending losses back,
-    and then holds every step done so far."""
+    and then holds every step up to ``state.read_step`` (on a GPU up to a span behind)."""
 
     def __init__(self, log: RunLog, state: TrainState, epoch_batches: int, batch_size: int,
                  lr: Callable[[], float]):
         self.log, self.epoch_batches, self.batch_size, self.lr = log, epoch_batches, batch_size, lr
-        self.read_step, self.read_images = state.step, state.sums.images     # the last read-back
-        self.mark = (state.step, self.read_step, state.sums.loss, time.perf_counter())
+        self.mark = (state.step, state.read_step, state.sums.loss, time.perf_counter())
 
     def __call__(self, state: TrainState) -> None:
-        if state.sums.images != self.read_images:
-            self.read_step, self.read_images = state.step, state.sums.images
         log = self.log
         line = log.lines_every and state.step % log.lines_every == 0
         scalars = log.scalars_every and state.step % log.scalars_every == 0
@@ -182,8 +179,8 @@ class _EpochSteps:
             return
         step0, read0, loss0, t0 = self.mark
         now = time.perf_counter()
-        self.mark = (state.step, self.read_step, state.sums.loss, now)
-        read = self.read_step - read0
+        self.mark = (state.step, state.read_step, state.sums.loss, now)
+        read = state.read_step - read0
         loss = (state.sums.loss - loss0) / read if read else math.nan
         per_step = (now - t0) / max(state.step - step0, 1)
         rate = self.batch_size * log.world / per_step if per_step > 0 else 0.0

@@ -17,6 +17,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 from torch import nn
 
+from common.devices import HostCopy, sync
 from pipeline.finish import U8Batch, finish
 from records.format import RecordsError
 
@@ -150,6 +151,7 @@ def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Ite
             reason = "max_steps"
             break
         set_lr(optimizer, lr_at(state.schedule.lr, state.step, plan.warmup_steps))
+        hooks.phases.start_step(state.step)
         start = time.perf_counter()
         batch = fetch_batch(batches, state, pending, hooks)
         if batch is None:                    # the loader ran out before the planned count
@@ -160,14 +162,52 @@ def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Ite
         state.count_step()
         pending.add(loss, correct, skipped if hooks.precision.scaler is not None else None, labels.shape[0])
         if state.step % settings.check_every == 0:
-            settle(pending, state, hooks)
+            settle(pending, state, hooks, lag=True)
         state.sums.seconds += time.perf_counter() - start
-        hooks.phases.add_images(labels.shape[0])
+        hooks.phases.end_step(state.step, images, labels)
         if hooks.after_step(state):
             reason = "stopped"
             break
     settle(pending, state, hooks)
     return reason
+
+
+def model_rate(net: nn.Module, optimizer: torch.optim.Optimizer, precision: Precision, batch,
+               steps: int, compile_model: bool = False, warmup: int = 3) -> dict:
+    """The model's rate inside the training loop: ``train_step`` (forward, backward, update, the
+    same precision) ``steps`` times on one batch already on the device, no loader, timed by
+    the wall clock between two syncs after ``warmup`` untimed steps. What end-to-end is read
+    against: their ratio is the share of the step the loader and the loop's own work cost.
+
+    Runs on deep copies of ``net`` and ``optimizer`` (one copy, so the optimiser still holds
+    the copied parameters) and of the loss scaler, under ``torch.random.fork_rng`` (dropout
+    draws restored), so the run's weights, optimiser state, scale and random streams are
+    exactly as before: a profiled run continues, saves and resumes bitwise as an unprofiled
+    one. ``compile_model``: the copy is compiled as the run's model was (its compile time
+    falls in the untimed steps). Returns {"steps", "images_per_s"} (None: no batch kept)."""
+    import copy
+    if batch is None or steps < 1:
+        return {"steps": 0, "images_per_s": None}
+    images, labels = batch
+    devices = sorted({str(p.device) for p in net.parameters()})
+    cuda = [d for d in devices if d.startswith("cuda")]
+    net_copy, opt_copy = copy.deepcopy((net, optimizer))
+    prec = Precision(precision.amp, precision.device_type)
+    prec.load_state_dict(precision.state_dict())
+    model = torch.compile(net_copy) if compile_model else net_copy
+    was_training, phases = net_copy.training, Phases(False, [])
+    with torch.random.fork_rng(devices=[torch.device(d) for d in cuda]):
+        model.train()
+        for _ in range(warmup):
+            train_step(model, opt_copy, images, labels, prec, phases)
+        sync(cuda)
+        start = time.perf_counter()
+        for _ in range(steps):
+            train_step(model, opt_copy, images, labels, prec, phases)
+        sync(cuda)
+        seconds = time.perf_counter() - start
+    net_copy.train(was_training)
+    return {"steps": steps, "images_per_s": steps * labels.shape[0] / seconds if seconds > 0 else None}
 
 
 def fetch_batch(batches: Iterator, state: TrainState, pending: "_Pending", hooks: StepHooks):
@@ -197,22 +237,66 @@ def next_batch(batches: Iterator):
         return None, exc
 
 
-def settle(pending: "_Pending", state: TrainState, hooks: StepHooks) -> None:
-    """Read the pending steps back into ``state.sums`` (the one host sync), then agree with the
-    other ranks: a NaN/inf loss on any rank raises NonFiniteLoss on all of them."""
-    bad = pending.flush_into(state.sums, state.step)
+def settle(pending: "_Pending", state: TrainState, hooks: StepHooks, lag: bool = False) -> None:
+    """Read the pending steps back into ``state.sums``, then agree with the other ranks: a
+    NaN/inf loss on any rank raises NonFiniteLoss on all of them.
+
+    ``lag`` (the periodic read-back): the span just finished is only queued for copying
+    (``HostCopy``: pinned memory and an event, no drain) and read at the next read-back, or now
+    if the device is already past it (always on the CPU, where the copy is a plain copy); the
+    span before it is read now, waiting only for its own copy. So on a GPU the host reads one
+    span behind the device and the queue never runs dry at a read-back, a NaN/inf loss is
+    found up to one span later than it happened (still naming its exact step; the steps of the
+    span after it run and are thrown away with the rest: nothing non-finite is saved), and
+    ``state.sums`` / ``state.read_step`` may lag ``state.step`` by a span (step lines show what
+    was read). Without ``lag`` (on return: the epoch's end, --max-steps, a stop; before a bad
+    record's save) everything is read: the sums then hold every step done. Spans are added in
+    order whatever the timing, so the sums are bitwise those of reading every span at once."""
+    bad = pending.flush_into(state, lag)
     if hooks.agree(NONFINITE if bad is not None else OK) == NONFINITE:
         raise NonFiniteLoss(*(bad or (state.step, None)))
 
 
 @dataclass
+class _Span:
+    """One read-back's worth of steps, copied to the host: losses, then top-1/top-5 correct
+    summed, then (fp16) the skipped-update count, packed as float64 (exact for float32
+    losses and integer counts) so one copy and one event carry them."""
+    copy: HostCopy
+    last_step: int                          # the global step of its last loss
+    steps: int
+    images: int
+    fp16: bool
+
+    def add_to(self, state: TrainState) -> tuple[int, float] | None:
+        """Add to ``state.sums`` (waiting for the copy if need be); (step, value) of the first
+        NaN/inf loss instead (nothing added)."""
+        values = self.copy.get().tolist()
+        losses, counts = values[:self.steps], values[self.steps:]
+        first = self.last_step - self.steps + 1
+        for i, value in enumerate(losses):
+            if not math.isfinite(value):
+                return first + i, value
+        sums = state.sums
+        if self.fp16:
+            sums.amp_skipped += int(counts[2])
+        sums.loss += sum(losses)
+        sums.top1 += int(counts[0])
+        sums.top5 += int(counts[1])
+        sums.images += self.images
+        state.read_step = self.last_step
+        return None
+
+
+@dataclass
 class _Pending:
     """Per-step device tensors not yet read back to the host (reading forces a sync): the
-    losses of the steps up to the state's current one."""
+    losses of the steps up to the state's current one, and the spans copied but not yet read."""
     losses: list = field(default_factory=list)
     correct: list = field(default_factory=list)
     skipped: list = field(default_factory=list)   # fp16 only: 0-dim bool, True = update skipped
     images: int = 0
+    copied: list = field(default_factory=list)    # _Span, oldest first
 
     def add(self, loss: torch.Tensor, correct: torch.Tensor, skipped: torch.Tensor | None, images: int) -> None:
         self.losses.append(loss), self.correct.append(correct)
@@ -220,25 +304,30 @@ class _Pending:
             self.skipped.append(skipped)
         self.images += images
 
-    def flush_into(self, sums: EpochSums, step: int) -> tuple[int, float] | None:
-        """Read the losses back and add them to ``sums``, ``step`` being the global step of the
-        last one; (step, value) of the first NaN/inf loss instead (nothing added). A skipped
-        fp16 step is the scaler's business, not a stop."""
+    def _copy(self, step: int) -> None:
+        """Queue the current steps' copy to the host (``step``: the global step of the last)."""
         if not self.losses:
-            return None
-        losses = torch.stack(self.losses).float().cpu().tolist()
-        first = step - len(losses) + 1
-        for i, value in enumerate(losses):
-            if not math.isfinite(value):
-                return first + i, value
-        correct = torch.stack(self.correct).sum(0).cpu().tolist()
+            return
+        parts = [torch.stack(self.losses).double(), torch.stack(self.correct).sum(0).double()]
         if self.skipped:
-            sums.amp_skipped += int(torch.stack(self.skipped).sum().cpu())
-        sums.loss += sum(losses)
-        sums.top1 += int(correct[0])
-        sums.top5 += int(correct[1])
-        sums.images += self.images
+            parts.append(torch.stack(self.skipped).sum().double().reshape(1))
+        self.copied.append(_Span(HostCopy(torch.cat(parts)), step, len(self.losses), self.images,
+                                 bool(self.skipped)))
         self.losses, self.correct, self.skipped, self.images = [], [], [], 0
+
+    def flush_into(self, state: TrainState, lag: bool = False) -> tuple[int, float] | None:
+        """Add the read spans to ``state.sums`` in order (see ``settle``); (step, value) of the
+        first NaN/inf loss instead."""
+        self._copy(state.step)
+        while self.copied:
+            span = self.copied[0]
+            if lag and len(self.copied) == 1 and not span.copy.ready():
+                break                        # the span just queued waits for the next read-back
+            self.copied.pop(0)
+            bad = span.add_to(state)
+            if bad is not None:
+                return bad
+        return None
 
 
 @torch.no_grad()

@@ -53,6 +53,10 @@ class TrainState:
     # what the run reads: {"train": records in the train split, "classes": digest of meta.json's
     # class list}; None in checkpoints that predate it. A resume compares it (engine.resume)
     records: dict | None = None
+    # the global step up to which ``sums`` hold the losses: the loop reads them back up to a
+    # span behind the device (engine.loop.settle); not saved, as a checkpoint follows a full
+    # read-back (then it equals ``step``)
+    read_step: int = 0
 
     def count_step(self) -> None:
         """One optimiser step done: the only writer of ``step`` and ``batch``."""
@@ -89,6 +93,7 @@ class TrainState:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.schedule.load_state_dict(state["schedule"])
         self.epoch, self.step, self.batch = int(state["epoch"]), int(state["step"]), int(state["batch"])
+        self.read_step = self.step
         self.sums = EpochSums(**state["sums"])
         self.history = list(state["history"])
         self.seed, self.batch_size, self.world = int(state["seed"]), int(state["batch_size"]), int(state["world"])

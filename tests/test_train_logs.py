@@ -174,7 +174,7 @@ def scalars(out: Path) -> dict[str, list[tuple[int, float]]]:
 
 def test_tensorboard_scalars_and_conv1_and_no_duplicate_steps_on_resume(tmp_path):
     pytest.importorskip("tensorboard")
-    cfg = config(log_every=10, tensorboard=True, profile=True)
+    cfg = config(log_every=10, tensorboard=True, profile=True, profile_warmup=0, profile_window=0)
     assert R.run_session(session(tmp_path / "full", cfg), S.new_state(cfg, 1)) == 0
     full = scalars(tmp_path / "full")
     history = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
@@ -228,12 +228,14 @@ def test_line_numbers_on_two_ranks(monkeypatch, capsys):
     log.epoch_end_seconds = 5.0                      # validation + checkpoint of the last epoch
     state = S.new_state(config(), 2)
     state.epoch, state.step = 3, 300                 # epoch 4 of 90, 100 batches an epoch
+    state.read_step = 300
     on_step = log.epoch_steps(state, 100, 128, lambda: 0.001)
     for _ in range(50):
         clock[0] += 0.2
         state.count_step()
         if state.step % 10 == 0:                     # the loop's read-back: losses of 2.0 each
             state.sums.loss, state.sums.images = state.sums.loss + 10 * 2.0, state.sums.images + 10 * 128
+            state.read_step = state.step
         on_step(state)
     (line,) = [x for x in capsys.readouterr().out.splitlines() if x.startswith("epoch")]
     # 50 x 128 x 2 images / 10 s; epoch: 50 steps x 0.2 s; run: (50 + 86 x 100) x 0.2 s + 87 x 5 s = 2165 s

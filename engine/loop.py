@@ -308,9 +308,10 @@ class _Pending:
         """Queue the current steps' copy to the host (``step``: the global step of the last)."""
         if not self.losses:
             return
-        parts = [torch.stack(self.losses).double(), torch.stack(self.correct).sum(0).double()]
-        if self.skipped:
-            parts.append(torch.stack(self.skipped).sum().double().reshape(1))
+        losses = torch.stack(self.losses).double()
+        parts = [losses, torch.stack(self.correct).sum(0).double().to(losses.device)]
+        if self.skipped:   # the flags may sit on another device (or the host) than the losses
+            parts.append(torch.stack([f.to(losses.device) for f in self.skipped]).sum().double().reshape(1))
         self.copied.append(_Span(HostCopy(torch.cat(parts)), step, len(self.losses), self.images,
                                  bool(self.skipped)))
         self.losses, self.correct, self.skipped, self.images = [], [], [], 0

@@ -15,7 +15,7 @@ from engine import loop
 from engine import run as R
 from engine import session as S
 from engine.config import TrainConfig
-from engine.loop import NonFiniteLoss, StepPlan, train_steps
+from engine.loop import NonFiniteLoss, StepHooks, StepPlan, train_steps
 from engine.recipe import make_optimizer
 from test_train_engine import assert_same_tensors, config, metrics, resume, start
 from test_train_logs import session as log_session
@@ -89,3 +89,27 @@ def test_step_lines_count_the_steps_read(tmp_path, capsys, monkeypatch):
     assert (late["20"], late["40"]) == (now["10"], now["30"])
     assert json.loads((tmp_path / "now" / "metrics.jsonl").read_text().splitlines()[0])["train_loss"] == \
         json.loads((tmp_path / "late" / "metrics.jsonl").read_text().splitlines()[0])["train_loss"]
+
+
+@pytest.mark.gpu
+def test_gpu_read_back_sums_every_loss_and_the_model_rate_leaves_the_net_alone():
+    """On CUDA: the spans read through pinned copies cover every step once the loop returns, and
+    the in-loop model rate (bf16) trains a copy only."""
+    import torch
+    from torch import nn
+    from engine.loop import LoopSettings, model_rate
+    from engine.precision import Precision
+    dev = torch.device("cuda:0")
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(12, 3)).to(dev)
+    opt = make_optimizer(net, TrainConfig())
+    data = list(_batches(25))
+    state = _state()
+    hooks = StepHooks(precision=Precision("none", dev))
+    train_steps(net, opt, iter(data), state, StepPlan(epoch_batches=25), LoopSettings(dev, check_every=10), hooks)
+    assert (state.read_step, state.sums.images) == (25, 100)
+    before = [p.detach().clone() for p in net.parameters()]
+    x, y = data[0][0].to(dev), data[0][1].to(dev)
+    rate = model_rate(net, opt, Precision("bf16", dev), (x, y), steps=5)
+    assert rate["steps"] == 5 and rate["images_per_s"] > 0
+    assert all(torch.equal(p, b) for p, b in zip(net.parameters(), before))

@@ -149,7 +149,8 @@ def _ddp_rank(rank: int, world: int, port: int, gpus: str, out: str,
     info = D.dist_info_from_env()
     devices = D.replica_devices(TrainConfig(gpus=gpus), info, torch.cuda.device_count())
     towers = D.tower_devices(devices, 2)
-    assert len(towers) == 2 and (gpus == "" or towers[0] != towers[1]), towers
+    # the CPU: one device, so the fused net's list (the split net is built for it above); GPUs: one per tower
+    assert towers == ["cpu"] if gpus == "" else len(towers) == 2 and towers[0] != towers[1], towers
     D.init_process_group(info, devices)
     if net is None:             # a spawned GPU rank: its own net, and the reference on its own devices
         net, ref = _two_tower_net(towers), _single_process_grads(_two_tower_net(towers))

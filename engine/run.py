@@ -122,7 +122,7 @@ def fit(session: Session, state: TrainState, stop: StopFlag, log: logs.RunLog) -
         final_evaluation(session, state, stop)
         return 0
     except (Interrupted, NonFiniteLoss, ckpt.NonFiniteState, RecordsError) as exc:
-        return fault_exit(session, state, exc, stop)
+        return fault_exit(session, state, exc, stop, first_step)
 
 
 def train_epoch(session: Session, state: TrainState, stop: StopFlag, phases: Phases, log: logs.RunLog) -> str:

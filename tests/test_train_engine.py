@@ -282,6 +282,24 @@ def test_bad_record_saves_the_last_step_and_resumes_exactly(full, tmp_path, caps
     assert_same_tensors(full / "last.pt", tmp_path / "last.pt")
 
 
+def test_records_refused_before_the_first_step_write_no_checkpoint(tmp_path, capsys):
+    """A bad record (or shard) met before any step of this process: nothing was trained, so a
+    new run writes no last.pt (untrained weights are no checkpoint) and a resumed one leaves
+    its last.pt as it was."""
+    def bad(i, x):
+        raise RecordsError("shard-00000.rec: record 0: truncated JPEG")
+    assert start(tmp_path, config(), {0: bad}) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: shard-00000.rec: record 0") and "no checkpoint written" in err
+    assert not (tmp_path / "last.pt").exists() and not (tmp_path / "best.pt").exists()
+    assert start(tmp_path, config(epochs=1)) == 0        # the records fixed: the same command again
+    before = os.stat(tmp_path / "last.pt")
+    assert resume(tmp_path, config(epochs=2), {1: bad}) == 2
+    assert "(step 5) is as it was" in capsys.readouterr().err
+    after = os.stat(tmp_path / "last.pt")
+    assert (before.st_ino, before.st_mtime_ns) == (after.st_ino, after.st_mtime_ns)
+
+
 def test_nonfinite_weights_after_a_finite_loss_are_never_saved(tmp_path, capsys):
     """A NaN report from a real run: a resume with an absurd explicit --lr whose one step has a finite loss
     but leaves inf weights (inputs of 1e30: the logits stay finite, lr x gradient does not)."""

@@ -18,7 +18,7 @@ from .config import MODEL_FIELDS, TrainConfig
 from .loop import eval_metrics, evaluate
 from .profiling import Phases
 from .report import Reporter, crops_table, epoch_line, epochs_table, profile_table
-from .resume import saved_config
+from .resume import check_classes, saved_config
 from .runfolder import append_metrics, run_folder, save_checkpoint
 from .session import Session, build_session
 from .signals import StopFlag
@@ -115,6 +115,7 @@ def eval_only(cfg: TrainConfig, info: distributed.DistInfo, say: Reporter) -> in
         cfg = replace(cfg, records=saved.records)
     out = run_folder(replace(cfg, out=cfg.out or str(path.parent)))
     session = build_session(cfg, info, say, out)
+    check_classes(state["model"], session, path)
     try:
         session.net.load_state_dict(state["model"])
     except RuntimeError as exc:

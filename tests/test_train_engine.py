@@ -300,6 +300,24 @@ def test_records_refused_before_the_first_step_write_no_checkpoint(tmp_path, cap
     assert (before.st_ino, before.st_mtime_ns) == (after.st_ino, after.st_mtime_ns)
 
 
+def test_resume_on_records_with_another_number_of_classes_names_both_counts(tmp_path):
+    class Net(nn.Module):
+        def __init__(self, classes):
+            super().__init__()
+            self.fc8 = nn.Linear(12, classes)
+
+        def forward(self, x):
+            return self.fc8(x.flatten(1))
+    cfg = config(records=str(tmp_path / "records"))
+    s = session(tmp_path, cfg)
+    saved = {"model": Net(5).state_dict(), "optimizer": s.optimizer.state_dict()}
+    s = S.Session(**{**vars(s), "net": Net(7), "classes": 7})
+    with pytest.raises(S.RunError) as err:
+        resuming.restore(s, S.new_state(cfg, 1), saved, tmp_path / "last.pt", lr_given=False)
+    assert str(err.value) == (f"{tmp_path / 'last.pt'}: trained on 5 classes, but {tmp_path / 'records'} holds 7; "
+                              "resume with the records it was trained on (--records DIR), or start a new run on these")
+
+
 def test_nonfinite_weights_after_a_finite_loss_are_never_saved(tmp_path, capsys):
     """A NaN report from a real run: a resume with an absurd explicit --lr whose one step has a finite loss
     but leaves inf weights (inputs of 1e30: the logits stay finite, lr x gradient does not)."""

@@ -72,20 +72,46 @@ def end_epoch(session: Session, state: TrainState, stop: StopFlag | None = None)
     append_metrics(session, state, m)
 
 
-def write_eval(session: Session, path: Path, where: dict, stop: StopFlag | None = None) -> None:
+def write_eval(session: Session, path: Path, where: dict, stop: StopFlag | None = None, what: str = "") -> None:
     single, ten = validate(session, "center", stop), validate(session, "tencrop", stop)
-    session.say.table(crops_table(single, ten, session.classes))
+    session.say.table(crops_table(single, ten, session.classes, what))
     distributed.write_on_rank0(lambda: write_json(path, {**where, "center": single, "tencrop": ten}),
                                session.info, session.host_group)
 
 
+def best_weights(session: Session, state: TrainState) -> dict:
+    """Put best.pt's weights into the net (on every rank), unless the last epoch is the best and
+    the net holds them already; returns where they come from, for the table and eval.json. The
+    final table evaluates what figures, export and predict use: the epoch with the lowest
+    validation top-1 error (the first of equals: best.pt is replaced only by a strict improvement)."""
+    if not state.history:
+        return {"checkpoint": "last.pt", "best_epoch": None}
+    errors = [m["val_top1_err"] for m in state.history]
+    best = state.history[errors.index(min(errors))]["epoch"]
+    if best != state.history[-1]["epoch"]:
+        path = session.out / "best.pt"
+
+        def load() -> None:
+            saved = ckpt.load(path, keys=("model", "epoch"))
+            if saved["epoch"] != best:
+                raise ckpt.CheckpointError(f"{path}: holds epoch {saved['epoch']}, but the run's best is epoch "
+                                           f"{best}; --eval-only --checkpoint FILE evaluates a checkpoint of choice")
+            session.net.load_state_dict(saved["model"])
+        distributed.fail_together(load, session.host_group)    # every rank reads the shared run folder
+    return {"checkpoint": "best.pt", "best_epoch": best}
+
+
 def final_evaluation(session: Session, state: TrainState, stop: StopFlag | None = None) -> None:
-    """End of training: the per-epoch table, then single-crop vs 10-crop error on the final weights."""
+    """End of training: the per-epoch table, then single-crop vs 10-crop error of best.pt's
+    weights (those of the last epoch when it is the best)."""
     if state.history:
         session.say.table(epochs_table(state.history))
     if not session.cfg.final_eval:
         return
-    write_eval(session, session.out / "eval.json", {"epoch": state.epoch, "step": state.step}, stop)
+    which = best_weights(session, state)
+    what = (f"{which['checkpoint']} (epoch {which['best_epoch']}, the lowest validation top-1 error)"
+            if which["best_epoch"] else "")
+    write_eval(session, session.out / "eval.json", {"epoch": state.epoch, "step": state.step, **which}, stop, what)
     session.say.line(f"train: done; run folder {session.out} (config.json, metrics.jsonl, last.pt, best.pt, eval.json)")
     if session.cfg.demo:
         session.say.line(REAL_THING)
@@ -125,6 +151,7 @@ def eval_only(cfg: TrainConfig, info: distributed.DistInfo, say: Reporter) -> in
     # eval-<checkpoint>.json, not eval.json: beside a run's checkpoints that is the run's own final
     # evaluation (of last.pt), which a resumed run checks to know whether it still has to run it
     target = out / f"eval-{path.stem}.json"
-    write_eval(session, target, {"checkpoint": str(path), "epoch": state["epoch"], "step": state["step"]})
+    write_eval(session, target, {"checkpoint": str(path), "epoch": state["epoch"], "step": state["step"]},
+               what=f"{path} (epoch {state['epoch']})")
     say.line(f"train: evaluated {path} (epoch {state['epoch']}, step {state['step']}); wrote {target}")
     return 0

@@ -228,6 +228,32 @@ def test_sigterm_during_the_final_evaluation_stops_and_the_resume_evaluates(tmp_
     assert ckpt.load(tmp_path / "last.pt")["step"] == 2 * BATCHES       # nothing trained again
 
 
+def test_the_final_evaluation_is_of_best_pt_and_says_so(tmp_path, capsys):
+    """The final single- vs 10-crop table evaluates the weights figures, export and predict use
+    (best.pt), not the last ones, when an earlier epoch was the best."""
+    import shutil
+    from engine.loop import evaluate
+    assert start(tmp_path, config(epochs=1)) == 0
+    shutil.copy(tmp_path / "best.pt", tmp_path / "epoch1.pt")
+    assert resume(tmp_path, config(epochs=2)) == 0
+    last = ckpt.load(tmp_path / "last.pt", keys=resuming.RESUME_KEYS)  # epoch 2 made the worse one
+    last["history"][1]["val_top1_err"] = 2.0
+    ckpt.save(tmp_path / "last.pt", last)
+    shutil.copy(tmp_path / "epoch1.pt", tmp_path / "best.pt")
+    capsys.readouterr()
+    assert resume(tmp_path, config(epochs=2, final_eval=True)) == 0     # runs the missing final evaluation
+    assert "Validation error of best.pt (epoch 1, the lowest validation top-1 error)" in capsys.readouterr().out
+    written = json.loads((tmp_path / "eval.json").read_text())
+    assert (written["checkpoint"], written["best_epoch"], written["step"]) == ("best.pt", 1, 2 * BATCHES)
+
+    def loss_of(weights: Path) -> float:
+        net = session(tmp_path / "x", config()).net
+        net.load_state_dict(ckpt.load(weights)["model"])
+        return evaluate(net, FakeLoader(99, 2, 3), LoopSettings(CPU))["loss_sum"] / 6
+    assert written["center"]["loss"] == pytest.approx(loss_of(tmp_path / "epoch1.pt"), rel=1e-6)
+    assert written["center"]["loss"] != pytest.approx(loss_of(tmp_path / "last.pt"), rel=1e-6)
+
+
 def test_a_second_process_on_the_same_run_is_refused(tmp_path, capsys):
     """Two train.py on one run folder (a job submitted twice, a requeue while the old job
     drains) would write the same last.pt and metrics.jsonl: the second refuses, touching nothing."""

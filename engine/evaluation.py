@@ -40,9 +40,11 @@ def validate(session: Session, view: str, stop: StopFlag | None = None) -> dict:
 
     def local_sums() -> dict:
         loader = session.data.val(view)
+        plain = logs.PassProgress(session.say, view, loader.epoch_size)
         with session.say.bar(f"  val {view}", loader.epoch_size) as advance:
             def on_batch(n: int) -> None:
                 advance(n)
+                plain(n)
                 if stop is not None:
                     stop.check()
             return evaluate(session.net, loader, session.settings, on_batch=on_batch)

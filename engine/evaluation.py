@@ -11,6 +11,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from common.atomic import write_json
+from records.folder import read_meta
+from records.format import DEFAULT_RECORDS, DEFAULT_SAMPLE, RecordsError
 
 from . import checkpoint as ckpt
 from . import distributed, logs
@@ -24,6 +26,7 @@ from .session import Session, build_session
 from .signals import StopFlag
 from .state import TrainState
 
+# The demo's closing lines: only after a run on the built-in sample set (whose next step is ImageNet).
 REAL_THING = ("The real thing, on ImageNet with two GPUs:\n"
               "  python prep/build_records.py --source /data/imagenet --out /data/records\n"
               "  python train.py --gpus 0,1 --records /data/records --out runs/alexnet")
@@ -115,8 +118,16 @@ def final_evaluation(session: Session, state: TrainState, stop: StopFlag | None 
             if which["best_epoch"] else "")
     write_eval(session, session.out / "eval.json", {"epoch": state.epoch, "step": state.step, **which}, stop, what)
     session.say.line(f"train: done; run folder {session.out} (config.json, metrics.jsonl, last.pt, best.pt, eval.json)")
-    if session.cfg.demo:
+    if session.cfg.demo and on_sample_set(session.cfg.records):
         session.say.line(REAL_THING)
+
+
+def on_sample_set(records: str | None) -> bool:
+    """Whether ``records`` were built from the built-in sample set (its default folder)."""
+    try:
+        return Path(read_meta(Path(records or DEFAULT_RECORDS))["source"]).resolve() == DEFAULT_SAMPLE.resolve()
+    except (RecordsError, KeyError, TypeError, OSError):
+        return False
 
 
 def report_profile(session: Session, phases: Phases, steps: int) -> None:

@@ -426,3 +426,14 @@ def test_resume_path_is_a_folder_or_a_checkpoint_file(tmp_path):
     assert resuming.resume_paths(str(tmp_path / "run")) == (tmp_path / "run" / "last.pt", tmp_path / "run")
     (tmp_path / "run" / "best.pt").write_bytes(b"")
     assert resuming.resume_paths(str(tmp_path / "run" / "best.pt")) == (tmp_path / "run" / "best.pt", tmp_path / "run")
+
+
+def test_the_demo_ends_with_the_imagenet_lines_only_on_the_sample_set(sample_records, sample_source, tmp_path,
+                                                                       capsys, monkeypatch):
+    from engine import evaluation
+    cfg = config(demo=True, final_eval=True, epochs=1, records=str(sample_records))
+    assert start(tmp_path / "mine", cfg) == 0
+    assert "The real thing" not in capsys.readouterr().out               # --demo --records MINE
+    monkeypatch.setattr(evaluation, "DEFAULT_SAMPLE", sample_source)      # these records: the sample set's
+    assert start(tmp_path / "sample", cfg) == 0
+    assert "The real thing, on ImageNet with two GPUs" in capsys.readouterr().out

@@ -107,6 +107,9 @@ class TrainConfig:
     eval_only: bool = field(default=False, metadata=_h(
         "only evaluate --checkpoint on the validation set: single-crop and 10-crop error"))
     checkpoint: str | None = field(default=None, metadata=_h("checkpoint for --eval-only: a file, or a run folder (its best.pt)"))
+    keep_last_only: bool = field(default=False, metadata=_h(
+        "write no best.pt, only last.pt (half the run folder's disk when the best epoch is not the last); "
+        "the final table, figures, export and predict then use last.pt"))
     final_eval: bool = field(default=True, metadata=_h(
         "finish with the single-crop vs 10-crop error table on the validation set"))
     progress: bool = field(default=True, metadata=_h("rich progress bars (only when stdout is a terminal)"))
@@ -226,7 +229,8 @@ HELP_GROUPS: dict[str, tuple[str, ...]] = {
                                     "plateau_patience", "plateau_threshold", "max_lr_drops", "warmup_steps", "seed",
                                     "preset"),
     "speed": ("workers", "loader_device", "amp", "channels_last", "compile", "profile"),
-    "run folder, resume, evaluation": ("out", "resume", "auto_resume", "eval_only", "checkpoint", "final_eval",
+    "run folder, resume, evaluation": ("out", "resume", "auto_resume", "eval_only", "checkpoint", "keep_last_only",
+                                       "final_eval",
                                        "max_steps", "epoch_steps", "progress", "log_every", "tensorboard", "demo"),
     "devices and ranks (torchrun)": ("gpus", "gpus_per_replica"),
 }

@@ -73,7 +73,7 @@ def end_epoch(session: Session, state: TrainState, stop: StopFlag | None = None)
         say.line(f"train: validation top-1 error stopped improving for {cfg.plateau_patience} epoch(s): "
                  f"lr divided by 10 -> {state.schedule.lr:.3g}")
     state.end_epoch(m)
-    save_checkpoint(session, state, best=is_best)
+    save_checkpoint(session, state, best=is_best and not cfg.keep_last_only)
     append_metrics(session, state, m)
 
 
@@ -89,7 +89,7 @@ def best_weights(session: Session, state: TrainState) -> dict:
     the net holds them already; returns where they come from, for the table and eval.json. The
     final table evaluates what figures, export and predict use: the epoch with the lowest
     validation top-1 error (the first of equals: best.pt is replaced only by a strict improvement)."""
-    if not state.history:
+    if not state.history or session.cfg.keep_last_only:
         return {"checkpoint": "last.pt", "best_epoch": None}
     errors = [m["val_top1_err"] for m in state.history]
     best = state.history[errors.index(min(errors))]["epoch"]
@@ -115,9 +115,10 @@ def final_evaluation(session: Session, state: TrainState, stop: StopFlag | None 
         return
     which = best_weights(session, state)
     what = (f"{which['checkpoint']} (epoch {which['best_epoch']}, the lowest validation top-1 error)"
-            if which["best_epoch"] else "")
+            if which["best_epoch"] else f"last.pt (epoch {state.epoch})")
     write_eval(session, session.out / "eval.json", {"epoch": state.epoch, "step": state.step, **which}, stop, what)
-    session.say.line(f"train: done; run folder {session.out} (config.json, metrics.jsonl, last.pt, best.pt, eval.json)")
+    best = "" if session.cfg.keep_last_only else " best.pt,"
+    session.say.line(f"train: done; run folder {session.out} (config.json, metrics.jsonl, last.pt,{best} eval.json)")
     if session.cfg.demo and on_sample_set(session.cfg.records):
         session.say.line(REAL_THING)
 

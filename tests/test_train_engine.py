@@ -437,3 +437,10 @@ def test_the_demo_ends_with_the_imagenet_lines_only_on_the_sample_set(sample_rec
     monkeypatch.setattr(evaluation, "DEFAULT_SAMPLE", sample_source)      # these records: the sample set's
     assert start(tmp_path / "sample", cfg) == 0
     assert "The real thing, on ImageNet with two GPUs" in capsys.readouterr().out
+
+
+def test_keep_last_only_writes_no_best_pt_and_the_final_table_says_last_pt(tmp_path, capsys):
+    assert start(tmp_path, config(final_eval=True, keep_last_only=True)) == 0
+    assert (tmp_path / "last.pt").exists() and not (tmp_path / "best.pt").exists()
+    assert "Validation error of last.pt (epoch 2)" in capsys.readouterr().out
+    assert json.loads((tmp_path / "eval.json").read_text())["checkpoint"] == "last.pt"

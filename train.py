@@ -16,7 +16,8 @@ examples:
 
 The run folder (--out, default runs/<UTC timestamp>) gets config.json, metrics.jsonl (one
 line per epoch), last.pt, best.pt and eval.json. Exit status: 0 done, 2 bad input, 3 NaN/inf
-loss, 128+signal when interrupted (resumable).
+loss, 4 another torchrun rank vanished (resumable from the last checkpoint), 128+signal when
+interrupted (resumable).
 """
 import sys
 

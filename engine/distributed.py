@@ -195,6 +195,33 @@ def write_on_rank0(write: Callable[[], None], info: DistInfo, group) -> None:
     fail_together(lambda: write() if info.is_main else None, group)
 
 
+# How gloo's TCP transport reports a peer whose process is gone (killed, crashed, its node
+# lost): the collective that was waiting for it raises a plain RuntimeError with one of these.
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "gloo/transport")
+PEER_LOST_STATUS = 4      # a rank's exit status when another rank vanished mid-run (documented in engine/run.py)
+
+
+def peer_lost(exc: BaseException, info: DistInfo) -> bool:
+    """Whether ``exc`` is a collective failing because another rank of the run is gone."""
+    if not info.enabled or not isinstance(exc, RuntimeError):
+        return False
+    return isinstance(exc, dist.DistError) or any(s in str(exc) for s in PEER_GONE)
+
+
+def peer_lost_line(info: DistInfo, out, step: int | None = None) -> str:
+    """The one line a surviving rank stops with. Which rank vanished: with two ranks the other
+    one; with more, gloo names only an address, so 'a peer rank'."""
+    who = f"rank {1 - info.rank}" if info.world == 2 else "a peer rank"
+    at = f" at step {step}" if step is not None else ""
+    resume = (f"python train.py --resume {out}" if out else "python train.py --resume RUN_DIR")
+    return (f"error: {who} vanished{at} (its process ended or its connection broke); rank {info.rank} stops "
+            f"too, without saving. The run continues from its last checkpoint: {resume} (or the same "
+            "command with --auto-resume)")
+
+
 def shutdown(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            dist.destroy_process_group()
+        except RuntimeError:       # a peer already gone: nothing left to tear down with it
+            pass

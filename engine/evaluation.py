@@ -11,6 +11,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from common.atomic import write_json
+from records.folder import read_meta
+from records.format import DEFAULT_RECORDS, DEFAULT_SAMPLE, RecordsError
 
 from . import checkpoint as ckpt
 from . import distributed, logs
@@ -18,12 +20,13 @@ from .config import MODEL_FIELDS, TrainConfig
 from .loop import eval_metrics, evaluate, model_rate
 from .profiling import Phases
 from .report import Reporter, crops_table, epoch_line, epochs_table, profile_table
-from .resume import saved_config
+from .resume import check_classes, saved_config
 from .runfolder import append_metrics, run_folder, save_checkpoint
 from .session import Session, build_session
 from .signals import StopFlag
 from .state import TrainState
 
+# The demo's closing lines: only after a run on the built-in sample set (whose next step is ImageNet).
 REAL_THING = ("The real thing, on ImageNet with two GPUs:\n"
               "  python prep/build_records.py --source /data/imagenet --out /data/records\n"
               "  python train.py --gpus 0,1 --records /data/records --out runs/alexnet")
@@ -40,9 +43,11 @@ def validate(session: Session, view: str, stop: StopFlag | None = None) -> dict:
 
     def local_sums() -> dict:
         loader = session.data.val(view)
+        plain = logs.PassProgress(session.say, view, loader.epoch_size)
         with session.say.bar(f"  val {view}", loader.epoch_size) as advance:
             def on_batch(n: int) -> None:
                 advance(n)
+                plain(n)
                 if stop is not None:
                     stop.check()
             return evaluate(session.net, loader, session.settings, on_batch=on_batch)
@@ -68,27 +73,62 @@ def end_epoch(session: Session, state: TrainState, stop: StopFlag | None = None)
         say.line(f"train: validation top-1 error stopped improving for {cfg.plateau_patience} epoch(s): "
                  f"lr divided by 10 -> {state.schedule.lr:.3g}")
     state.end_epoch(m)
-    save_checkpoint(session, state, best=is_best)
+    save_checkpoint(session, state, best=is_best and not cfg.keep_last_only)
     append_metrics(session, state, m)
 
 
-def write_eval(session: Session, path: Path, where: dict, stop: StopFlag | None = None) -> None:
+def write_eval(session: Session, path: Path, where: dict, stop: StopFlag | None = None, what: str = "") -> None:
     single, ten = validate(session, "center", stop), validate(session, "tencrop", stop)
-    session.say.table(crops_table(single, ten, session.classes))
+    session.say.table(crops_table(single, ten, session.classes, what))
     distributed.write_on_rank0(lambda: write_json(path, {**where, "center": single, "tencrop": ten}),
                                session.info, session.host_group)
 
 
+def best_weights(session: Session, state: TrainState) -> dict:
+    """Put best.pt's weights into the net (on every rank), unless the last epoch is the best and
+    the net holds them already; returns where they come from, for the table and eval.json. The
+    final table evaluates what figures, export and predict use: the epoch with the lowest
+    validation top-1 error (the first of equals: best.pt is replaced only by a strict improvement)."""
+    if not state.history or session.cfg.keep_last_only:
+        return {"checkpoint": "last.pt", "best_epoch": None}
+    errors = [m["val_top1_err"] for m in state.history]
+    best = state.history[errors.index(min(errors))]["epoch"]
+    if best != state.history[-1]["epoch"]:
+        path = session.out / "best.pt"
+
+        def load() -> None:
+            saved = ckpt.load(path, keys=("model", "epoch"))
+            if saved["epoch"] != best:
+                raise ckpt.CheckpointError(f"{path}: holds epoch {saved['epoch']}, but the run's best is epoch "
+                                           f"{best}; --eval-only --checkpoint FILE evaluates a checkpoint of choice")
+            session.net.load_state_dict(saved["model"])
+        distributed.fail_together(load, session.host_group)    # every rank reads the shared run folder
+    return {"checkpoint": "best.pt", "best_epoch": best}
+
+
 def final_evaluation(session: Session, state: TrainState, stop: StopFlag | None = None) -> None:
-    """End of training: the per-epoch table, then single-crop vs 10-crop error on the final weights."""
+    """End of training: the per-epoch table, then single-crop vs 10-crop error of best.pt's
+    weights (those of the last epoch when it is the best)."""
     if state.history:
         session.say.table(epochs_table(state.history))
     if not session.cfg.final_eval:
         return
-    write_eval(session, session.out / "eval.json", {"epoch": state.epoch, "step": state.step}, stop)
-    session.say.line(f"train: done; run folder {session.out} (config.json, metrics.jsonl, last.pt, best.pt, eval.json)")
-    if session.cfg.demo:
+    which = best_weights(session, state)
+    what = (f"{which['checkpoint']} (epoch {which['best_epoch']}, the lowest validation top-1 error)"
+            if which["best_epoch"] else f"last.pt (epoch {state.epoch})")
+    write_eval(session, session.out / "eval.json", {"epoch": state.epoch, "step": state.step, **which}, stop, what)
+    best = "" if session.cfg.keep_last_only else " best.pt,"
+    session.say.line(f"train: done; run folder {session.out} (config.json, metrics.jsonl, last.pt,{best} eval.json)")
+    if session.cfg.demo and on_sample_set(session.cfg.records):
         session.say.line(REAL_THING)
+
+
+def on_sample_set(records: str | None) -> bool:
+    """Whether ``records`` were built from the built-in sample set (its default folder)."""
+    try:
+        return Path(read_meta(Path(records or DEFAULT_RECORDS))["source"]).resolve() == DEFAULT_SAMPLE.resolve()
+    except (RecordsError, KeyError, TypeError, OSError):
+        return False
 
 
 def report_profile(session: Session, phases: Phases, step: int) -> None:
@@ -122,6 +162,7 @@ def eval_only(cfg: TrainConfig, info: distributed.DistInfo, say: Reporter) -> in
         cfg = replace(cfg, records=saved.records)
     out = run_folder(replace(cfg, out=cfg.out or str(path.parent)))
     session = build_session(cfg, info, say, out)
+    check_classes(state["model"], session, path)
     try:
         session.net.load_state_dict(state["model"])
     except RuntimeError as exc:
@@ -131,6 +172,7 @@ def eval_only(cfg: TrainConfig, info: distributed.DistInfo, say: Reporter) -> in
     # eval-<checkpoint>.json, not eval.json: beside a run's checkpoints that is the run's own final
     # evaluation (of last.pt), which a resumed run checks to know whether it still has to run it
     target = out / f"eval-{path.stem}.json"
-    write_eval(session, target, {"checkpoint": str(path), "epoch": state["epoch"], "step": state["step"]})
+    write_eval(session, target, {"checkpoint": str(path), "epoch": state["epoch"], "step": state["step"]},
+               what=f"{path} (epoch {state['epoch']})")
     say.line(f"train: evaluated {path} (epoch {state['epoch']}, step {state['step']}); wrote {target}")
     return 0

@@ -5,6 +5,10 @@ Step lines: every ``--log-every N`` steps one line, e.g.
     epoch 3/90  batch 1200/10009 (12.0%)  step 21218  loss 4.1234  1234.5 img/s  lr 0.01  eta epoch 2:11:40  run 1d 02:03:04
 
 printed by default whenever no progress bar is shown (stdout not a terminal, or --no-progress).
+Without a bar a line also comes right after the process's first step (the run is training, at
+what speed) and whenever ``LINE_SECONDS`` have passed since the last one, so a log never stays
+silent for long whatever N and the epoch's length; a validation pass longer than that says how
+far it got every ``LINE_SECONDS`` too (``PassProgress``).
 The loss is the mean of the batch losses of the steps read back since the previous line: the
 loop reads its losses back once every ``check_every`` steps (one host sync), and this module
 adds no other read, so with N a multiple of ``check_every`` it is exactly the last N steps
@@ -32,6 +36,7 @@ from .report import Reporter
 from .state import TrainState
 
 DEFAULT_LOG_EVERY = 50           # steps; timm's --log-interval default (torchvision's --print-freq: 10)
+LINE_SECONDS = 30.0              # without a bar: at most this long between two progress lines
 TENSORBOARD_DIR = "tensorboard"  # inside the run folder
 TENSORBOARD_MISSING = ("--tensorboard needs the tensorboard package, which is not installed: "
                        "pip install tensorboard (or this project's [tensorboard] extra)")
@@ -88,6 +93,8 @@ class RunLog:
         self.scalars_every = scalars_every if writer is not None else 0
         self.writer = writer
         self.epoch_end_seconds = 0.0     # validation + checkpoint of the last ended epoch
+        self.timed = bool(self.lines_every) and not say.show_progress   # lines also by the clock
+        self.last_line: float | None = None   # perf_counter of the last step line (None: none yet)
         self._phases = (step, {})        # the step and Phases.seconds at the last epoch's end (or the start)
 
     @classmethod
@@ -153,6 +160,28 @@ def validated(say: Reporter, view: str, images: int, seconds: float) -> None:
         say.line(f"  val {view}: {images} images in {seconds:.1f} s ({rate:.1f} img/s)")
 
 
+class PassProgress:
+    """Plain progress of one validation pass when no bar shows it: every ``LINE_SECONDS`` a line
+    with the images done (this rank's share), the rate and the time left; a pass shorter than
+    that prints only ``validated``'s summary line. Call with the images of each batch."""
+
+    def __init__(self, say: Reporter, view: str, total: int):
+        self.say, self.view, self.total, self.done = say, view, total, 0
+        self.on = say.enabled and not say.show_progress
+        self.start = self.last = time.perf_counter()
+
+    def __call__(self, n: int) -> None:
+        self.done += n
+        now = time.perf_counter()
+        if not self.on or now - self.last < LINE_SECONDS:
+            return
+        self.last = now
+        rate = self.done / (now - self.start) if now > self.start else 0.0
+        left = (self.total - self.done) / rate if rate > 0 else math.inf
+        self.say.line(f"  val {self.view}: {self.done}/{self.total} images ({100 * self.done / max(self.total, 1):.0f}%)"
+                      f"  {rate:.1f} img/s  eta {duration(left)}")
+
+
 def conv1_image(net):
     """The conv1 kernels as tools.figures draws them (uint8 HWC), or None for a net without
     AlexNet's towers."""
@@ -172,13 +201,13 @@ class _EpochSteps:
         self.mark = (state.step, state.read_step, state.sums.loss, time.perf_counter())
 
     def __call__(self, state: TrainState) -> None:
-        log = self.log
-        line = log.lines_every and state.step % log.lines_every == 0
+        log, now = self.log, time.perf_counter()
+        line = log.lines_every and (state.step % log.lines_every == 0 or (log.timed and (
+            log.last_line is None or now - log.last_line >= LINE_SECONDS)))
         scalars = log.scalars_every and state.step % log.scalars_every == 0
         if not (line or scalars):
             return
         step0, read0, loss0, t0 = self.mark
-        now = time.perf_counter()
         self.mark = (state.step, state.read_step, state.sums.loss, now)
         read = state.read_step - read0
         loss = (state.sums.loss - loss0) / read if read else math.nan
@@ -187,6 +216,7 @@ class _EpochSteps:
         lr = self.lr()
         if line:
             log.say.line(self.line(state, loss, rate, lr, per_step))
+            log.last_line = now
         if scalars:
             if read:
                 log.writer.add_scalar("step/loss", loss, state.step)

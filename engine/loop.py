@@ -25,7 +25,7 @@ from .precision import DTYPES, Precision
 from .profiling import Phases
 from .recipe import loss_fn
 from .schedule import lr_at
-from .state import EpochSums, TrainState
+from .state import TrainState
 from .voting import topk_counts, vote
 
 

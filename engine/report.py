@@ -93,8 +93,10 @@ def epochs_table(history: list[dict]) -> Table:
     return t
 
 
-def crops_table(single: dict, ten: dict, classes: int) -> Table:
-    t = Table(title=f"Validation error, {single['images']} images, {classes} classes "
+def crops_table(single: dict, ten: dict, classes: int, what: str = "") -> Table:
+    """``what``: the weights evaluated (e.g. 'best.pt (epoch 7, ...)'), named in the title."""
+    of = f" of {what}" if what else ""
+    t = Table(title=f"Validation error{of}, {single['images']} images, {classes} classes "
                     "(the paper's Table 1 style: single-crop vs 10-crop softmax voting)")
     t.add_column("")
     t.add_column("1 crop (centre)", justify="right")

@@ -96,6 +96,7 @@ def restore(session: Session, state: TrainState, saved: dict, path: Path, lr_giv
     if ckpt.nonfinite_tensor({"model": saved["model"], "optimizer": saved["optimizer"]}):
         raise ckpt.CheckpointError(f"{path}: holds NaN/inf weights or momentum; resume from an earlier checkpoint")
     cfg, world, say = session.cfg, session.info.world, session.say
+    check_classes(saved["model"], session, path)
     try:
         session.net.load_state_dict(saved["model"])
         session.optimizer.load_state_dict(saved["optimizer"])
@@ -119,6 +120,16 @@ def restore(session: Session, state: TrainState, saved: dict, path: Path, lr_giv
     else:
         say.line(f"train: world size changed ({len(state.rng)} -> {world}): dropout RNG reseeded, "
                  "so the continuation is not bitwise identical")
+
+
+def check_classes(weights: dict, session: Session, path: Path) -> None:
+    """A checkpoint whose net has another number of outputs (fc8's rows) than these records have
+    classes: said with both counts, before load_state_dict's size-mismatch report."""
+    fc8 = weights.get("fc8.weight")
+    if fc8 is not None and getattr(fc8, "ndim", 0) == 2 and fc8.shape[0] != session.classes:
+        records = session.cfg.records or "these records"
+        raise RunError(f"{path}: trained on {fc8.shape[0]} classes, but {records} holds {session.classes}; "
+                       "resume with the records it was trained on (--records DIR), or start a new run on these")
 
 
 def records_signature(records: Path) -> dict:

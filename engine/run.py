@@ -6,9 +6,11 @@ checkpoints, stop lines) in engine/runfolder.py, validation and the final evalua
 engine/evaluation.py, the step loop in engine/loop.py; this module decides the order.
 Exit status: 0 done (or stopped by --max-steps, resumable), 2 bad input or OS problem (one
 ``error:`` line; the last good checkpoint intact), 3 NaN/inf loss or weights (nothing
-non-finite saved), 128+signal after SIGINT/SIGTERM (checkpoint saved, resumable). Under
-torchrun every rank stops with the same status: a fault one rank meets (a bad record, a write
-only rank 0 does) is agreed on before the next collective, so no rank is left waiting in it.
+non-finite saved), 4 another rank of a torchrun run vanished (killed, crashed, its node lost:
+one line naming it; nothing saved, the run continues from its last checkpoint with --resume or
+--auto-resume), 128+signal after SIGINT/SIGTERM (checkpoint saved, resumable). Under torchrun
+every rank stops with the same status: a fault one rank meets (a bad record, a write only rank 0
+does) is agreed on before the next collective, so no rank is left waiting in it.
 """
 from __future__ import annotations
 
@@ -49,6 +51,11 @@ def run(cfg: TrainConfig, given: frozenset[str]) -> int:
     except (UserError, OSError) as exc:   # OSError: disk full, read-only, a file where a folder should be ...
         print(f"error: {error_line(exc)}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:           # a collective whose peer rank is gone, before training
+        if not distributed.peer_lost(exc, info):
+            raise
+        print(distributed.peer_lost_line(info, cfg.resume or cfg.out), file=sys.stderr)
+        return distributed.PEER_LOST_STATUS
     except KeyboardInterrupt:             # Ctrl-C at once (a second one, or one before training): no traceback
         print("train: interrupted; checkpoints on disk are whole (written atomically): a run that has "
               "one continues with python train.py --resume RUN", file=sys.stderr)
@@ -86,6 +93,11 @@ def run_session(session: Session, state: TrainState, read=None) -> int:
                          f"{', '.join(session.devices)}; world {session.info.world}")
         try:
             return fit(session, state, stop, log)
+        except RuntimeError as exc:
+            if not distributed.peer_lost(exc, session.info):
+                raise
+            print(distributed.peer_lost_line(session.info, session.out, state.step), file=sys.stderr)
+            return distributed.PEER_LOST_STATUS
         finally:
             stop.restore()
             log.close()
@@ -122,7 +134,7 @@ def fit(session: Session, state: TrainState, stop: StopFlag, log: logs.RunLog) -
         final_evaluation(session, state, stop)
         return 0
     except (Interrupted, NonFiniteLoss, ckpt.NonFiniteState, RecordsError) as exc:
-        return fault_exit(session, state, exc, stop)
+        return fault_exit(session, state, exc, stop, first_step)
 
 
 def train_epoch(session: Session, state: TrainState, stop: StopFlag, phases: Phases, log: logs.RunLog) -> str:

@@ -167,10 +167,13 @@ def continue_line(session: Session, state: TrainState, why: str) -> None:
                      f"  python train.py --resume {session.out}{more}")
 
 
-def fault_exit(session: Session, state: TrainState, exc: Exception, stop: StopFlag) -> int:
+def fault_exit(session: Session, state: TrainState, exc: Exception, stop: StopFlag, first_step: int) -> int:
     """The line and exit status of a run a fault stopped: a signal during a validation or the
     final evaluation (the epoch's steps kept), a NaN/inf loss or weights (nothing non-finite
-    saved, status 3), a bad record met mid-epoch (every step before it saved, status 2)."""
+    saved, status 3), a bad record met mid-epoch (every step before it saved, status 2).
+    ``first_step``: the step this process started at; a bad record met before any step of its
+    own saves nothing (a new run would write a checkpoint of untrained weights, a resumed one
+    the checkpoint it was started from)."""
     out = session.out
     if isinstance(exc, Interrupted):
         if state.epoch >= session.cfg.epochs:   # the final evaluation: last.pt already holds every epoch
@@ -181,6 +184,12 @@ def fault_exit(session: Session, state: TrainState, exc: Exception, stop: StopFl
     if isinstance(exc, (NonFiniteLoss, ckpt.NonFiniteState)):
         print(f"error: {exc}; stopped without saving it ({last_finite(out)}); try a lower --lr", file=sys.stderr)
         return 3
+    if state.step == first_step:                # a RecordsError before any step: nothing to keep
+        kept = (f"{out / 'last.pt'} (step {state.step}) is as it was" if state.step
+                else "no checkpoint written")
+        print(f"error: {exc}\n  nothing trained; {kept}; once the records are fixed, run the same "
+              f"command again", file=sys.stderr)
+        return 2
     try:                                        # a RecordsError: keep every step before it
         save_checkpoint(session, state)
     except ckpt.NonFiniteState as bad:

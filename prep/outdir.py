@@ -12,16 +12,14 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Iterator
 
 from common.atomic import LockHeld, lock_folder, unlock_folder
 from prep.config import PrepError
-from records.folder import statistics_problems
-from records.format import build_command
 from prep.workers import PARTIAL
+from records.folder import statistics_problems
 from records.format import build_command
 
 LOCK = ".build.lock"

@@ -169,3 +169,13 @@ def test_help_loads_neither_torch_nor_dali():
             "print(sorted(m for m in ('torch', 'nvidia.dali', 'numpy') if m in sys.modules))\n")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "[]"
+
+
+def test_preset_small_and_explicit_flags_over_it():
+    from engine.config import PRESETS, parse_command
+    cfg, given = parse_command(["--preset", "small", "--epochs", "12"])
+    assert (cfg.batch_size, cfg.lr, cfg.warmup_steps, cfg.plateau_patience) == (32, 0.001, 30, 5)
+    assert cfg.epochs == 12 and given == {"preset", "epochs"}
+    assert (cfg.towers, cfg.dropout, cfg.gpus) == (2, 0.5, "auto")        # the paper's net, any device
+    mine = parse_train_args(["--demo", "--preset", "small"])               # the preset over the demo's values
+    assert (mine.epochs, mine.plateau_patience, mine.gpus) == (PRESETS["small"]["epochs"], 5, "")

@@ -228,6 +228,32 @@ def test_sigterm_during_the_final_evaluation_stops_and_the_resume_evaluates(tmp_
     assert ckpt.load(tmp_path / "last.pt")["step"] == 2 * BATCHES       # nothing trained again
 
 
+def test_the_final_evaluation_is_of_best_pt_and_says_so(tmp_path, capsys):
+    """The final single- vs 10-crop table evaluates the weights figures, export and predict use
+    (best.pt), not the last ones, when an earlier epoch was the best."""
+    import shutil
+    from engine.loop import evaluate
+    assert start(tmp_path, config(epochs=1)) == 0
+    shutil.copy(tmp_path / "best.pt", tmp_path / "epoch1.pt")
+    assert resume(tmp_path, config(epochs=2)) == 0
+    last = ckpt.load(tmp_path / "last.pt", keys=resuming.RESUME_KEYS)  # epoch 2 made the worse one
+    last["history"][1]["val_top1_err"] = 2.0
+    ckpt.save(tmp_path / "last.pt", last)
+    shutil.copy(tmp_path / "epoch1.pt", tmp_path / "best.pt")
+    capsys.readouterr()
+    assert resume(tmp_path, config(epochs=2, final_eval=True)) == 0     # runs the missing final evaluation
+    assert "Validation error of best.pt (epoch 1, the lowest validation top-1 error)" in capsys.readouterr().out
+    written = json.loads((tmp_path / "eval.json").read_text())
+    assert (written["checkpoint"], written["best_epoch"], written["step"]) == ("best.pt", 1, 2 * BATCHES)
+
+    def loss_of(weights: Path) -> float:
+        net = session(tmp_path / "x", config()).net
+        net.load_state_dict(ckpt.load(weights)["model"])
+        return evaluate(net, FakeLoader(99, 2, 3), LoopSettings(CPU))["loss_sum"] / 6
+    assert written["center"]["loss"] == pytest.approx(loss_of(tmp_path / "epoch1.pt"), rel=1e-6)
+    assert written["center"]["loss"] != pytest.approx(loss_of(tmp_path / "last.pt"), rel=1e-6)
+
+
 def test_a_second_process_on_the_same_run_is_refused(tmp_path, capsys):
     """Two train.py on one run folder (a job submitted twice, a requeue while the old job
     drains) would write the same last.pt and metrics.jsonl: the second refuses, touching nothing."""
@@ -280,6 +306,42 @@ def test_bad_record_saves_the_last_step_and_resumes_exactly(full, tmp_path, caps
     assert (saved["epoch"], saved["step"], saved["batch"]) == (1, BATCHES + 3, 3)
     assert resume(tmp_path, config()) == 0                # the shard was fixed: same batches again
     assert_same_tensors(full / "last.pt", tmp_path / "last.pt")
+
+
+def test_records_refused_before_the_first_step_write_no_checkpoint(tmp_path, capsys):
+    """A bad record (or shard) met before any step of this process: nothing was trained, so a
+    new run writes no last.pt (untrained weights are no checkpoint) and a resumed one leaves
+    its last.pt as it was."""
+    def bad(i, x):
+        raise RecordsError("shard-00000.rec: record 0: truncated JPEG")
+    assert start(tmp_path, config(), {0: bad}) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: shard-00000.rec: record 0") and "no checkpoint written" in err
+    assert not (tmp_path / "last.pt").exists() and not (tmp_path / "best.pt").exists()
+    assert start(tmp_path, config(epochs=1)) == 0        # the records fixed: the same command again
+    before = os.stat(tmp_path / "last.pt")
+    assert resume(tmp_path, config(epochs=2), {1: bad}) == 2
+    assert "(step 5) is as it was" in capsys.readouterr().err
+    after = os.stat(tmp_path / "last.pt")
+    assert (before.st_ino, before.st_mtime_ns) == (after.st_ino, after.st_mtime_ns)
+
+
+def test_resume_on_records_with_another_number_of_classes_names_both_counts(tmp_path):
+    class Net(nn.Module):
+        def __init__(self, classes):
+            super().__init__()
+            self.fc8 = nn.Linear(12, classes)
+
+        def forward(self, x):
+            return self.fc8(x.flatten(1))
+    cfg = config(records=str(tmp_path / "records"))
+    s = session(tmp_path, cfg)
+    saved = {"model": Net(5).state_dict(), "optimizer": s.optimizer.state_dict()}
+    s = S.Session(**{**vars(s), "net": Net(7), "classes": 7})
+    with pytest.raises(S.RunError) as err:
+        resuming.restore(s, S.new_state(cfg, 1), saved, tmp_path / "last.pt", lr_given=False)
+    assert str(err.value) == (f"{tmp_path / 'last.pt'}: trained on 5 classes, but {tmp_path / 'records'} holds 7; "
+                              "resume with the records it was trained on (--records DIR), or start a new run on these")
 
 
 def test_nonfinite_weights_after_a_finite_loss_are_never_saved(tmp_path, capsys):
@@ -364,3 +426,21 @@ def test_resume_path_is_a_folder_or_a_checkpoint_file(tmp_path):
     assert resuming.resume_paths(str(tmp_path / "run")) == (tmp_path / "run" / "last.pt", tmp_path / "run")
     (tmp_path / "run" / "best.pt").write_bytes(b"")
     assert resuming.resume_paths(str(tmp_path / "run" / "best.pt")) == (tmp_path / "run" / "best.pt", tmp_path / "run")
+
+
+def test_the_demo_ends_with_the_imagenet_lines_only_on_the_sample_set(sample_records, sample_source, tmp_path,
+                                                                       capsys, monkeypatch):
+    from engine import evaluation
+    cfg = config(demo=True, final_eval=True, epochs=1, records=str(sample_records))
+    assert start(tmp_path / "mine", cfg) == 0
+    assert "The real thing" not in capsys.readouterr().out               # --demo --records MINE
+    monkeypatch.setattr(evaluation, "DEFAULT_SAMPLE", sample_source)      # these records: the sample set's
+    assert start(tmp_path / "sample", cfg) == 0
+    assert "The real thing, on ImageNet with two GPUs" in capsys.readouterr().out
+
+
+def test_keep_last_only_writes_no_best_pt_and_the_final_table_says_last_pt(tmp_path, capsys):
+    assert start(tmp_path, config(final_eval=True, keep_last_only=True)) == 0
+    assert (tmp_path / "last.pt").exists() and not (tmp_path / "best.pt").exists()
+    assert "Validation error of last.pt (epoch 2)" in capsys.readouterr().out
+    assert json.loads((tmp_path / "eval.json").read_text())["checkpoint"] == "last.pt"

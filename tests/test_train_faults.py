@@ -8,11 +8,14 @@ from __future__ import annotations
 import errno
 import contextlib
 import os
+import signal
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 from torch import nn
 
 from common.atomic import atomic_open
@@ -120,6 +123,8 @@ class _Loader:
             if i >= start:
                 if self.rank == 1 and i == FAULT_AT and self.fault == "record":
                     raise RecordsError("shard-00003.tar: record k17: cannot decode")
+                if self.rank == 1 and i == FAULT_AT and self.fault == "die" and self.seed == 1:   # epoch 1
+                    os.kill(os.getpid(), signal.SIGKILL)     # the OOM killer, a node lost
                 if self.rank == 1 and i == FAULT_AT and self.fault == "nan":
                     x = x * float("inf")
                 yield x, y
@@ -173,7 +178,7 @@ def _rank(rank: int, world: int, port: int, out: str, fault: str) -> None:
     torch.set_num_threads(1)
     info = D.dist_info_from_env()
     D.init_process_group(info, ["cpu"])
-    epochs = 2 if fault in ("disk_full", "metrics") else 1
+    epochs = 2 if fault in ("disk_full", "metrics", "die") else 1
     cfg = TrainConfig(gpus="", batch_size=BATCH, epochs=epochs, lr=0.05, seed=3, final_eval=False, progress=False)
     _inject_write_faults(rank, fault)
     torch.manual_seed(cfg.seed)
@@ -214,6 +219,30 @@ def test_a_bad_record_on_one_rank_stops_both_after_the_same_step_and_saves(tmp_p
     saved = ckpt.load(tmp_path / "last.pt")
     assert (saved["epoch"], saved["step"], saved["batch"]) == (0, FAULT_AT, FAULT_AT)
     assert len(saved["rng"]) == 2                    # both ranks joined the save
+
+
+def test_a_rank_that_dies_stops_the_survivor_with_one_line_and_exit_4(tmp_path):
+    """Rank 1 is killed (SIGKILL) mid-epoch, after the epoch-0 checkpoint: rank 0 stops with one
+    line naming rank 1 and saying how the run continues, exit 4, never a hang or a traceback;
+    the last checkpoint is the one a resume continues from."""
+    ctx = mp.start_processes(_rank, args=(2, free_port(), str(tmp_path), "die"), nprocs=2, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + 180
+    try:
+        for p in ctx.processes:         # not ctx.join: it kills the survivor once a rank dies
+            p.join(timeout=max(0.1, deadline - time.monotonic()))
+        assert not any(p.is_alive() for p in ctx.processes), "a rank still running after 180 s: a hang"
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+    assert ctx.processes[1].exitcode == -signal.SIGKILL
+    assert (tmp_path / "rank0.code").read_text() == "4"
+    err = (tmp_path / "rank0.err").read_text().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("error: rank 1 vanished") and f"--resume {tmp_path}" in err[0]
+    saved = ckpt.load(tmp_path / "last.pt")
+    assert (saved["epoch"], saved["step"], saved["batch"]) == (1, BATCHES, 0)
 
 
 def test_a_nan_loss_on_one_rank_stops_both_with_exit_3(tmp_path):

@@ -117,6 +117,23 @@ def test_default_is_every_50_steps_and_0_is_never(tmp_path, capsys):
     assert step_lines(capsys.readouterr().out) == []
 
 
+def test_without_a_terminal_a_line_after_the_first_step_then_by_steps_or_the_clock(tmp_path, capsys, monkeypatch):
+    """An epoch shorter than --log-every must not leave a log file silent: the first line comes
+    right after the first step, the next after N steps or LINE_SECONDS, whichever comes first;
+    validation passes report the same way."""
+    cfg = config(epochs=2)                                            # 40 steps, --log-every 50
+    assert R.run_session(session(tmp_path / "a", cfg), S.new_state(cfg, 1)) == 0
+    text = capsys.readouterr().out
+    assert [x.split("  step ")[1].split()[0] for x in text.splitlines() if "  step " in x] == ["1"]
+    assert re.search(r"^epoch 1/2  batch  1/20 \(  5.0%\)  step 1  loss -  [\d.]+ img/s", text, re.M)
+    monkeypatch.setattr(logs, "LINE_SECONDS", 0.0)                    # the clock: a line every step
+    assert R.run_session(session(tmp_path / "b", cfg), S.new_state(cfg, 1)) == 0
+    text = capsys.readouterr().out
+    assert [int(x.split("  step ")[1].split()[0]) for x in text.splitlines() if "  step " in x] == list(range(1, 41))
+    # each validation pass: 2 batches of 3 images, a line after each, then its summary
+    assert re.findall(r"^  val center: (\d)/6 images", text, re.M) == ["3", "6"] * 2
+
+
 def test_in_a_terminal_the_bar_and_only_explicit_lines(tmp_path, monkeypatch):
     buf = io.StringIO()
     monkeypatch.setattr(report, "make_console", lambda **kw: Console(file=buf, force_terminal=True, width=120, **kw))
@@ -226,6 +243,7 @@ def test_line_numbers_on_two_ranks(monkeypatch, capsys):
     monkeypatch.setattr(logs, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: clock[0])}))
     log = logs.RunLog(Reporter(True, False), epochs=90, max_steps=None, world=2, lines_every=50, scalars_every=0)
     log.epoch_end_seconds = 5.0                      # validation + checkpoint of the last epoch
+    log.timed = False                                # only the every-50-steps line (the clock's: tested above)
     state = S.new_state(config(), 2)
     state.epoch, state.step = 3, 300                 # epoch 4 of 90, 100 batches an epoch
     state.read_step = 300

@@ -23,10 +23,11 @@ the numbers against the targets) and gpu_check.log (each step's output). Scratch
 folders, traces) goes to --work, outside the report folder. Exit status: 0 when every step that
 ran passed, 1 when one failed, 2 for bad arguments or no usable torch/GPU, 128+N when stopped by
 signal N.
+
+Beside it in scripts/: gpu_runner.py runs a step (``Check``), gpu_report.py writes the report.
 """
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import shutil
@@ -35,18 +36,20 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 import traceback
 import urllib.parse
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:      # run as a file: import the project from this checkout
     sys.path.insert(0, str(ROOT))
 
-from common.atomic import write_json, write_text  # noqa: E402
 from common.config import Parser  # noqa: E402
+
+# siblings in scripts/: sys.path[0] when run as a file
+from gpu_report import REPORT_FILES, Step, write_report  # noqa: E402
+from gpu_runner import Check, Stopped  # noqa: E402
 
 # The project's entry points this check runs (after ``python``): a module that moves is a
 # one-line change here.
@@ -58,8 +61,6 @@ ENTRY = {
     "train": ("train.py",),
     "tests": ("-m", "pytest"),
 }
-# Everything this ever writes into the report folder (a device call brings back at most 8 files).
-REPORT_FILES = ("gpu_check.json", "gpu_check.md", "gpu_check.log")
 DALI_KIT = "../shared/device/dali-kit"
 # Installed only when missing and a package registry answers; torch and DALI never are (a GPU
 # machine's own CUDA build must not be swapped, and DALI's CUDA major must match its driver).
@@ -70,9 +71,6 @@ SMALL_PACKAGES = {"pytest": "pytest", "rich": "rich", "numpy": "numpy", "PIL": "
 # after the warm-up steps (``warmup_steps``) are dropped.
 PROFILE_KEYS = ("steps", "images_per_s", "data_stall_percent", "step_ms",
                 "warmup_steps", "end_to_end_images_per_s", "model_images_per_s")
-# the targets the numbers are read against (images/s of the model on one H100/H200 today)
-MODEL_TARGET = 1.3 * 11_200
-LOG_TAIL = 200_000        # bytes of each stream of each step kept in gpu_check.log
 
 
 @dataclass(frozen=True)
@@ -108,149 +106,6 @@ class Sizes:
                    train_args=("--batch-size", "128", "--max-steps", "1000", "--epochs", "1"),
                    short_run=("--max-steps", "300"),
                    gpus_one="0", gpus_two="0,1" if gpu_count >= 2 else None, test_paths=("tests",))
-
-
-@dataclass
-class Step:
-    name: str
-    command: list[str]
-    status: str = "pending"       # running | passed | failed | timeout | stopped | skipped
-    returncode: int | None = None
-    seconds: float = 0.0
-    output_tail: str = ""         # the end of stdout, then the end of stderr
-    note: str = ""
-    results: dict = field(default_factory=dict)   # the few numbers the summary shows
-    data: dict = field(default_factory=dict)      # the bench's or profile's whole JSON
-
-
-class Stopped(BaseException):
-    """A signal asked the check to stop (BaseException: no step's ``except Exception`` eats it)."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-class Check:
-    """Runs the steps against a time budget and keeps the report on disk up to date."""
-
-    def __init__(self, report: Path, work: Path, budget: float, dry: bool):
-        self.report, self.work, self.budget, self.dry = report, work, budget, dry
-        self.start = time.monotonic()
-        self.steps: list[Step] = []
-        self.environment: dict = {}
-        self.stopped: str | None = None        # the signal's name
-        self.error: str | None = None          # an error of the check itself
-        self.finished = False
-        self._signum: int | None = None
-        self._writing = self._raised = False
-        # the caller's PYTHONPATH stays (the dali-kit's /tmp/site); this checkout goes first
-        path = [str(ROOT), *(p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p)]
-        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join(path)}
-
-    def left(self) -> float:
-        return self.budget - (time.monotonic() - self.start)
-
-    # -- signals: a handler raises Stopped, except while the report is being written
-    def on_signal(self, signum, _frame) -> None:
-        if self._signum is None:
-            self._signum, self.stopped = signum, signal.Signals(signum).name
-        if not self._writing and not self._raised:
-            self._raised = True
-            raise Stopped(signum)
-
-    def save(self) -> None:
-        self._writing = True
-        try:
-            write_report(self)
-        finally:
-            self._writing = False
-        if self._signum is not None and not self._raised:
-            self._raised = True
-            raise Stopped(self._signum)
-
-    def skip(self, name: str, note: str) -> Step:
-        step = Step(name, [], status="skipped", note=note)
-        self.steps.append(step)
-        self.save()
-        return step
-
-    def run(self, name: str, command: list, limit: float, need: float | None = None,
-            env: dict | None = None) -> Step:
-        """Run ``command`` from the repository root for at most ``limit`` s (less if the budget
-        is running out); skipped when less than ``need`` s (default: a third of limit) is left."""
-        need = limit / 3 if need is None else need
-        if self.left() < need:
-            return self.skip(name, f"budget: {max(0.0, self.left()):.0f} s left, needs ~{need:.0f} s")
-        step = Step(name, [str(c) for c in command], status="running")
-        self.steps.append(step)
-        logs = self.work / "logs"
-        out_path, err_path = (logs / f"{len(self.steps):02d}.{s}" for s in ("out", "err"))
-        began = time.monotonic()
-        proc = None
-        try:
-            self.save()
-            logs.mkdir(parents=True, exist_ok=True)
-            with open(out_path, "wb") as out, open(err_path, "wb") as err:
-                proc = subprocess.Popen(step.command, cwd=ROOT, stdout=out, stderr=err,
-                                        env={**self.env, **(env or {})}, start_new_session=True)
-                try:
-                    step.returncode = proc.wait(timeout=max(1.0, min(limit, self.left())))
-                    step.status = "passed" if step.returncode == 0 else "failed"
-                except subprocess.TimeoutExpired:
-                    step.status, step.note = "timeout", f"stopped after {time.monotonic() - began:.0f} s"
-        except OSError as exc:
-            step.status, step.note = "failed", f"{type(exc).__name__}: {exc}"
-        except Stopped:
-            step.status, step.note = "stopped", f"stopped by {self.stopped}"
-            raise
-        finally:
-            if proc is not None:
-                _end_group(proc)
-            step.seconds = round(time.monotonic() - began, 1)
-            step.output_tail = (_tail(out_path, 3000) + "\n" + _tail(err_path, 3000)).strip()
-            if step.status != "stopped":
-                self.save()
-        return step
-
-    def stdout(self, step: Step) -> str:
-        return _tail(self.work / "logs" / f"{self.steps.index(step) + 1:02d}.out", 1_000_000)
-
-    def parse(self, step: Step, parse) -> None:
-        """Fill ``step``'s results with ``parse()``; a parse that fails is noted, not fatal."""
-        try:
-            parse()
-        except Exception as exc:  # an unexpected file from a bench must not lose the report
-            step.note = (step.note + f"; results unreadable: {type(exc).__name__}: {exc}").lstrip("; ")
-        self.save()
-
-
-def _end_group(proc: subprocess.Popen) -> None:
-    """The step's process and everything it started: SIGTERM, 5 s, SIGKILL."""
-    for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(proc.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            break
-        try:
-            proc.wait(timeout=wait)
-        except subprocess.TimeoutExpired:
-            continue
-        if sig == signal.SIGTERM:     # the leader is gone: make sure nothing it started stays
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-            break
-
-
-def _tail(path: Path, size: int) -> str:
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(max(0, fh.seek(0, 2) - size))
-            return fh.read().decode(errors="replace")
-    except OSError:
-        return ""
 
 
 def _load_json(path: Path) -> dict:
@@ -488,89 +343,6 @@ def run_all(check: Check, args) -> int:
         elif not args.dry_run:
             check.skip("train two GPUs", "only one GPU visible")
     return 1 if any(s.status in ("failed", "timeout") for s in check.steps) else 0
-
-
-# ----------------------------------------------------------------------------- report
-
-def targets(steps: list[Step]) -> list[str]:
-    """The numbers read against the targets; a number the engine does not report yet says so."""
-    by = {s.name: s for s in steps}
-    lines = []
-    one = by.get("train one device")
-    prof = one.data if one else {}
-    e2e, model = prof.get("end_to_end_images_per_s"), prof.get("model_images_per_s")
-    if e2e and model:
-        lines.append(f"- end-to-end {e2e:.0f} img/s ÷ in-loop model {model:.0f} img/s = {e2e / model:.3f} "
-                     f"(target ≥ 0.9); stall {100 * (1 - e2e / model):.1f}% (target < 3%); "
-                     f"warm-up dropped: {prof.get('warmup_steps', '?')} steps")
-    else:
-        lines.append("- end-to-end ÷ in-loop model rate: not measured (profile.json has no "
-                     "end_to_end_images_per_s / model_images_per_s)")
-    if "data_stall_percent" in prof:
-        lines.append(f"- profiled data stall: {_fmt(prof['data_stall_percent'])}% "
-                     f"at {_fmt(prof.get('images_per_s', 0))} img/s")
-    bench = by.get("model bench bf16 channels_last")
-    if bench and bench.results.get("ours"):
-        what = "optimiser included" if bench.data.get("optimizer") else "forward + backward only"
-        lines.append(f"- model bf16 channels_last: {_fmt(bench.results['ours'])} img/s ({what}); "
-                     f"target ≥ {MODEL_TARGET:.0f} (1.3 × 11.2k)")
-    comp = by.get("train compile")
-    if comp and comp.data.get("images_per_s") and prof.get("images_per_s"):
-        lines.append(f"- --compile: {_fmt(comp.data['images_per_s'])} img/s vs eager {_fmt(prof['images_per_s'])}")
-    return lines
-
-
-def render_markdown(report: dict, steps: list[Step]) -> str:
-    env = report["environment"]
-    state = (f"stopped by {report['stopped']}" if report["stopped"] else
-             f"error in the check: {report['error'].splitlines()[-1]}" if report["error"] else
-             "finished" if report["finished"] else "running")
-    lines = [f"# GPU check, {report['date']}", "",
-             f"- mode: {'dry run (CPU, tiny sizes)' if report['dry_run'] else 'GPU'}; {state}",
-             f"- GPUs: {', '.join(env.get('gpus') or []) or 'none'}",
-             f"- torch {env.get('torch')}, CUDA {env.get('cuda')}, DALI {env.get('dali')}, "
-             f"Python {env.get('python')}",
-             f"- total: {report['seconds']:.0f} s of a {report['budget']:.0f} s budget", "",
-             "| step | status | s | results |", "|---|---|---:|---|"]
-    for s in steps:
-        res = "; ".join(f"{k}: {_fmt(v)}" for k, v in s.results.items()
-                        if k not in ("executable", "dali_from") and (v or k != "missing"))
-        res = "; ".join(x for x in (res, s.note) if x)
-        lines.append(f"| {s.name} | {s.status} | {s.seconds:.0f} | {res.replace('|', '/')} |")
-    lines += ["", "## Against the targets", "", *targets(steps)]
-    for s in steps:
-        if s.status in ("failed", "timeout", "stopped"):
-            lines += ["", f"## {s.name}: {s.status}", "", "```", s.output_tail[-1500:], "```"]
-    if report["error"]:
-        lines += ["", "## error in the check", "", "```", report["error"][-3000:], "```"]
-    return "\n".join(lines) + "\n"
-
-
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
-    if isinstance(v, dict):
-        return "{" + ", ".join(f"{k} {_fmt(x)}" for k, x in v.items()) + "}"
-    return str(v)
-
-
-def write_report(check: Check) -> str:
-    """The report files into the report folder (atomically); returns the Markdown."""
-    report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "dry_run": check.dry, "budget": check.budget, "seconds": round(time.monotonic() - check.start, 1),
-              "finished": check.finished, "stopped": check.stopped, "error": check.error,
-              "environment": check.environment, "work": str(check.work), "steps": [asdict(s) for s in check.steps]}
-    write_json(check.report / REPORT_FILES[0], report)
-    markdown = render_markdown(report, check.steps)
-    write_text(check.report / REPORT_FILES[1], markdown)
-    log = []
-    for i, s in enumerate(check.steps, 1):
-        if s.command:
-            log += [f"===== {s.name}: {s.status} ({s.seconds:.0f} s)", "$ " + " ".join(s.command),
-                    "----- stdout", _tail(check.work / "logs" / f"{i:02d}.out", LOG_TAIL),
-                    "----- stderr", _tail(check.work / "logs" / f"{i:02d}.err", LOG_TAIL)]
-    write_text(check.report / REPORT_FILES[2], "\n".join(log) + "\n")
-    return markdown
 
 
 def main(argv: list[str] | None = None) -> int:

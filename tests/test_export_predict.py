@@ -47,7 +47,7 @@ def sharp(run_dir, sample_records):
     trained = weights.load(run_dir, device="cpu")
     tar = shard_paths(sample_records, "val")[0][0]
     views = np.stack([reference.center_view(reference.decode(jpg), trained.mean) for _, jpg, _ in reference.iter_tar(tar)])
-    from tools.figures import fc7
+    from tools.neighbours import fc7
     feats = fc7(trained.net, torch.from_numpy(views)).double()
     mean = feats.mean(0)
     w = torch.randn(4, feats.shape[1], generator=torch.Generator().manual_seed(3), dtype=torch.float64)

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from engine import checkpoint as ckpt
-from tools import figures, weights
+from tools import figures, kernel_figure, neighbours, weights
 from model import AlexNet, AlexNetConfig
 from pipeline import Loader, LoaderOptions, reference
 from records.folder import read_stats, shard_paths
@@ -105,12 +105,12 @@ def test_conv1_block_order_and_contrast_stretch(drawn):
 def test_colour_share_is_zero_for_grey_kernels_and_positive_for_colour():
     rng = np.random.default_rng(0)
     grey = np.repeat(rng.normal(size=(8, 1, 11, 11)), 3, axis=1)         # R = G = B everywhere
-    assert np.allclose(figures.colour_share(grey), 0.0, rtol=0, atol=1e-12)   # (x+x+x)/3 rounds
+    assert np.allclose(kernel_figure.colour_share(grey), 0.0, rtol=0, atol=1e-12)   # (x+x+x)/3 rounds
     opponent = np.stack([grey[:, 0], -grey[:, 0], np.zeros_like(grey[:, 0])], axis=1)   # R - G
-    assert np.allclose(figures.colour_share(opponent), 1.0)
+    assert np.allclose(kernel_figure.colour_share(opponent), 1.0)
     # every pixel (2, 0, 1): grey part (1, 1, 1) carries 3 of the energy 5, the rest (1, -1, 0) 2
     mixed = np.broadcast_to(np.array([2.0, 0.0, 1.0])[None, :, None, None], (1, 3, 11, 11))
-    assert figures.colour_share(mixed) == pytest.approx([0.4])
+    assert kernel_figure.colour_share(mixed) == pytest.approx([0.4])
 
 
 def test_conv1_json_separates_a_grey_tower_from_a_colour_tower(tmp_path):
@@ -118,14 +118,14 @@ def test_conv1_json_separates_a_grey_tower_from_a_colour_tower(tmp_path):
     with torch.no_grad():
         w0 = net.towers[0].conv1.weight
         w0.copy_(w0[:, :1].expand_as(w0))                  # tower 0: grey kernels
-    summary = figures.conv1_figure(net, tmp_path)
+    summary = kernel_figure.conv1_figure(net, tmp_path)
     assert summary["colour_share"][0] < 1e-6 and summary["colour_share"][1] > 0.5
     assert json.loads((tmp_path / "conv1.json").read_text())["colour_share"] == summary["colour_share"]
 
 
 def test_single_tower_net_is_one_block(tmp_path):
     net = AlexNet(AlexNetConfig(num_classes=4, towers=1))
-    figures.conv1_figure(net, tmp_path)
+    kernel_figure.conv1_figure(net, tmp_path)
     assert png_size(tmp_path / "conv1.png") == (914, 173)
 
 
@@ -179,9 +179,9 @@ def test_a_training_image_is_its_own_nearest_neighbour(run_dir, sample_records):
     tar, _ = shard_paths(sample_records, "train")[1]
     records = list(reference.iter_tar(tar))[:3]
     views = torch.from_numpy(np.stack([reference.center_view(reference.decode(jpg), mean) for _, jpg, _ in records]))
-    queries = figures.fc7(trained.net, views)
+    queries = neighbours.fc7(trained.net, views)
     loader = Loader(sample_records, split="train", view="center", batch_size=16, options=LoaderOptions(with_draws=True))
-    found = figures.nearest(queries, figures.fc7_batches(trained.net, loader), k=3)
+    found = neighbours.nearest(queries, neighbours.fc7_batches(trained.net, loader), k=3)
     for i, (key, _, label) in enumerate(records):
         assert found.keys[i][0] == key and found.labels[i][0] == label
         assert found.distance[i][0] < 1e-3 * found.distance[i][1]

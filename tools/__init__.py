@@ -5,5 +5,6 @@
     python predict.py IMAGE...          # classify images (tools/predict.py)
     python -m tools.ablate RECORDS --out DIR   # the paper's section-3 ablations, with error bars
 
-weights.py loads a trained net from a checkpoint or either exported file.
+weights.py loads a trained net from a checkpoint or either exported file. figures.py is the command;
+kernel_figure.py draws Figure 3, neighbours.py Figure 4, captions.py the caption line and PNG both write.
 """

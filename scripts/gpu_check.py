@@ -95,7 +95,8 @@ class Sizes:
                        loader_args=("--batch-size", "8", "--batches", "2", "--warmup", "1",
                                     "--repeats", "1", "--threads", "1"),
                        model_args=("--batch-size", "1", "--steps", "1", "--repeats", "1", "--warmup", "0"),
-                       train_args=("--batch-size", "4", "--max-steps", "2", "--epochs", "1", "--workers", "1"),
+                       train_args=("--batch-size", "4", "--max-steps", "3", "--epochs", "1", "--workers", "1",
+                                   "--profile-warmup", "1", "--profile-window", "1"),
                        short_run=(), gpus_one="", gpus_two=None,
                        # the light test modules only: collecting all of them costs ~20 s on 2 cores
                        test_paths=("tests/test_model.py", "tests/test_precision.py"))

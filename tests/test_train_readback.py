@@ -77,15 +77,16 @@ LOSS = re.compile(r"^epoch \S+  batch +\S+ \(.*?\)  step (\d+)  loss (\S+)  ", r
 def test_step_lines_count_the_steps_read(tmp_path, capsys, monkeypatch):
     """A line shows the loss of the steps read since the line before: read a span behind, the
     line at step 20 shows what the line at step 10 shows when read at once (steps 1-10), and
-    the first line of each epoch has nothing read yet ('-')."""
+    the first line of each epoch has nothing read yet ('-'). Without a bar a line also follows
+    the process's first step, before any read-back in either mode."""
     cfg = config(log_every=10)
     assert R.run_session(log_session(tmp_path / "now", cfg), S.new_state(cfg, 1)) == 0
     now = dict(LOSS.findall(capsys.readouterr().out))
     monkeypatch.setattr(loop, "HostCopy", LateCopy)
     assert R.run_session(log_session(tmp_path / "late", cfg), S.new_state(cfg, 1)) == 0
     late = dict(LOSS.findall(capsys.readouterr().out))
-    assert set(now) == set(late) == {"10", "20", "30", "40"}
-    assert (late["10"], late["30"]) == ("-", "-")
+    assert set(now) == set(late) == {"1", "10", "20", "30", "40"}
+    assert (now["1"], late["1"], late["10"], late["30"]) == ("-", "-", "-", "-")
     assert (late["20"], late["40"]) == (now["10"], now["30"])
     assert json.loads((tmp_path / "now" / "metrics.jsonl").read_text().splitlines()[0])["train_loss"] == \
         json.loads((tmp_path / "late" / "metrics.jsonl").read_text().splitlines()[0])["train_loss"]

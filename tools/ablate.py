@@ -137,8 +137,11 @@ def parse_args(argv: Sequence[str] | None) -> AblateConfig:
 
 
 def run_flags(cfg: AblateConfig, variant: str, seed: int) -> list[str]:
-    """The train.py flags of one run (all but --out and how it continues)."""
-    flags = ["--records", str(Path(cfg.records).absolute()), "--seed", str(seed), *VARIANTS[variant]]
+    """The train.py flags of one run (all but --out and how it continues). --keep-last-only: every
+    run is judged on its last weights, whether its epochs or a step budget end it (train.py's final
+    table would otherwise pick best.pt by the same val set the comparison is read on)."""
+    flags = ["--records", str(Path(cfg.records).absolute()), "--seed", str(seed), "--keep-last-only",
+             *VARIANTS[variant]]
     for name in PASSED:
         value = getattr(cfg, name)
         if value is not None:

@@ -78,7 +78,7 @@ def test_read_only_out_exits_2_and_leaves_nothing(tiny, tmp_path, capsys, monkey
             raise OSError(errno.EROFS, "Read-only file system", str(path))
         return real_open(path, *a, **kw)
 
-    monkeypatch.setattr(outdir.os, "open", ro_open)
+    monkeypatch.setattr(os, "open", ro_open)   # the lock is opened by common.atomic
     out = tmp_path / "new" / "out"
     code, err = _run(["--source", str(tiny), "--out", str(out)], capsys)
     assert code == 2 and err.count("\n") == 1 and "read-only file system" in err and str(out) in err
